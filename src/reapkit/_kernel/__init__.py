@@ -1,0 +1,1 @@
+"""The kernel layer: system calls, cgroup discovery, the proc connector socket, the probe."""

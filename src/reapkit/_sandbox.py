@@ -1,0 +1,185 @@
+"""Cgroups that a test or the demo creates, limits, freezes, and always removes.
+
+Every memory hog reapkit's own tests, demo and benchmarks start runs in one of these, with a
+hard memory limit, so nothing they do can push the machine toward OOM. :meth:`remove` thaws,
+kills the members (only they are in it: the cgroup is ours) and deletes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import signal
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import attrs
+
+from ._errors import Unsupported
+from ._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
+from ._kernel._syscalls import pidfd_open, pidfd_send_signal
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
+
+
+@attrs.define(eq=False)
+class SandboxCgroup:
+    """A cgroup directory this process created. Use as a context manager."""
+
+    directory: str
+    mount: CgroupMount
+    removed: bool = attrs.field(default=False, init=False)
+
+    @classmethod
+    def create(
+        cls,
+        controller: str,
+        *,
+        prefix: str = "reapkit",
+        mounts: Sequence[CgroupMount] | None = None,
+    ) -> SandboxCgroup:
+        """Create a new cgroup at the top of the hierarchy that has ``controller``.
+
+        ``controller`` is ``"memory"`` (v1 or v2), ``"freezer"`` (the v1 freezer, which holds
+        its tasks in uninterruptible sleep: what a stuck victim looks like) or ``"v2"`` (a
+        plain cgroup v2 directory: ``cgroup.kill``, ``cgroup.freeze``, pressure files).
+        Raises :class:`Unsupported` naming what is missing, ``PermissionError`` when not root.
+        """
+        mounts = cgroup_mounts() if mounts is None else mounts
+        if controller == "v2":
+            mount = v2_mount(mounts)
+        else:
+            mount = mount_for(controller, mounts)
+            if controller == "freezer" and mount is not None and mount.version != 1:
+                mount = None  # the v2 freezer lets SIGKILL through: no stuck victims there
+        if mount is None:
+            what = {
+                "freezer": "the cgroup v1 freezer (to hold a victim in state D)",
+                "v2": "a cgroup v2 hierarchy",
+            }.get(controller, f"the cgroup {controller} controller")
+            raise Unsupported(what, "it is not mounted on this host", errno.ENOENT)
+        if mount.version == 2 and controller == "memory":
+            control = os.path.join(mount.mountpoint, "cgroup.subtree_control")
+            if "memory" not in _read(control).split():
+                _write(control, "+memory")
+        name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+        directory = os.path.join(mount.mountpoint, name)
+        os.mkdir(directory)
+        return cls(directory, mount)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def add(self, pid: int) -> None:
+        _write(os.path.join(self.directory, "cgroup.procs"), str(pid))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in _read(os.path.join(self.directory, "cgroup.procs")).split()]
+        except FileNotFoundError:
+            return []
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def set_memory_limit(self, nbytes: int) -> None:
+        """A hard limit. Swap is limited to nothing where the kernel accounts it."""
+        if self.mount.version == 1:
+            _write(self._file("memory.limit_in_bytes"), str(nbytes))
+            with contextlib.suppress(OSError):
+                _write(self._file("memory.memsw.limit_in_bytes"), str(nbytes))
+        else:
+            _write(self._file("memory.max"), str(nbytes))
+            with contextlib.suppress(OSError):
+                _write(self._file("memory.swap.max"), "0")
+
+    def memory_usage(self) -> int:
+        name = "memory.usage_in_bytes" if self.mount.version == 1 else "memory.current"
+        return int(_read(self._file(name)))
+
+    # -- freezing --------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        if self.mount.version == 1:
+            return _read(self._file("freezer.state")).strip() == "FROZEN"
+        return "frozen 1" in _read(self._file("cgroup.events"))
+
+    def freeze(self, *, timeout: float = 5.0) -> None:
+        """Freeze every member and wait until the kernel says all are frozen."""
+        if self.mount.version == 1:
+            _write(self._file("freezer.state"), "FROZEN")
+        else:
+            _write(self._file("cgroup.freeze"), "1")
+        deadline = time.monotonic() + timeout
+        while not self.frozen:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.directory} did not freeze within {timeout} s")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.mount.version == 1:
+                if os.path.exists(self._file("freezer.state")):
+                    _write(self._file("freezer.state"), "THAWED")
+            else:
+                _write(self._file("cgroup.freeze"), "0")
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def kill_members(self) -> None:
+        """SIGKILL every member, each through its own pidfd. Only for cgroups we created."""
+        for pid in self.pids():
+            try:
+                fd = pidfd_open(pid)
+            except (ProcessLookupError, ValueError):
+                continue
+            try:
+                pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(fd)
+
+    def remove(self, *, timeout: float = 10.0) -> None:
+        """Thaw, kill the members, wait until the cgroup is empty and delete it."""
+        if self.removed:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            self.thaw()
+            self.kill_members()
+            try:
+                os.rmdir(self.directory)
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+            else:
+                break
+        self.removed = True
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def __enter__(self) -> SandboxCgroup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()

@@ -1,0 +1,74 @@
+"""Argument parsing and the one place where errors become one line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from .._errors import AccessDenied, ReapkitError, Unsupported
+from .._version import __version__
+from . import _demo, _doctor
+from ._status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
+
+EPILOG = """\
+exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
+invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
+controller); 130 interrupted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line instead of argparse's usage block.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reapkit",
+        description="A user-space OOM reaper framework: pidfds, PSI, the proc connector and"
+        " process_mrelease, on trio.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for module in (_doctor, _demo):
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``reapkit`` command; returns the exit status."""
+    prog = "reapkit"
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(name)s: %(levelname)s: %(message)s",
+        )
+        run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+        if run is None:
+            parser.print_help()
+            return EXIT_USAGE
+        prog = f"reapkit {args.command}"
+        return run(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (Unsupported, AccessDenied) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except PermissionError as exc:
+        print(f"{prog}: permission denied: {exc.filename or exc} (run as root)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ReapkitError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,141 @@
+"""Shared fixtures.
+
+Safety rules for every test here:
+* signal only processes the test started (the ``spawn`` fixture), never anything by name;
+* every memory hog runs inside a sandbox memory cgroup with a hard limit;
+* everything created (cgroups, processes, fds) is removed in ``finally``, also on failure;
+* a test that needs a kernel feature or privilege this host lacks is skipped with a message
+  naming the feature.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+from reapkit import Unsupported
+from reapkit._sandbox import SandboxCgroup
+from reapkit.lowlevel import Probe, probe
+
+MiB = 1 << 20
+
+#: The keys `reapkit doctor --json` documents (issue: "at least these keys").
+DOCTOR_JSON_KEYS = frozenset(
+    {
+        "pidfd",
+        "process_mrelease",
+        "psi_triggers",
+        "psi_unprivileged_only",
+        "proc_connector",
+        "cgroup_v1_controllers",
+        "cgroup_v2_controllers",
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Probe:
+    """What this kernel and these privileges support (``reapkit doctor``'s probe)."""
+    return probe(proc_connector_timeout=1.0)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the kernel tests create cgroups and signal their own children")
+
+
+def _sandbox(controller: str) -> Iterator[SandboxCgroup]:
+    require_root()
+    try:
+        cgroup = SandboxCgroup.create(controller, prefix="reapkit-test")
+    except Unsupported as exc:
+        pytest.skip(f"needs {exc.feature}")
+    try:
+        if controller == "memory":
+            cgroup.set_memory_limit(256 * MiB)  # rule: every hog runs under a hard limit
+        yield cgroup
+    finally:
+        cgroup.remove()
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[SandboxCgroup]:
+    """A memory cgroup limited to 256 MiB (callers may lower or raise it)."""
+    yield from _sandbox("memory")
+
+
+@pytest.fixture
+def other_memory_cgroup() -> Iterator[SandboxCgroup]:
+    """A sibling of ``memory_cgroup``: where bystanders live."""
+    yield from _sandbox("memory")
+
+
+@pytest.fixture
+def freezer_cgroup() -> Iterator[SandboxCgroup]:
+    """A cgroup v1 freezer cgroup: freezing holds its members in state D."""
+    yield from _sandbox("freezer")
+
+
+@pytest.fixture
+def v2_cgroup() -> Iterator[SandboxCgroup]:
+    """A plain cgroup v2 directory (``cgroup.kill``, ``cgroup.freeze``, pressure files)."""
+    yield from _sandbox("v2")
+
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start a child process (by default ``sleep 600``), optionally inside cgroups.
+
+    ``spawn(cgroups=[...])`` puts it into each cgroup before it runs its program (a Python
+    trampoline writes its own PID into ``cgroup.procs``, then execs). Every child is killed
+    (by its ``Popen``, i.e. its own PID) and waited for at teardown.
+    """
+    children: list[tuple[subprocess.Popen[bytes], Sequence[SandboxCgroup]]] = []
+
+    def start(
+        argv: Sequence[str] = ("sleep", "600"),
+        *,
+        cgroups: Sequence[SandboxCgroup] = (),
+        **kwargs: object,
+    ) -> subprocess.Popen[bytes]:
+        trampoline = (
+            "import os, sys\n"
+            "for d in sys.argv[1].split(':') if sys.argv[1] else []:\n"
+            "    open(os.path.join(d, 'cgroup.procs'), 'w').write(str(os.getpid()))\n"
+            "os.execvp(sys.argv[2], sys.argv[2:])\n"
+        )
+        dirs = ":".join(c.directory for c in cgroups)
+        child = subprocess.Popen(
+            [sys.executable, "-c", trampoline, dirs, *argv],
+            **kwargs,  # type: ignore[call-overload]
+        )
+        children.append((child, cgroups))
+        if cgroups:
+            # Wait until the trampoline has joined the cgroups (it does so before exec).
+            for cgroup in cgroups:
+                while child.pid not in cgroup.pids():
+                    if child.poll() is not None:
+                        raise RuntimeError(f"child exited with {child.returncode}")
+                    time.sleep(0.001)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child, cgroups in children:
+            for cgroup in cgroups:
+                cgroup.thaw()  # a frozen child cannot die; thawing a removed cgroup is a no-op
+            if child.poll() is None:
+                child.kill()
+            child.wait(10)
+            for stream in (child.stdin, child.stdout, child.stderr):
+                if stream is not None:
+                    stream.close()

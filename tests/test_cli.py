@@ -1,0 +1,79 @@
+"""The ``reapkit`` command, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import DOCTOR_JSON_KEYS, require_root
+
+
+def reapkit(
+    *args: str, user: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "reapkit.cli", *args]
+    if user is not None:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv(1) (util-linux) to run as another user")
+        uid = pwd.getpwnam(user).pw_uid
+        argv = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_doctor_json_has_the_documented_keys() -> None:
+    done = reapkit("doctor", "--json")
+    doc = json.loads(done.stdout)
+    assert set(doc) >= DOCTOR_JSON_KEYS
+    assert done.returncode == (0 if doc["can_reap"] else 1)
+    assert doc["pidfd"] is True
+
+
+def test_doctor_table_is_readable() -> None:
+    done = reapkit("doctor")
+    assert "process_mrelease" in done.stdout and "A reaper can" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("bogus",), ("doctor", "--nope"), ("demo", "--size-mib", "1"), ("demo", "--bound", "x")],
+)
+def test_bad_arguments_exit_2_with_one_line(args: tuple[str, ...]) -> None:
+    done = reapkit(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_json_shape() -> None:
+    require_root()
+    done = reapkit("demo", "--json", "--size-mib", "96", "--bound", "0.5")
+    assert done.returncode == 0, done.stderr
+    scenarios = json.loads(done.stdout)
+    assert [s["scenario"] for s in scenarios] == ["kill-only", "mrelease"]
+    for s in scenarios:
+        assert set(s) >= {"scenario", "victim_rss_bytes", "freed_bytes", "ms_to_memory_back"}
+    if any(s["skipped"] for s in scenarios):
+        pytest.skip(f"demo skipped: {scenarios}")
+    alone, reaped = scenarios
+    assert alone["ms_to_memory_back"] is None  # stuck in D: nothing back within the bound
+    assert reaped["ms_to_memory_back"] is not None
+    assert reaped["freed_bytes"] >= 0.9 * 96 * (1 << 20)
+    assert not [d for d in os.listdir("/sys/fs/cgroup/memory") if d.startswith("reapkit-demo")]
+
+
+def test_demo_without_root_names_what_is_missing() -> None:
+    require_root()  # to switch to an unprivileged user
+    done = reapkit("demo", user="nobody")
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip("the unprivileged user cannot read this checkout's .venv")
+    assert done.returncode == 3
+    assert "root" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

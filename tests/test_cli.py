@@ -6,8 +6,11 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +80,41 @@ def test_demo_without_root_names_what_is_missing() -> None:
     assert done.returncode == 3
     assert "root" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_demo_ctrl_c_while_the_victim_is_frozen_cleans_up() -> None:
+    require_root()
+    freezer = Path("/sys/fs/cgroup/freezer")
+    if not freezer.is_dir():
+        pytest.skip("needs the cgroup v1 freezer")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "reapkit.cli", "demo", "--size-mib", "64", "--bound", "30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(
+            (d / "freezer.state").read_text().strip() == "FROZEN"
+            for d in freezer.glob(f"reapkit-demo-{demo.pid}-*")
+        ):
+            assert time.monotonic() < deadline, "the demo never froze its victim"
+            assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
+            time.sleep(0.01)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(20) == 130
+        assert demo.stderr is not None
+        assert demo.stderr.read().strip().splitlines()[-1] == "reapkit demo: interrupted"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        if demo.stderr is not None:
+            demo.stderr.close()
+    left = [
+        p.name
+        for c in ("memory", "freezer")
+        for p in Path("/sys/fs/cgroup", c).glob(f"reapkit-demo-{demo.pid}-*")
+    ]
+    assert left == []

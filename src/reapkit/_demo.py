@@ -80,25 +80,29 @@ def stuck_victim(
     """Run one scenario: ``"kill-only"`` or ``"mrelease"``."""
     guard = KillGuard(CgroupScope.from_directory(memory.directory), procfs=procfs)
     with start_hog(size, [memory.directory, freezer.directory]) as hog:
-        rss = procfs.stat(hog.pid).rss
-        with ProcessRef.open(hog.pid, procfs=procfs) as ref:  # before any signal
-            freezer.freeze()
-            state = procfs.stat(hog.pid).state
-            before = memory.memory_usage()
-            target = int(size * BACK_FRACTION)
-            start = time.monotonic()
-            guard.send_signal(ref, signal.SIGKILL)
-            call_ms = None
-            if scenario == "mrelease":
-                process_mrelease(ref.fileno(), pid=ref.pid)
-                call_ms = (time.monotonic() - start) * 1000
-            back_ms, freed = _wait_freed(memory.memory_usage, before, target, bound, start)
-            after_thaw = None
+        try:
+            rss = procfs.stat(hog.pid).rss
+            with ProcessRef.open(hog.pid, procfs=procfs) as ref:  # before any signal
+                freezer.freeze()
+                state = procfs.stat(hog.pid).state
+                before = memory.memory_usage()
+                target = int(size * BACK_FRACTION)
+                start = time.monotonic()
+                guard.send_signal(ref, signal.SIGKILL)
+                call_ms = None
+                if scenario == "mrelease":
+                    process_mrelease(ref.fileno(), pid=ref.pid)
+                    call_ms = (time.monotonic() - start) * 1000
+                back_ms, freed = _wait_freed(memory.memory_usage, before, target, bound, start)
+                after_thaw = None
+                freezer.thaw()
+                if back_ms is None:
+                    thawed = time.monotonic()
+                    # freed stays what came back within the bound; this only times the thaw.
+                    after_thaw, _ = _wait_freed(memory.memory_usage, before, target, 10, thawed)
+        finally:
+            # A frozen victim cannot die: thaw before the hog is stopped, also on Ctrl-C.
             freezer.thaw()
-            if back_ms is None:
-                thawed = time.monotonic()
-                # freed stays what came back within the bound; this only times the thaw.
-                after_thaw, _ = _wait_freed(memory.memory_usage, before, target, 10, thawed)
     return ScenarioResult(
         scenario,
         rss,

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DOCTOR_JSON_KEYS, require_root
+from reapkit.lowlevel import cgroup_mounts, mount_for
+
+from .conftest import DOCTOR_JSON_KEYS, need, require_root
 
 
 def reapkit(
@@ -24,7 +26,7 @@ def reapkit(
     if user is not None:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("needs setpriv(1) (util-linux) to run as another user")
+            need("setpriv(1) (util-linux) to run as another user")
         uid = pwd.getpwnam(user).pw_uid
         argv = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -64,7 +66,7 @@ def test_demo_json_shape() -> None:
     for s in scenarios:
         assert set(s) >= {"scenario", "victim_rss_bytes", "freed_bytes", "ms_to_memory_back"}
     if any(s["skipped"] for s in scenarios):
-        pytest.skip(f"demo skipped: {scenarios}")
+        need("what the demo needs", str(scenarios))
     alone, reaped = scenarios
     assert alone["ms_to_memory_back"] is None  # stuck in D: nothing back within the bound
     assert reaped["ms_to_memory_back"] is not None
@@ -82,11 +84,12 @@ def test_demo_without_root_names_what_is_missing() -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_demo_ctrl_c_while_the_victim_is_frozen_cleans_up() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_demo_interrupted_while_the_victim_is_frozen_cleans_up(sig: signal.Signals) -> None:
     require_root()
     freezer = Path("/sys/fs/cgroup/freezer")
     if not freezer.is_dir():
-        pytest.skip("needs the cgroup v1 freezer")
+        need("the cgroup v1 freezer")
     demo = subprocess.Popen(
         [sys.executable, "-m", "reapkit.cli", "demo", "--size-mib", "64", "--bound", "30"],
         stdout=subprocess.DEVNULL,
@@ -102,7 +105,7 @@ def test_demo_ctrl_c_while_the_victim_is_frozen_cleans_up() -> None:
             assert time.monotonic() < deadline, "the demo never froze its victim"
             assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
             time.sleep(0.01)
-        demo.send_signal(signal.SIGINT)
+        demo.send_signal(sig)
         assert demo.wait(20) == 130
         assert demo.stderr is not None
         assert demo.stderr.read().strip().splitlines()[-1] == "reapkit demo: interrupted"
@@ -118,3 +121,21 @@ def test_demo_ctrl_c_while_the_victim_is_frozen_cleans_up() -> None:
         for p in Path("/sys/fs/cgroup", c).glob(f"reapkit-demo-{demo.pid}-*")
     ]
     assert left == []
+
+
+def test_demo_removes_what_a_killed_demo_left_behind() -> None:
+    require_root()
+    memory = mount_for("memory", cgroup_mounts())
+    assert memory is not None
+    # What `kill -9` of a demo leaves: a sandbox named after a PID that no longer exists.
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = Path(memory.mountpoint, f"reapkit-demo-{child.pid}-0123abcd")
+    stale.mkdir()
+    try:
+        done = reapkit("demo", "--json", "--size-mib", "32", "--bound", "0.2")
+        assert done.returncode == 0, done.stderr
+        assert not stale.exists()
+    finally:
+        if stale.exists():
+            stale.rmdir()

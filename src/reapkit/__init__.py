@@ -5,6 +5,7 @@ in :mod:`reapkit.lowlevel`.
 """
 
 from ._errors import AccessDenied as AccessDenied
+from ._errors import InvalidValue as InvalidValue
 from ._errors import NoSuchProcess as NoSuchProcess
 from ._errors import NotDying as NotDying
 from ._errors import ProcessChanged as ProcessChanged

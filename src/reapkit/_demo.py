@@ -10,6 +10,7 @@ limit and a freezer cgroup) and removed afterwards, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -21,10 +22,12 @@ import attrs
 from ._errors import Unsupported
 from ._guard import CgroupScope, KillGuard
 from ._hog import start_hog
+from ._kernel._cgroups import cgroup_mounts, mount_for
 from ._kernel._syscalls import process_mrelease
 from ._process import ProcessRef
 from ._procfs import ProcFS
 from ._sandbox import SandboxCgroup
+from ._signals import deferred_interrupts
 
 MiB: Final = 1 << 20
 #: Memory counts as back when the sandbox's usage fell by this share of what the victim touched.
@@ -102,7 +105,8 @@ def stuck_victim(
                     after_thaw, _ = _wait_freed(memory.memory_usage, before, target, 10, thawed)
         finally:
             # A frozen victim cannot die: thaw before the hog is stopped, also on Ctrl-C.
-            freezer.thaw()
+            with deferred_interrupts():
+                freezer.thaw()
     return ScenarioResult(
         scenario,
         rss,
@@ -118,9 +122,9 @@ def stuck_victim(
 @contextlib.contextmanager
 def stuck_victim_sandbox(size: int) -> Iterator[tuple[SandboxCgroup, SandboxCgroup]]:
     """A memory cgroup limited to ``size`` + 128 MiB and a v1 freezer cgroup, removed on exit."""
-    with SandboxCgroup.create("memory", prefix="reapkit-demo") as memory:
+    with SandboxCgroup.create("memory", prefix=SANDBOX_PREFIX) as memory:
         memory.set_memory_limit(size + 128 * MiB)
-        with SandboxCgroup.create("freezer", prefix="reapkit-demo") as freezer:
+        with SandboxCgroup.create("freezer", prefix=SANDBOX_PREFIX) as freezer:
             yield memory, freezer
 
 
@@ -167,9 +171,32 @@ def skipped_results(reason: str, bound: float = 2.0) -> list[ScenarioResult]:
     ]
 
 
+SANDBOX_PREFIX: Final = "reapkit-demo"
+
+
 def check_can_run() -> None:
-    """Raise :class:`Unsupported` (with what to do) if the demo cannot run at all here."""
+    """Raise :class:`Unsupported` (with what to do) if the demo cannot run at all here, before
+    anything is created; remove sandboxes that an earlier, killed demo left behind."""
     if os.geteuid() != 0:
         raise Unsupported(
-            "root", "the demo creates cgroups under /sys/fs/cgroup; run it as root (sudo)", 1
+            "root",
+            "the demo creates cgroups under /sys/fs/cgroup; run it as root (sudo)",
+            errno.EPERM,
         )
+    mounts = cgroup_mounts()
+    if mount_for("memory", mounts) is None:
+        raise Unsupported(
+            "the cgroup memory controller", "the demo's victims need a hard memory limit"
+        )
+    SandboxCgroup.remove_stale(SANDBOX_PREFIX, mounts=mounts)
+
+
+def stuck_victim_unsupported() -> str | None:
+    """Why the stuck-victim comparison cannot run here, or ``None`` if it can."""
+    freezer = mount_for("freezer", cgroup_mounts())
+    if freezer is None or freezer.version != 1:
+        return (
+            "it needs the cgroup v1 freezer to hold a victim in state D, and this host has"
+            " none (cgroup v2's freezer lets SIGKILL through)"
+        )
+    return None

@@ -92,3 +92,11 @@ class NotDying(_OSErrorWithMessage):
             f"process_mrelease refused: {who} is not dying (it needs SIGKILL first, SIGTERM is"
             " not enough) or shares its memory with a live process",
         )
+
+
+class InvalidValue(ReapkitError, ValueError):
+    """A configuration value (duration, size, PSI trigger, ...) that cannot be used.
+
+    The message names the value and what was expected; the policy loader adds the file and
+    the key path.
+    """

@@ -11,8 +11,11 @@ kill records:
 * anything outside the configured scope (a cgroup sub-tree, a process sub-tree, or the whole
   system when an operator says so);
 * anything whose identity changed since it was chosen (PID reuse: another start time);
+* anything it cannot read well enough to decide (``/proc`` unreadable or garbled);
 
-and it enforces dry-run: in dry-run mode nothing is ever signalled.
+and it enforces dry-run: in dry-run mode nothing is ever signalled. A guard that reads a
+``/proc`` other than the real one (a fake tree in a test) is always in dry-run mode: what it
+approved would not be what a signal reaches.
 """
 
 from __future__ import annotations
@@ -23,24 +26,35 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from ._errors import NoSuchProcess, ReapkitError, Unsupported
+from ._errors import (
+    AccessDenied,
+    InvalidValue,
+    NoSuchProcess,
+    ProcFormatError,
+    ReapkitError,
+    Unsupported,
+)
 from ._kernel._cgroups import CgroupMount, cgroup_mounts, entry_matches, mount_containing
 from ._kernel._syscalls import cgroup_kill
 from ._process import ProcessRef
-from ._procfs import ProcFS
+from ._procfs import ProcFS, frozen_mapping
 
 log = logging.getLogger("reapkit.guard")
 
 OOM_SCORE_ADJ_MIN = -1000
+PF_EXITING = 0x00000004  # include/linux/sched.h: set at the start of do_exit()
+REAL_PROC = "/proc"
 _MAX_ANCESTRY = 4096  # a deeper parent chain than any real tree: stop walking
 
 
 class RefusalReason(enum.Enum):
+    """Why the guard refused; the value is what logs and kill records show."""
+
     INVALID_PID = "invalid-pid"
     PID_ONE = "pid-1"
     REAPER_ITSELF = "reaper-itself"
@@ -49,6 +63,7 @@ class RefusalReason(enum.Enum):
     OUT_OF_SCOPE = "out-of-scope"
     IDENTITY_CHANGED = "identity-changed"
     GONE = "gone"
+    UNREADABLE = "unreadable"
 
 
 @attrs.frozen
@@ -72,6 +87,8 @@ class KillRefused(ReapkitError, PermissionError):
 
 
 class SignalOutcome(enum.Enum):
+    """What the guard did with an allowed signal."""
+
     SENT = "sent"
     DRY_RUN = "dry-run"
 
@@ -96,7 +113,15 @@ class CgroupScope(Scope):
 
     mount: CgroupMount
     #: The cgroup path as ``/proc/<pid>/cgroup`` names it, e.g. ``/reapkit-demo``.
-    path: str
+    path: str = attrs.field()
+
+    @path.validator
+    def _not_the_root(self, _attribute: object, value: str) -> None:
+        if value.rstrip("/") in ("", self.mount.root.rstrip("/")):
+            raise InvalidValue(
+                f"a cgroup scope at the root of {self.mount.mountpoint} is the whole system:"
+                " say SystemScope() explicitly"
+            )
 
     @classmethod
     def from_directory(
@@ -114,14 +139,15 @@ class CgroupScope(Scope):
         assert found is not None
         return found
 
-    def _contains_path(self, path: str) -> bool:
+    def contains_path(self, path: str) -> bool:
+        """Whether cgroup ``path`` (of this hierarchy) is this scope's cgroup or below it."""
         base = self.path.rstrip("/")
-        return not base or path == base or path.startswith(base + "/")
+        return path == base or path.startswith(base + "/")
 
     def excludes(self, pid: int, procfs: ProcFS) -> str | None:
         for entry in procfs.cgroup(pid):
             if entry_matches(self.mount, entry.hierarchy_id, entry.controllers):
-                if self._contains_path(entry.path):
+                if self.contains_path(entry.path):
                     return None
                 return f"its cgroup {entry.path} is outside {self.describe()}"
         return f"it is in no cgroup of the hierarchy at {self.mount.mountpoint}"
@@ -189,28 +215,53 @@ def _is_scope(_guard: object, _attribute: object, value: Any) -> None:
         )
 
 
-@attrs.define
+@attrs.frozen
+class GuardStatistics:
+    refusals: Mapping[str, int] = attrs.field(converter=frozen_mapping)
+    signals_sent: int
+    dry_runs: int
+
+
+@attrs.define(on_setattr=attrs.setters.frozen)
 class KillGuard:
-    """Stands between every action and every signal. See the module docstring."""
+    """Stands between every action and every signal. See the module docstring.
+
+    Its settings cannot be changed once made: a new policy makes a new guard.
+    """
 
     scope: Scope = attrs.field(validator=_is_scope)
     dry_run: bool = attrs.field(default=False, kw_only=True)
     #: Allow victims with ``oom_score_adj == -1000``. Off unless a rule says so explicitly.
     allow_oom_score_adj_min: bool = attrs.field(default=False, kw_only=True)
     procfs: ProcFS = attrs.field(factory=ProcFS, kw_only=True)
-    #: How many refusals of each reason so far.
-    refusals: collections.Counter[RefusalReason] = attrs.field(
+    _refusals: collections.Counter[RefusalReason] = attrs.field(
         factory=collections.Counter, init=False
     )
+    _counts: list[int] = attrs.field(factory=lambda: [0, 0], init=False)  # sent, dry runs
+
+    @property
+    def signals_enabled(self) -> bool:
+        """False in dry-run mode, and always when reading a /proc other than the real one."""
+        return not self.dry_run and self.procfs.root == REAL_PROC
+
+    def statistics(self) -> GuardStatistics:
+        return GuardStatistics(
+            {r.value: n for r, n in self._refusals.items()}, self._counts[0], self._counts[1]
+        )
 
     def check(self, pid: int, start_time: int | None) -> Refusal | None:
         """Whether process ``pid`` (that started at ``start_time``, if known) may be signalled:
-        ``None`` if so, else the :class:`Refusal`. Signals nothing."""
+        ``None`` if so, else the :class:`Refusal`. Signals nothing, logs only at debug level
+        (selectors may call it for every candidate)."""
         refusal = self._check(pid, start_time)
         if refusal is not None:
-            self.refusals[refusal.reason] += 1
-            log.warning("%s", refusal, extra={"refusal": refusal})
+            log.debug("%s", refusal)
         return refusal
+
+    def _refuse(self, refusal: Refusal) -> KillRefused:
+        self._refusals[refusal.reason] += 1
+        log.warning("%s", refusal, extra={"refusal": refusal})
+        return KillRefused(refusal)
 
     def _check(self, pid: int, start_time: int | None) -> Refusal | None:
         def refuse(reason: RefusalReason, detail: str) -> Refusal:
@@ -230,6 +281,10 @@ class KillGuard:
                     f"PID reused: started at tick {stat.start_time}, the chosen one at"
                     f" {start_time}",
                 )
+            if stat.state in ("Z", "X") or stat.flags & PF_EXITING:
+                # Already on its way out; past cgroup_exit() it even reads as being in the
+                # root cgroup, so a scope check would misjudge it.
+                return refuse(RefusalReason.GONE, f"{stat.comm!r} is already exiting")
             if stat.is_kernel_thread or pid == 2 or stat.ppid == 2:
                 return refuse(RefusalReason.KERNEL_THREAD, f"kernel thread {stat.comm!r}")
             if not self.allow_oom_score_adj_min:
@@ -244,63 +299,106 @@ class KillGuard:
                 return refuse(RefusalReason.OUT_OF_SCOPE, f"{stat.comm!r}: {why}")
         except NoSuchProcess:
             return refuse(RefusalReason.GONE, "it exited before it could be signalled")
+        except (ProcFormatError, AccessDenied) as exc:
+            return refuse(RefusalReason.UNREADABLE, f"cannot decide: {exc}")
         return None
 
-    def send_signal(self, ref: ProcessRef, sig: int = signal.SIGKILL) -> SignalOutcome:
+    def send_signal(self, ref: ProcessRef, sig: int) -> SignalOutcome:
         """Signal the pinned process if the guard allows it.
 
         Raises :class:`KillRefused` with the reason otherwise. In dry-run mode the checks run
         and are logged, but nothing is sent: returns :attr:`SignalOutcome.DRY_RUN`.
         """
-        refusal = self.check(ref.pid, ref.start_time)
+        refusal = self._check(ref.pid, ref.start_time)
         if refusal is not None:
-            raise KillRefused(refusal)
+            raise self._refuse(refusal)
         name = signal.Signals(sig).name if sig else "signal 0"
-        if self.dry_run:
+        if not self.signals_enabled:
+            self._counts[1] += 1
             log.info("dry-run: would send %s to process %d", name, ref.pid)
             return SignalOutcome.DRY_RUN
         ref.send_signal(sig)
+        self._counts[0] += 1
         log.info("sent %s to process %d", name, ref.pid)
         return SignalOutcome.SENT
 
     def kill_cgroup(self, directory: str, *, max_rounds: int = 16) -> SignalOutcome:
         """SIGKILL every process in a cgroup and its descendants.
 
-        Every member must pass the guard first (a cgroup holding the reaper, PID 1, a kernel
-        thread, a protected process or anything out of scope is refused whole). Uses
-        ``cgroup.kill`` on v2; elsewhere each member is pinned and signalled through its pidfd,
-        again until the cgroup stays empty (members may fork meanwhile).
+        Every member must pass the guard first: a cgroup holding PID 1, a kernel thread, a
+        protected process or anything out of scope is refused whole (members already exiting
+        are skipped). ``cgroup.kill`` (v2) is used only when the whole directory lies inside a
+        :class:`CgroupScope` of the same hierarchy (or the scope is the system) and the reaper
+        is not inside it: ``cgroup.kill`` reaches whoever is in the cgroup at that moment, so
+        only a scope that contains every possible member may use it. Otherwise each member is
+        pinned and signalled through its pidfd, round after round until no new one appears.
         """
-        members = list(_members(directory))
-        for pid in members:
-            refusal = self.check(pid, None)
+        for pid in _members(directory):
+            refusal = self._check(pid, None)
             if refusal is not None and refusal.reason is not RefusalReason.GONE:
-                raise KillRefused(
-                    attrs.evolve(refusal, detail=f"{refusal.detail}; member of {directory}")
-                )
-        if self.dry_run:
-            log.info("dry-run: would kill cgroup %s (%d processes)", directory, len(members))
+                refusal = attrs.evolve(refusal, detail=f"{refusal.detail}; member of {directory}")
+                raise self._refuse(refusal)
+        if not self.signals_enabled:
+            self._counts[1] += 1
+            log.info("dry-run: would kill cgroup %s", directory)
             return SignalOutcome.DRY_RUN
-        try:
-            cgroup_kill(directory)
-        except Unsupported:
-            # systemd's cg_kill_recursive: repeat until a round finds nobody new (members may
-            # fork meanwhile). Never re-check one already killed: once past cgroup_exit() a
-            # dying member still listed in cgroup.procs reads as being in the root cgroup.
-            signalled: set[int] = set()
-            for _ in range(max_rounds):
-                new = [pid for pid in _members(directory) if pid not in signalled]
-                if not new:
-                    break
-                for pid in new:
-                    signalled.add(pid)
-                    try:
-                        with ProcessRef.open(pid, procfs=self.procfs) as ref:
-                            self.send_signal(ref, signal.SIGKILL)
-                    except NoSuchProcess:
-                        continue
-        log.info("killed cgroup %s", directory)
+        if self._may_use_cgroup_kill(directory):
+            try:
+                cgroup_kill(directory)
+            except Unsupported:
+                pass
+            else:
+                self._counts[0] += 1
+                log.info("killed cgroup %s through cgroup.kill", directory)
+                return SignalOutcome.SENT
+        self._kill_members(directory, max_rounds)
+        log.info("killed cgroup %s member by member", directory)
         return SignalOutcome.SENT
+
+    def _may_use_cgroup_kill(self, directory: str) -> bool:
+        try:
+            mount = mount_containing(directory, cgroup_mounts())
+        except (ValueError, OSError):
+            return False
+        if mount.version != 2:
+            return False
+        path = mount.cgroup_path(directory)
+        if isinstance(self.scope, CgroupScope):
+            if self.scope.mount.mountpoint != mount.mountpoint or not self.scope.contains_path(
+                path
+            ):
+                return False
+        elif not isinstance(self.scope, SystemScope):
+            return False
+        # Never when the reaper itself is inside: cgroup.kill would take it along.
+        own = [
+            e.path
+            for e in ProcFS().cgroup(os.getpid())
+            if entry_matches(mount, e.hierarchy_id, e.controllers)
+        ]
+        return not any(p == path or p.startswith(path.rstrip("/") + "/") for p in own)
+
+    def _kill_members(self, directory: str, max_rounds: int) -> None:
+        # systemd's cg_kill_recursive: repeat until a round finds nobody new (members may fork
+        # meanwhile). Never re-check one already killed: it is exiting.
+        signalled: set[int] = set()
+        for _ in range(max_rounds):
+            new = [pid for pid in _members(directory) if pid not in signalled]
+            if not new:
+                return
+            for pid in new:
+                signalled.add(pid)
+                try:
+                    with ProcessRef.open(pid, procfs=self.procfs) as ref:
+                        self.send_signal(ref, signal.SIGKILL)
+                except NoSuchProcess:
+                    continue
+                except KillRefused as exc:
+                    if exc.refusal.reason not in (
+                        RefusalReason.GONE,
+                        RefusalReason.IDENTITY_CHANGED,
+                    ):
+                        raise
 
 
 def _members(directory: str) -> Iterator[int]:

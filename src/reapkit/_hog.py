@@ -1,8 +1,14 @@
-"""A memory hog for the demo, tests and benchmarks: ``python -m reapkit._hog``.
+"""Memory hogs and pressure makers for the demo, tests and benchmarks: ``python -m reapkit._hog``.
 
-The child joins the given cgroups *before* it allocates (so every page is charged to the
-sandbox and its hard limit), touches ``size`` bytes of private anonymous memory (what
-``process_mrelease`` frees), says ``ready`` on stdout and then sleeps until killed.
+``python -m reapkit._hog SIZE [CGROUP_DIR ...]``: the child joins the given cgroups *before*
+it allocates (so every page is charged to the sandbox and its hard limit), touches ``SIZE``
+bytes of private anonymous memory (what ``process_mrelease`` frees), says ``ready`` on stdout
+and then sleeps until killed.
+
+``python -m reapkit._hog thrash FILE [CGROUP_DIR ...]``: real memory pressure without swap
+(``shared/KERNEL_NOTES.md``). It reads a file larger than its memory cgroup's limit through
+``mmap``, page by page, in a loop: the page cache thrashes and tasks stall on reclaim and I/O,
+which is what PSI measures.
 """
 
 from __future__ import annotations
@@ -18,15 +24,36 @@ from types import TracebackType
 
 import attrs
 
+from ._signals import deferred_interrupts
+
 _CHUNK = 1 << 20
+
+
+def _join(cgroup_dirs: Sequence[str]) -> None:
+    for directory in cgroup_dirs:
+        with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
+
+
+def _thrash(path: str) -> None:
+    with open(path, "rb") as f:
+        view = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    step = mmap.PAGESIZE
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        for offset in range(0, len(view), step):
+            view[offset]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[0] == "thrash":
+        _join(args[2:])
+        _thrash(args[1])
+        return
     size = int(args[0])
-    for directory in args[1:]:
-        with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
-            f.write(str(os.getpid()))
+    _join(args[1:])
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     chunk = b"\x5a" * _CHUNK
     for _ in range(size // _CHUNK):
@@ -50,12 +77,14 @@ class Hog:
         return self.process.pid
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        """SIGKILL (through ``Popen``, which holds our child's PID until we wait) and reap."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        """SIGKILL (through ``Popen``, which holds our child's PID until we wait) and reap.
+        Interrupts are held meanwhile, so a second Ctrl-C cannot leave the hog behind."""
+        with deferred_interrupts():
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait(timeout)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
     def __enter__(self) -> Hog:
         return self
@@ -71,10 +100,32 @@ class Hog:
 
 def start_hog(size: int, cgroup_dirs: Sequence[str], *, timeout: float = 30.0) -> Hog:
     """Start a hog of ``size`` bytes inside ``cgroup_dirs`` and wait until it holds them all."""
+    return _start([str(size)], size, cgroup_dirs, timeout)
+
+
+def make_thrash_file(path: str, size: int = 256 << 20) -> None:
+    """Write ``size`` bytes of real data (not holes: reading them must do I/O) and drop the
+    file from the page cache, so a thrasher's reads are charged to its own cgroup."""
+    chunk = bytes(range(256)) * 4096
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def start_thrasher(path: str, cgroup_dirs: Sequence[str], *, timeout: float = 30.0) -> Hog:
+    """Start a page-cache thrasher over ``path`` (see :func:`make_thrash_file`) inside
+    ``cgroup_dirs``, which must include a memory cgroup limited well below the file's size."""
+    return _start(["thrash", path], 0, cgroup_dirs, timeout)
+
+
+def _start(args: list[str], size: int, cgroup_dirs: Sequence[str], timeout: float) -> Hog:
     if not cgroup_dirs:
         raise ValueError("a hog must run inside a memory cgroup with a hard limit")
     process = subprocess.Popen(
-        [sys.executable, "-m", "reapkit._hog", str(size), *cgroup_dirs],
+        [sys.executable, "-m", "reapkit._hog", *args, *cgroup_dirs],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )
@@ -83,11 +134,11 @@ def start_hog(size: int, cgroup_dirs: Sequence[str], *, timeout: float = 30.0) -
         assert process.stdout is not None
         # A hog that dies (e.g. OOM-killed in its cgroup) closes stdout: readline returns b"".
         if not select.select([process.stdout], [], [], timeout)[0]:
-            raise TimeoutError(f"memory hog of {size} bytes not ready within {timeout} s")
+            raise TimeoutError(f"memory hog {args} not ready within {timeout} s")
         line = process.stdout.readline()
         if line.strip() != b"ready":
             code = process.wait(timeout)
-            raise RuntimeError(f"memory hog of {size} bytes failed to start (exit status {code})")
+            raise RuntimeError(f"memory hog {args} failed to start (exit status {code})")
     except BaseException:
         hog.stop()
         raise

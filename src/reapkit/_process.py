@@ -27,6 +27,18 @@ from ._procfs import ProcFS
 _DEFAULT_PROCFS = ProcFS()
 
 
+def pidfd_pid(pidfd: int) -> int:
+    """The PID a pidfd names, from ``/proc/self/fdinfo`` (``-1`` once the process was reaped).
+
+    Always the real ``/proc``: the descriptor is this process's own.
+    """
+    with open(f"/proc/self/fdinfo/{pidfd}", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise ValueError(f"fd {pidfd} is not a pidfd")
+
+
 def _still_ours(pidfd: int) -> bool:
     """Whether the process behind ``pidfd`` still holds its PID (not yet waited for).
 
@@ -49,9 +61,9 @@ class ProcessRef:
     Close it (or use it as a context manager) when done: the pidfd is a file descriptor.
     """
 
-    pid: int
+    pid: int = attrs.field(on_setattr=attrs.setters.frozen)
     #: Clock ticks since boot at which the process started (``/proc/<pid>/stat`` field 22).
-    start_time: int
+    start_time: int = attrs.field(on_setattr=attrs.setters.frozen)
     _pidfd: int
     _procfs: ProcFS
 
@@ -105,6 +117,13 @@ class ProcessRef:
         found = self._procfs.stat(self.pid).start_time
         if found != self.start_time:
             raise ProcessChanged(self.pid, self.start_time, found)
+        owner = pidfd_pid(fd)
+        if owner == -1:
+            raise NoSuchProcess(self.pid)
+        if owner != self.pid:
+            # Only a hand-built ref can get here: the guard checked self.pid, so the signal
+            # must not go to whatever the descriptor names.
+            raise ValueError(f"{self!r}: its pidfd names process {owner}, not {self.pid}")
         try:
             pidfd_send_signal(fd, sig)
         except ProcessLookupError:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import types
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -185,7 +186,8 @@ class CgroupEntry:
     path: str
 
 
-def _frozen_mapping(value: Mapping[str, int]) -> Mapping[str, int]:
+def frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only copy, for mapping fields of frozen records."""
     return types.MappingProxyType(dict(value))
 
 
@@ -207,7 +209,7 @@ class MemInfo:
     swap_total: int
     swap_free: int
     fields: Mapping[str, int] = attrs.field(
-        converter=_frozen_mapping, hash=False, repr=False, factory=dict
+        converter=frozen_mapping, hash=False, repr=False, factory=dict
     )
 
 

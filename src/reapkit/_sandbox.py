@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import signal
 import time
@@ -21,6 +22,9 @@ import attrs
 from ._errors import Unsupported
 from ._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
 from ._kernel._syscalls import pidfd_open, pidfd_send_signal
+from ._signals import deferred_interrupts
+
+_STALE = re.compile(r"^(?P<prefix>.+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
 def _write(path: str, value: str) -> None:
@@ -31,6 +35,23 @@ def _write(path: str, value: str) -> None:
 def _read(path: str) -> str:
     with open(path, encoding="ascii") as f:
         return f.read()
+
+
+def _pids(directory: str) -> list[int]:
+    try:
+        return [int(p) for p in _read(os.path.join(directory, "cgroup.procs")).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: a question, not a signal
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @attrs.define(eq=False)
@@ -70,9 +91,15 @@ class SandboxCgroup:
             }.get(controller, f"the cgroup {controller} controller")
             raise Unsupported(what, "it is not mounted on this host", errno.ENOENT)
         if mount.version == 2 and controller == "memory":
+            # Never change the host's own cgroup set-up: without the controller enabled at
+            # the root, say so instead.
             control = os.path.join(mount.mountpoint, "cgroup.subtree_control")
             if "memory" not in _read(control).split():
-                _write(control, "+memory")
+                raise Unsupported(
+                    "the cgroup v2 memory controller",
+                    f"it is not enabled in {control} (echo +memory > {control})",
+                    errno.ENOENT,
+                )
         name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         directory = os.path.join(mount.mountpoint, name)
         os.mkdir(directory)
@@ -84,10 +111,7 @@ class SandboxCgroup:
         _write(os.path.join(self.directory, "cgroup.procs"), str(pid))
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in _read(os.path.join(self.directory, "cgroup.procs")).split()]
-        except FileNotFoundError:
-            return []
+        return _pids(self.directory)
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -137,38 +161,63 @@ class SandboxCgroup:
     # -- teardown --------------------------------------------------------------------------
 
     def kill_members(self) -> None:
-        """SIGKILL every member, each through its own pidfd. Only for cgroups we created."""
-        for pid in self.pids():
-            try:
-                fd = pidfd_open(pid)
-            except (ProcessLookupError, ValueError):
-                continue
-            try:
-                pidfd_send_signal(fd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            finally:
-                os.close(fd)
+        """SIGKILL every member, child cgroups included, each through its own pidfd. Only for
+        cgroups we created: whatever is inside was put there by us or forked from it."""
+        for dirpath, _dirs, _files in os.walk(self.directory):
+            for pid in _pids(dirpath):
+                try:
+                    fd = pidfd_open(pid)
+                except (ProcessLookupError, ValueError):
+                    continue
+                try:
+                    pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                finally:
+                    os.close(fd)
 
     def remove(self, *, timeout: float = 10.0) -> None:
-        """Thaw, kill the members, wait until the cgroup is empty and delete it."""
+        """Thaw, kill the members, wait until empty and delete it with its child cgroups.
+
+        Interrupts are held meanwhile: a second Ctrl-C must not leave a frozen process."""
         if self.removed:
             return
-        deadline = time.monotonic() + timeout
-        while True:
-            self.thaw()
-            self.kill_members()
+        with deferred_interrupts():
+            deadline = time.monotonic() + timeout
+            while True:
+                self.thaw()
+                self.kill_members()
+                try:
+                    for dirpath, _dirs, _files in os.walk(self.directory, topdown=False):
+                        os.rmdir(dirpath)
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+                else:
+                    break
+            self.removed = True
+
+    @classmethod
+    def remove_stale(cls, prefix: str, *, mounts: Sequence[CgroupMount] | None = None) -> list[str]:
+        """Remove ``<prefix>-<pid>-<hex>`` cgroups left by a run of ours that was killed
+        before it could clean up (its PID no longer exists). Returns what was removed."""
+        removed = []
+        for mount in cgroup_mounts() if mounts is None else mounts:
             try:
-                os.rmdir(self.directory)
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-            else:
-                break
-        self.removed = True
+                names = os.listdir(mount.mountpoint)
+            except OSError:
+                continue
+            for name in names:
+                match = _STALE.match(name)
+                if not match or match["prefix"] != prefix or _alive(int(match["pid"])):
+                    continue
+                stale = cls(os.path.join(mount.mountpoint, name), mount)
+                stale.remove()
+                removed.append(stale.directory)
+        return removed
 
     def _file(self, name: str) -> str:
         return os.path.join(self.directory, name)

@@ -14,10 +14,12 @@ import sys
 import threading
 from pathlib import Path
 
+import attrs
 import pytest
 
 from reapkit import (
     CgroupScope,
+    InvalidValue,
     KillGuard,
     KillRefused,
     ProcessRef,
@@ -30,7 +32,7 @@ from reapkit._fakeproc import FakeProc
 from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import CgroupMount, Probe, ProcFS
 
-from ..conftest import Spawn
+from ..conftest import Spawn, need
 
 pytestmark = pytest.mark.kernel
 
@@ -53,12 +55,13 @@ def test_an_out_of_scope_kill_is_impossible(
             assert info.value.refusal.reason is RefusalReason.OUT_OF_SCOPE
             assert other_memory_cgroup.directory.rsplit("/", 1)[1] in info.value.refusal.detail
     assert _alive(bystander)
-    assert guard.refusals[RefusalReason.OUT_OF_SCOPE] == 3
+    assert guard.statistics().refusals == {"out-of-scope": 3}
 
     with ProcessRef.open(victim.pid) as ref:
         assert guard.send_signal(ref, signal.SIGKILL) is SignalOutcome.SENT
     assert victim.wait(10) == -signal.SIGKILL
     assert _alive(bystander)
+    assert guard.statistics().signals_sent == 1
 
 
 def test_cgroup_scope_includes_child_cgroups(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:
@@ -75,8 +78,11 @@ def test_cgroup_scope_includes_child_cgroups(spawn: Spawn, memory_cgroup: Sandbo
         nested.rmdir()
 
 
-def test_subtree_scope(spawn: Spawn) -> None:
-    parent = spawn(["sh", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE)
+def test_subtree_scope(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:
+    # In a sandbox, so the grandchild is killed at teardown even if the test fails.
+    parent = spawn(
+        ["sh", "-c", "sleep 600 & echo $!; wait"], cgroups=[memory_cgroup], stdout=subprocess.PIPE
+    )
     assert parent.stdout is not None
     grandchild = int(parent.stdout.readline())
     stranger = spawn()
@@ -161,7 +167,7 @@ def test_dry_run_signals_nothing(spawn: Spawn, memory_cgroup: SandboxCgroup) -> 
 
 def test_oom_score_adj_min_on_the_real_kernel(spawn: Spawn, kernel: Probe) -> None:
     if not kernel.capabilities["CAP_SYS_RESOURCE"]:
-        pytest.skip("needs CAP_SYS_RESOURCE to give a process oom_score_adj -1000")
+        need("CAP_SYS_RESOURCE to give a process oom_score_adj -1000")
     child = spawn()
     Path(f"/proc/{child.pid}/oom_score_adj").write_text("-1000")
     guard = KillGuard(SystemScope())
@@ -205,8 +211,65 @@ def test_scopes_on_a_fake_tree(tmp_path: Path) -> None:
 def test_refusals_are_logged_with_their_reason(caplog: pytest.LogCaptureFixture) -> None:
     guard = KillGuard(SystemScope())
     with caplog.at_level(logging.WARNING, logger="reapkit.guard"):
-        guard.check(1, None)
+        guard.check(1, None)  # a question: not logged above debug, not counted
+        assert caplog.text == ""
+        with ProcessRef.open(1) as init, pytest.raises(KillRefused):
+            guard.send_signal(init, 0)
     assert "pid-1" in caplog.text and "process 1" in caplog.text
+    assert guard.statistics().refusals == {"pid-1": 1}
+
+
+def test_a_guard_on_a_fake_proc_never_signals(spawn: Spawn, tmp_path: Path) -> None:
+    # A fake tree could approve a PID that, on the real system, is somebody else.
+    child = spawn()
+    fake = FakeProc(tmp_path)
+    start = ProcFS().stat(child.pid).start_time
+    fake.add_process(child.pid, comm="sleep", start_time=start, cgroup="/sandbox")
+    guard = KillGuard(SystemScope(), procfs=ProcFS(tmp_path))
+    assert not guard.signals_enabled
+    with ProcessRef.open(child.pid) as ref:
+        assert guard.send_signal(ref, signal.SIGKILL) is SignalOutcome.DRY_RUN
+    assert _alive(child)
+
+
+def test_a_hand_built_ref_cannot_point_elsewhere(spawn: Spawn) -> None:
+    victim, other = spawn(), spawn()
+    guard = KillGuard(SystemScope())
+    with ProcessRef.open(other.pid) as real:
+        forged = ProcessRef(
+            victim.pid, ProcFS().stat(victim.pid).start_time, real.fileno(), ProcFS()
+        )
+        with pytest.raises(ValueError, match=f"names process {other.pid}, not {victim.pid}"):
+            guard.send_signal(forged, signal.SIGKILL)
+        forged._pidfd = -1  # type: ignore[attr-defined]  # the fd belongs to `real`
+        with pytest.raises(attrs.exceptions.FrozenAttributeError):
+            real.pid = victim.pid  # type: ignore[misc]
+    assert _alive(victim) and _alive(other)
+
+
+def test_guard_settings_are_frozen() -> None:
+    guard = KillGuard(SubtreeScope(os.getpid(), 0), dry_run=True)
+    with pytest.raises(attrs.exceptions.FrozenAttributeError):
+        guard.dry_run = False  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenAttributeError):
+        guard.scope = SystemScope()  # type: ignore[misc]
+
+
+def test_a_cgroup_scope_at_the_root_must_be_said_as_system_scope() -> None:
+    with pytest.raises(InvalidValue, match="SystemScope"):
+        CgroupScope(CgroupMount("/sys/fs/cgroup", 2, ()), "/")
+
+
+def test_unreadable_and_exiting_on_a_fake_tree(tmp_path: Path) -> None:
+    fake = FakeProc(tmp_path)
+    fake.add_process(999_020, comm="garbled", cgroup="/sandbox")
+    fake.write("999020/oom_score_adj", "lots\n")
+    fake.add_process(999_021, comm="zombie", state="Z", cgroup="/sandbox")
+    fake.add_process(999_022, comm="exiting", flags=0x4, cgroup="/sandbox")
+    guard = KillGuard(SystemScope(), procfs=ProcFS(tmp_path))
+    assert guard.check(999_020, None).reason is RefusalReason.UNREADABLE  # type: ignore[union-attr]
+    assert guard.check(999_021, None).reason is RefusalReason.GONE  # type: ignore[union-attr]
+    assert guard.check(999_022, None).reason is RefusalReason.GONE  # type: ignore[union-attr]
 
 
 def test_kill_cgroup_v2(spawn: Spawn, v2_cgroup: SandboxCgroup) -> None:
@@ -214,6 +277,20 @@ def test_kill_cgroup_v2(spawn: Spawn, v2_cgroup: SandboxCgroup) -> None:
     guard = KillGuard(CgroupScope.from_directory(v2_cgroup.directory))
     assert guard.kill_cgroup(v2_cgroup.directory) is SignalOutcome.SENT
     assert [m.wait(10) for m in members] == [-signal.SIGKILL] * 2
+
+
+def test_kill_cgroup_v2_under_a_subtree_scope_goes_member_by_member(
+    spawn: Spawn, v2_cgroup: SandboxCgroup
+) -> None:
+    # cgroup.kill would reach whoever joins the cgroup after the check; a subtree scope cannot
+    # vouch for that, so each member is checked and signalled through its own pidfd.
+    member = spawn(cgroups=[v2_cgroup])
+    stranger = spawn()
+    with ProcessRef.open(member.pid) as root:
+        guard = KillGuard(SubtreeScope.of(root))
+    assert guard.kill_cgroup(v2_cgroup.directory) is SignalOutcome.SENT
+    assert member.wait(10) == -signal.SIGKILL
+    assert _alive(stranger)
 
 
 def test_kill_cgroup_v1_through_pidfds(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:

@@ -15,7 +15,7 @@ import trio
 from reapkit import NoSuchProcess, ProcessChanged, ProcessRef
 from reapkit.lowlevel import ProcFS
 
-from ..conftest import Spawn, require_root
+from ..conftest import Spawn, need, require_root
 
 pytestmark = pytest.mark.kernel
 
@@ -131,7 +131,7 @@ def test_pid_reuse_is_caught_in_a_private_pid_namespace() -> None:
     require_root()
     unshare = shutil.which("unshare")
     if unshare is None:
-        pytest.skip("needs unshare(1) (util-linux) for a private PID namespace")
+        need("unshare(1) (util-linux) for a private PID namespace")
     done = subprocess.run(
         [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", _REUSE],
         capture_output=True,
@@ -140,7 +140,7 @@ def test_pid_reuse_is_caught_in_a_private_pid_namespace() -> None:
         check=False,
     )
     if done.returncode != 0 and "unshare failed" in done.stderr:
-        pytest.skip(f"needs PID namespaces: {done.stderr.strip()}")
+        need("PID namespaces", done.stderr.strip())
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result == {

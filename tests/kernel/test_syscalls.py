@@ -24,7 +24,7 @@ from reapkit.lowlevel import (
     set_oom_score_adj,
 )
 
-from ..conftest import DOCTOR_JSON_KEYS, MiB, Spawn
+from ..conftest import DOCTOR_JSON_KEYS, MiB, Spawn, need
 
 pytestmark = pytest.mark.kernel
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.kernel
 @pytest.fixture
 def mrelease(kernel: Probe) -> None:
     if not kernel.process_mrelease:
-        pytest.skip("needs process_mrelease (Linux 5.15, allowed by seccomp)")
+        need("process_mrelease (Linux 5.15, allowed by seccomp)")
 
 
 def test_pidfd_open_errors() -> None:
@@ -191,7 +191,7 @@ def test_cgroup_kill_on_v2_kills_every_member(spawn: Spawn, v2_cgroup: SandboxCg
 
 def test_cgroup_kill_on_v1_is_unsupported(memory_cgroup: SandboxCgroup) -> None:
     if memory_cgroup.mount.version != 1:
-        pytest.skip("needs a cgroup v1 memory hierarchy to show the v1 case")
+        need("a cgroup v1 memory hierarchy to show the v1 case")
     with pytest.raises(Unsupported, match=r"cgroup\.kill"):
         cgroup_kill(memory_cgroup.directory)
 

@@ -16,6 +16,7 @@ import attrs
 #: Mount options of a v1 cgroup mount that are not controller names.
 _V1_NON_CONTROLLER_OPTIONS = frozenset(
     {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode", "favordynmods"}
+    | {"none", "all"}
 )
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -85,7 +86,10 @@ def parse_mountinfo(text: str) -> tuple[CgroupMount, ...]:
         root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
         if fstype == "cgroup":
             controllers = tuple(
-                opt for opt in super_options.split(",") if opt not in _V1_NON_CONTROLLER_OPTIONS
+                opt
+                for opt in super_options.split(",")
+                if opt not in _V1_NON_CONTROLLER_OPTIONS
+                and ("=" not in opt or opt.startswith("name="))  # release_agent=..., etc.
             )
             mounts.append(CgroupMount(mountpoint, 1, controllers, root))
         elif fstype == "cgroup2":

@@ -24,9 +24,10 @@ from typing import Any, Final
 
 import attrs
 
+from .._procfs import frozen_mapping
 from ._cgroups import cgroup_mounts, v2_mount
 from ._netlink import open_proc_connector, proc_connector_control
-from ._syscalls import SYS_PROCESS_MRELEASE
+from ._syscalls import SYS_PROCESS_MRELEASE, _syscall
 
 #: Capability numbers (include/uapi/linux/capability.h) of the ones a reaper may need.
 CAPABILITIES: Final = MappingProxyType(
@@ -41,10 +42,6 @@ CAPABILITIES: Final = MappingProxyType(
     }
 )
 PSI_RESOURCES: Final = ("memory", "io", "cpu")
-
-
-def _frozen_mapping(mapping: Mapping[str, bool]) -> Mapping[str, bool]:
-    return MappingProxyType(dict(mapping))
 
 
 @attrs.frozen
@@ -73,7 +70,7 @@ class Probe:
     cgroup_v1_controllers: tuple[str, ...]
     cgroup_v2_controllers: tuple[str, ...]
     cgroup_v2_mountpoint: str | None
-    capabilities: Mapping[str, bool] = attrs.field(converter=_frozen_mapping)
+    capabilities: Mapping[str, bool] = attrs.field(converter=frozen_mapping)
     checks: tuple[Check, ...] = ()
 
     @property
@@ -136,11 +133,12 @@ def _probe_pidfd() -> Check:
 def check_process_mrelease() -> Check:
     # flags != 0 is rejected with EINVAL before anything else is looked at: a harmless call
     # that tells "the syscall exists and seccomp lets it through" from ENOSYS/EPERM.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = os.pidfd_open(os.getpid())
     try:
-        rc = libc.syscall(SYS_PROCESS_MRELEASE, ctypes.c_int(fd), ctypes.c_uint(1))
+        fd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        return Check("process_mrelease", False, f"no pidfds to try it with: {exc.strerror}")
+    try:
+        rc = _syscall(SYS_PROCESS_MRELEASE, ctypes.c_int(fd), ctypes.c_uint(1))
         err = ctypes.get_errno()
     finally:
         os.close(fd)
@@ -250,7 +248,6 @@ def probe(*, proc_connector_timeout: float = 2.0) -> Probe:
             "may signal other users' processes"
             if caps["CAP_KILL"]
             else "missing: only this user's own processes can be killed",
-            True,
         ),
         mrelease,
         psi,

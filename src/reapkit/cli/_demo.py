@@ -7,10 +7,16 @@ import json
 import sys
 from typing import Any
 
-from .._demo import MiB, ScenarioResult, check_can_run, run_stuck_victim_demo, skipped_results
-from .._errors import Unsupported
+from .._demo import (
+    MiB,
+    ScenarioResult,
+    check_can_run,
+    run_stuck_victim_demo,
+    skipped_results,
+    stuck_victim_unsupported,
+)
 from .._kernel._probe import check_process_mrelease
-from ._status import EXIT_OK, UsageError
+from ._status import EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
 
 def add_parser(commands: Any) -> None:
@@ -76,18 +82,25 @@ def run(args: argparse.Namespace) -> int:
         " freezer, killed with SIGKILL through its pidfd"
     )
     mrelease = check_process_mrelease().ok
-    try:
+    why_not = stuck_victim_unsupported()
+    if why_not is None:
         results = run_stuck_victim_demo(
             size=args.size_mib * MiB,
             bound=args.bound,
             mrelease_available=mrelease,
             progress=lambda scenario: say(f"  running {scenario} ..."),
         )
-    except Unsupported as exc:
-        say(f"  skipping the stuck-victim comparison: {exc}")
-        results = skipped_results(str(exc), args.bound)
+    else:
+        say(f"  skipping the stuck-victim comparison: {why_not}")
+        results = skipped_results(why_not, args.bound)
     if args.json:
         print(json.dumps([r.as_json() for r in results], indent=2))
     else:
         print(render(results))
+    if all(r.skipped for r in results):
+        print(
+            "reapkit demo: nothing could run here; 'reapkit doctor' shows what is missing",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
     return EXIT_OK

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .._errors import AccessDenied, ReapkitError, Unsupported
+from .._signals import interrupt_on_termination
 from .._version import __version__
 from . import _demo, _doctor
 from ._status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
@@ -44,9 +46,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``reapkit`` command; returns the exit status."""
     prog = "reapkit"
+    verbose = False
     try:
+        interrupt_on_termination()
         parser = _build_parser()
         args = parser.parse_args(argv)
+        verbose = args.verbose
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.WARNING,
             format="%(name)s: %(levelname)s: %(message)s",
@@ -63,12 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Unsupported, AccessDenied) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except ReapkitError as exc:  # KillRefused among them: a refusal, not a missing privilege
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except PermissionError as exc:
         print(f"{prog}: permission denied: {exc.filename or exc} (run as root)", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except ReapkitError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A bug or an unforeseen host: one line, the traceback only when asked for.
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (rerun with -v for the traceback)"
+        print(f"{prog}: unexpected error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,145 @@
+"""The memory-threshold source against fake /proc trees and cgroup files (autojump clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from reapkit import InvalidValue
+from reapkit._fakeproc import FakeProc
+from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
+from reapkit._units import parse_size
+from reapkit.lowlevel import ProcFS
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+async def _collect(
+    source: MemoryThresholdSource, steps: list[tuple[float, object]]
+) -> list[MemoryEvent]:
+    """Run the source; at each (delay, action) sleep then call action(); return events."""
+    send, receive = trio.open_memory_channel[MemoryEvent](100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        for delay, action in steps:
+            await trio.sleep(delay)
+            action()  # type: ignore[operator]
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    return [event async for event in receive]  # the source closed its end on cancellation
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeProc:
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_meminfo(total=16 * GiB, available=12 * GiB)
+    return proc
+
+
+async def test_one_crossing_one_event_with_hysteresis(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    line = MemoryThreshold("mem_available", parse_size("10%"))  # 1.6 GiB
+    source = MemoryThresholdSource([line], procfs=ProcFS(fake.root))
+
+    def available(n: int) -> object:
+        return lambda: fake.set_meminfo(total=16 * GiB, available=n)
+
+    events = await _collect(
+        source,
+        [
+            (5, available(1 * GiB)),  # crossed
+            (5, available(int(1.5 * GiB))),  # still below: nothing
+            (5, available(1690 * MiB)),  # above the 1638 MiB line, within 1 % hysteresis: nothing
+            (5, available(3 * GiB)),  # recovered
+            (5, available(1 * GiB)),  # crossed again
+        ],
+    )
+    assert [(e.state, e.value) for e in events] == [
+        ("crossed", 1 * GiB),
+        ("recovered", 3 * GiB),
+        ("crossed", 1 * GiB),
+    ]
+    assert events[0].line == int(1.6 * GiB) and events[0].total == 16 * GiB
+
+
+async def test_sampling_adapts_to_headroom(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemoryThresholdSource(
+        [MemoryThreshold("mem_available", parse_size("1GiB"))], procfs=ProcFS(fake.root)
+    )
+    send, _receive = trio.open_memory_channel[MemoryEvent](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        await trio.sleep(10.5)
+        # Above half of RAM: one wakeup a second, no more.
+        assert source.statistics().wakeups == 10
+        assert source.statistics().interval == 1.0
+        fake.set_meminfo(total=16 * GiB, available=1 * GiB + 20 * MiB)
+        await trio.sleep(1.5)
+        # 20 MiB from the line: 20 MiB / 10 GiB/s = 2 ms, the floor.
+        assert source.statistics().interval == pytest.approx(0.002)
+        fake.set_meminfo(total=16 * GiB, available=1 * GiB + 500 * MiB)
+        await trio.sleep(0.1)
+        assert source.statistics().interval == pytest.approx(500 / 10240, rel=0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_swap_counts_as_below_like_earlyoom(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemoryThresholdSource(
+        [MemoryThreshold("swap_free", parse_size("10%"))], procfs=ProcFS(fake.root)
+    )
+    events = await _collect(source, [])
+    assert [(e.state, e.total) for e in events] == [("crossed", 0)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_cgroup_usage_v1_and_v2(
+    fake: FakeProc, tmp_path: Path, version: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    usage, limit = (
+        ("memory.usage_in_bytes", "memory.limit_in_bytes")
+        if version == 1
+        else ("memory.current", "memory.max")
+    )
+    (cg / usage).write_text(f"{100 * MiB}\n")
+    (cg / limit).write_text(f"{400 * MiB}\n")
+    threshold = MemoryThreshold("cgroup_usage", parse_size("50%"), cgroup=str(cg))
+    source = MemoryThresholdSource([threshold], procfs=ProcFS(fake.root))
+    events = await _collect(
+        source,
+        [
+            (3, lambda: (cg / usage).write_text(f"{250 * MiB}\n")),
+            (3, lambda: (cg / usage).write_text(f"{50 * MiB}\n")),
+        ],
+    )
+    assert [(e.state, e.value, e.line) for e in events] == [
+        ("crossed", 250 * MiB, 200 * MiB),
+        ("recovered", 50 * MiB, 200 * MiB),
+    ]
+
+
+async def test_unlimited_v2_cgroup_uses_mem_total(
+    fake: FakeProc, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    (tmp_path / "memory.current").write_text(f"{9 * GiB}\n")
+    (tmp_path / "memory.max").write_text("max\n")
+    threshold = MemoryThreshold("cgroup_usage", parse_size("50%"), cgroup=str(tmp_path))
+    events = await _collect(MemoryThresholdSource([threshold], procfs=ProcFS(fake.root)), [])
+    assert [(e.state, e.total) for e in events] == [("crossed", 16 * GiB)]
+
+
+def test_cgroup_goes_with_cgroup_usage() -> None:
+    with pytest.raises(InvalidValue, match="cgroup"):
+        MemoryThreshold("mem_available", parse_size("5%"), cgroup="/x")
+    with pytest.raises(InvalidValue, match="cgroup"):
+        MemoryThreshold("cgroup_usage", parse_size("5%"))

@@ -155,3 +155,21 @@ def spawn() -> Iterator[Spawn]:
             for stream in (child.stdin, child.stdout, child.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def live_pids() -> set[int]:
+    """A fresh scan: every /proc entry that has not exited (zombies are left out, as the
+    table leaves them out: their exit event has been sent)."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not (name.isascii() and name.isdigit()):
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state = data[data.rindex(b")") + 2 :][:1]
+        if state not in (b"Z", b"X"):
+            found.add(int(name))
+    return found

@@ -1,0 +1,336 @@
+"""The proc connector source against the real kernel, on children the tests start.
+
+Every child runs in a sandbox memory cgroup and is ended by its own ``Popen`` (its pid) or by
+closing its stdin; events of the rest of the machine arrive too and are filtered by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import attrs
+import pytest
+import trio
+
+import reapkit._sources.proc_connector as proc_connector_module
+from reapkit import AccessDenied
+from reapkit._sandbox import SandboxCgroup
+from reapkit._sources.proc_connector import (
+    ProcComm,
+    ProcConnectorSource,
+    ProcEvent,
+    ProcEventsLost,
+    ProcExec,
+    ProcExit,
+    ProcFork,
+)
+
+from ..conftest import Spawn, require_root
+
+pytestmark = pytest.mark.kernel
+
+
+def open_fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def about(event: ProcEvent, pid: int) -> bool:
+    if isinstance(event, ProcFork):
+        return pid in (event.child_pid, event.parent_pid)
+    return getattr(event, "pid", None) == pid
+
+
+def exit_of(pid: int) -> Callable[[ProcEvent], bool]:
+    return lambda event: isinstance(event, ProcExit) and event.pid == pid
+
+
+async def events_until(
+    receive: trio.MemoryReceiveChannel[ProcEvent],
+    done: Callable[[ProcEvent], bool],
+    timeout: float = 10.0,
+) -> list[ProcEvent]:
+    got: list[ProcEvent] = []
+    with trio.fail_after(timeout):
+        async for event in receive:
+            got.append(event)
+            if done(event):
+                return got
+    raise AssertionError("the channel was closed")
+
+
+def python_child(spawn: Spawn, cgroup: SandboxCgroup, code: str) -> subprocess.Popen[bytes]:
+    """A Python child in ``cgroup`` running ``code``; it exits when its stdin is closed."""
+    return spawn(
+        [sys.executable, "-c", code + "\nsys.stdin.read()\n"],
+        cgroups=[cgroup],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+def root() -> None:
+    require_root()
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch", [1, 256])
+async def test_fork_exec_exit_of_a_child(
+    spawn: Spawn, memory_cgroup: SandboxCgroup, max_batch: int
+) -> None:
+    source = ProcConnectorSource(max_batch=max_batch)
+    send, receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        child = spawn(
+            ["sh", "-c", "read x; exit 3"], cgroups=[memory_cgroup], stdin=subprocess.PIPE
+        )
+        assert child.stdin is not None
+        child.stdin.close()
+        events = await events_until(receive, exit_of(child.pid))
+        nursery.cancel_scope.cancel()
+    assert child.wait() == 3
+
+    mine = [e for e in events if about(e, child.pid)]
+    fork, *execs, end = mine
+    assert fork == ProcFork(fork.timestamp, parent_pid=os.getpid(), child_pid=child.pid)
+    # The spawn trampoline (python) execs, then sh.
+    assert execs == [ProcExec(e.timestamp, child.pid) for e in execs]
+    assert len(execs) == 2
+    assert isinstance(end, ProcExit)
+    assert os.waitstatus_to_exitcode(end.exit_code) == 3
+    assert end.exit_signal == signal.SIGCHLD
+    times = [e.timestamp for e in mine]
+    assert times == sorted(times)
+    assert all(isinstance(t, float) for t in times)
+
+
+async def test_threads_are_not_processes(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:
+    source = ProcConnectorSource()
+    send, receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        child = python_child(
+            spawn,
+            memory_cgroup,
+            "import ctypes, sys, threading\n"
+            "libc = ctypes.CDLL(None)\n"
+            "tids = []\n"
+            "def work():\n"
+            "    tids.append(threading.get_native_id())\n"
+            "    libc.prctl(15, b'reapkit-thread', 0, 0, 0)\n"  # PR_SET_NAME on the thread
+            "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+            "for t in threads: t.start()\n"
+            "for t in threads: t.join()\n"
+            "print(*tids, flush=True)\n",
+        )
+        assert child.stdout is not None and child.stdin is not None
+        tids = {int(t) for t in child.stdout.readline().split()}
+        assert len(tids) == 4
+        assert child.pid not in tids
+        child.stdin.close()
+        events = await events_until(receive, exit_of(child.pid))
+        nursery.cancel_scope.cancel()
+    child.wait()
+
+    forks = [e for e in events if isinstance(e, ProcFork) and e.child_pid == child.pid]
+    exits = [e for e in events if isinstance(e, ProcExit) and e.pid == child.pid]
+    assert len(forks) == len(exits) == 1
+    for tid in tids:
+        assert not [e for e in events if about(e, tid)]
+    assert not [e for e in events if isinstance(e, ProcComm) and e.comm == "reapkit-thread"]
+    stats = source.statistics()
+    # 4 thread forks, 4 thread exits and 4 thread renames were received and not sent.
+    assert stats.datagrams - stats.events >= 12
+
+
+#: A thread other than the leader calls execve: the kernel kills the other threads, the leader
+#: included, and the exec'ing thread takes over the leader's pid (fs/exec.c de_thread).
+EXEC_FROM_A_THREAD = (
+    "import os, threading\n"
+    "t = threading.Thread(target=os.execv, args=('/bin/sleep', ['sleep', '600']))\n"
+    "t.start()\n"
+    "t.join()\n"
+)
+
+
+async def test_exec_from_a_thread_reports_the_leaders_exit_first(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    """A kernel behaviour to know: the old leader's exit comes with pid == tgid, so it looks
+    like the process's exit, although the process goes on under the same pid (new program)."""
+    source = ProcConnectorSource()
+    send, receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        child = spawn([sys.executable, "-c", EXEC_FROM_A_THREAD], cgroups=[memory_cgroup])
+        await events_until(receive, exit_of(child.pid))
+        after = await events_until(
+            receive, lambda e: isinstance(e, ProcExec) and e.pid == child.pid
+        )
+        nursery.cancel_scope.cancel()
+    assert not [e for e in after if isinstance(e, ProcFork) and e.child_pid == child.pid]
+    assert child.poll() is None  # alive, running sleep
+    with open(f"/proc/{child.pid}/comm") as f:
+        assert f.read() == "sleep\n"
+
+
+async def test_a_hostile_name_does_not_crash_the_source(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    # pyroute2's own layout decodes the name as strict UTF-8 and would raise here.
+    name = b"\xff\xfebad"
+    source = ProcConnectorSource()
+    send, receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        child = python_child(
+            spawn, memory_cgroup, f"import ctypes, sys\nctypes.CDLL(None).prctl(15, {name!r})"
+        )
+        renamed = await events_until(
+            receive, lambda e: isinstance(e, ProcComm) and e.pid == child.pid
+        )
+        assert isinstance(renamed[-1], ProcComm)
+        assert renamed[-1].comm.encode("utf-8", "surrogateescape") == name
+        with open(f"/proc/{child.pid}/comm", "rb") as f:
+            assert f.read() == name + b"\n"
+        assert child.stdin is not None
+        child.stdin.close()
+        await events_until(receive, exit_of(child.pid))  # still running
+        nursery.cancel_scope.cancel()
+    child.wait()
+    assert source.statistics().decode_errors == 0
+
+
+@pytest.mark.parametrize("blocked_on", ["the kernel", "a full channel"])
+async def test_cancelling_closes_every_fd_and_the_channel(
+    spawn: Spawn, memory_cgroup: SandboxCgroup, blocked_on: str
+) -> None:
+    before = open_fds()
+    source = ProcConnectorSource()
+    send, receive = trio.open_memory_channel[ProcEvent](0 if blocked_on == "a full channel" else 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        assert len(open_fds()) == len(before) + 1  # the netlink socket
+        if blocked_on == "a full channel":
+            child = spawn(cgroups=[memory_cgroup])  # events nobody reads
+            child.kill()
+            child.wait()
+            with trio.fail_after(5):
+                while not source.statistics().datagrams:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert open_fds() == before
+    with trio.fail_after(1):
+        async for _ in receive:  # what was buffered, then EndOfChannel
+            pass
+
+
+async def test_statistics_count_what_was_sent(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:
+    source = ProcConnectorSource()
+    assert source.statistics() == proc_connector_module.ProcConnectorStatistics(
+        "proc connector", 0, 0, 0, 0, 0
+    )
+    send, receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        child = spawn(cgroups=[memory_cgroup])
+        child.kill()
+        child.wait()
+        events = await events_until(receive, exit_of(child.pid))
+        nursery.cancel_scope.cancel()
+    events += [e async for e in receive]
+    stats = source.statistics()
+    assert stats.name == "proc connector"
+    assert stats.events == len(events)
+    assert stats.datagrams >= stats.events >= 3  # fork, exec, exit
+    assert 1 <= stats.wakeups <= stats.datagrams
+    assert stats.overruns == stats.decode_errors == 0
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.events = 0  # type: ignore[misc]
+
+
+async def test_a_tiny_buffer_reports_lost_events(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    source = ProcConnectorSource(rcvbuf=1)  # the kernel's minimum: a few datagrams
+    send, receive = trio.open_memory_channel[ProcEvent](100_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        # The trio loop is blocked: nothing reads the socket while 200 children come and go.
+        child = spawn(
+            ["sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done"],
+            cgroups=[memory_cgroup],
+        )
+        assert child.wait(30) == 0
+        events = await events_until(receive, lambda e: isinstance(e, ProcEventsLost))
+        # ... and it keeps going afterwards (the fork: the rest may not fit the buffer while
+        # spawn() blocks the loop).
+        again = spawn(cgroups=[memory_cgroup])
+        await events_until(receive, lambda e: isinstance(e, ProcFork) and e.child_pid == again.pid)
+        nursery.cancel_scope.cancel()
+    assert source.statistics().overruns >= 1
+    assert len(events) < 600  # most of the 600 events of the 200 children were dropped
+
+
+async def test_a_refused_socket_is_an_error_before_started(
+    root: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*, rcvbuf: int | None = None) -> None:
+        raise AccessDenied(
+            None, "binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6"
+        )
+
+    monkeypatch.setattr(proc_connector_module, "open_proc_connector", refuse)
+    send, receive = trio.open_memory_channel[ProcEvent](1)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(AccessDenied, match="CAP_NET_ADMIN"):
+            await nursery.start(ProcConnectorSource().run, send)
+    with pytest.raises(trio.EndOfChannel):
+        receive.receive_nowait()
+
+
+async def test_a_refused_subscription_closes_the_socket_and_is_not_undone(
+    root: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bool] = []
+
+    def refuse(sock: object, *, listen: bool) -> None:
+        calls.append(listen)
+        raise AccessDenied(
+            None, "the proc connector refused the listen request: it needs CAP_NET_ADMIN"
+        )
+
+    monkeypatch.setattr(proc_connector_module, "proc_connector_control", refuse)
+    before = open_fds()
+    send, _receive = trio.open_memory_channel[ProcEvent](1)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(AccessDenied, match="CAP_NET_ADMIN"):
+            await nursery.start(ProcConnectorSource().run, send)
+    assert open_fds() == before
+    assert calls == [True]  # no PROC_CN_MCAST_IGNORE for a subscription that never was
+
+
+async def test_the_subscription_is_undone_on_cancel(
+    root: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bool] = []
+    real = proc_connector_module.proc_connector_control
+
+    def spy(sock: object, *, listen: bool) -> None:
+        calls.append(listen)
+        real(sock, listen=listen)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(proc_connector_module, "proc_connector_control", spy)
+    send, _receive = trio.open_memory_channel[ProcEvent](4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ProcConnectorSource().run, send)
+        assert calls == [True]
+        nursery.cancel_scope.cancel()
+    assert calls == [True, False]

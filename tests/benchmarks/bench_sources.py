@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import trio
 
@@ -19,6 +20,7 @@ from reapkit._demo import MiB
 from reapkit._hog import start_hog
 from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
+from reapkit._sources.proc_connector import ProcConnectorSource
 from reapkit._sources.psi import PsiTriggerSource
 from reapkit._units import parse_psi, parse_size
 
@@ -42,17 +44,19 @@ while True:
 async def _idle_wakeups() -> list[tuple[str, float]]:
     psi = [PsiTriggerSource(parse_psi(f"memory {k} 100ms/2s")) for k in ("some", "full")]
     memory = MemoryThresholdSource([MemoryThreshold("mem_available", parse_size("5%"))])
-    send, receive = trio.open_memory_channel[object](100)
+    connector = ProcConnectorSource()
+    send, receive = trio.open_memory_channel[object](10_000)
     async with trio.open_nursery() as nursery:
         for source in psi:
             await nursery.start(source.run, send.clone())
         await nursery.start(memory.run, send.clone())
+        if os.geteuid() == 0:
+            await nursery.start(connector.run, send.clone())
         await trio.sleep(IDLE_SECONDS)
         nursery.cancel_scope.cancel()
     del receive
-    rows = [(s.statistics().name, s.statistics().wakeups / IDLE_SECONDS) for s in psi]
-    rows.append((memory.statistics().name, memory.statistics().wakeups / IDLE_SECONDS))
-    return rows
+    sources: list[Any] = [*psi, memory] + ([connector] if os.geteuid() == 0 else [])
+    return [(s.statistics().name, s.statistics().wakeups / IDLE_SECONDS) for s in sources]
 
 
 async def _crossing_latency(cgroup: SandboxCgroup) -> float:
@@ -102,7 +106,9 @@ async def _main() -> str:
         "## Event sources",
         "",
         f"Wakeups per second of each source over {IDLE_SECONDS:.0f} s on an idle machine"
-        " (PSI: kernel trigger wakeups; memory: sampler wakeups, MemAvailable well above half).",
+        " (PSI: kernel trigger wakeups; memory: sampler wakeups, MemAvailable well above half;"
+        " proc connector: wakeups for process events, which on an idle machine come only from"
+        " what else runs on it).",
         "",
         "| source | wakeups/s |",
         "|---|---:|",

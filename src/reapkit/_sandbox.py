@@ -118,9 +118,16 @@ class SandboxCgroup:
     def set_memory_limit(self, nbytes: int) -> None:
         """A hard limit. Swap is limited to nothing where the kernel accounts it."""
         if self.mount.version == 1:
-            _write(self._file("memory.limit_in_bytes"), str(nbytes))
+            # memory.limit_in_bytes may not exceed memsw's limit: when raising, memsw first;
+            # when lowering, the memory limit first. Trying both orders covers both.
+            memsw = self._file("memory.memsw.limit_in_bytes")
+            try:
+                _write(self._file("memory.limit_in_bytes"), str(nbytes))
+            except OSError:
+                _write(memsw, str(nbytes))
+                _write(self._file("memory.limit_in_bytes"), str(nbytes))
             with contextlib.suppress(OSError):
-                _write(self._file("memory.memsw.limit_in_bytes"), str(nbytes))
+                _write(memsw, str(nbytes))
         else:
             _write(self._file("memory.max"), str(nbytes))
             with contextlib.suppress(OSError):

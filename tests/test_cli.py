@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import cgroup_mounts, mount_for
 
-from .conftest import DOCTOR_JSON_KEYS, need, require_root
+from .conftest import DOCTOR_JSON_KEYS, Spawn, need, require_root
 
 
 def reapkit(
@@ -139,3 +140,38 @@ def test_demo_removes_what_a_killed_demo_left_behind() -> None:
     finally:
         if stale.exists():
             stale.rmdir()
+
+
+def test_check_the_default_policy() -> None:
+    done = reapkit("check")
+    assert done.returncode == 0, done.stderr
+    assert "<default policy>: valid" in done.stdout
+    assert "rule 'low-memory'" in done.stdout and "oom-score" in done.stdout
+
+
+def test_check_an_invalid_policy_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[[rule]]\nname = "x"\nscope = "system"\nactions = ["kill"]\ncooldown = "soon"\n'
+    )
+    done = reapkit("check", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"reapkit check: invalid policy: {path}: rule[0].cooldown: 'soon' is not a duration:"
+        " expected a number and a unit of us, ms, s, m, h (e.g. '150ms', '2s')"
+    ]
+
+
+def test_check_now_shows_the_choice_and_kills_nothing(
+    spawn: Spawn, memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        f'[[rule]]\nname = "sandbox"\nscope = {{ cgroup = "{memory_cgroup.directory}" }}\n'
+        'select = ["largest-rss"]\nactions = ["kill"]\n'
+    )
+    done = reapkit("check", str(path), "--now")
+    assert done.returncode == 0, done.stderr
+    assert f"sandbox: would choose 'sleep' (pid {victim.pid}" in done.stdout
+    assert victim.poll() is None

@@ -4,6 +4,8 @@ Public names only; the code lives in private modules (trio's style). Kernel-leve
 in :mod:`reapkit.lowlevel`.
 """
 
+from ._engine import ActionContext as ActionContext
+from ._engine import ManualTrigger as ManualTrigger
 from ._errors import AccessDenied as AccessDenied
 from ._errors import InvalidValue as InvalidValue
 from ._errors import NoSuchProcess as NoSuchProcess
@@ -21,5 +23,31 @@ from ._guard import Scope as Scope
 from ._guard import SignalOutcome as SignalOutcome
 from ._guard import SubtreeScope as SubtreeScope
 from ._guard import SystemScope as SystemScope
+from ._plugins import Action as Action
+from ._plugins import Candidate as Candidate
+from ._plugins import NoOptions as NoOptions
+from ._plugins import Observer as Observer
+from ._plugins import PluginError as PluginError
+from ._plugins import PluginRegistry as PluginRegistry
+from ._plugins import Ranked as Ranked
+from ._plugins import Selector as Selector
+from ._plugins import Situation as Situation
+from ._plugins import Trigger as Trigger
+from ._plugins import register as register
+from ._plugins import selector as selector
+from ._policy import DEFAULT_POLICY as DEFAULT_POLICY
+from ._policy import Policy as Policy
+from ._policy import PolicyError as PolicyError
+from ._policy import load_policy as load_policy
 from ._process import ProcessRef as ProcessRef
+from ._reaper import Reaper as Reaper
+from ._reaper import ReaperStatistics as ReaperStatistics
+from ._reaper import open_reaper as open_reaper
+from ._reaper import serve_reaper as serve_reaper
+from ._records import ActionStep as ActionStep
+from ._records import KillRecord as KillRecord
+from ._records import KillWarning as KillWarning
+from ._records import SelectorStep as SelectorStep
+from ._records import Timeline as Timeline
+from ._records import Victim as Victim
 from ._version import __version__ as __version__

@@ -95,6 +95,12 @@ class ProcessRef:
             raise
         return cls(pid, found, fd, procfs)
 
+    @classmethod
+    def unpinned(cls, pid: int, start_time: int, procfs: ProcFS) -> ProcessRef:
+        """A reference without a pidfd, for dry runs on fake ``/proc`` trees (a guard on such
+        a tree never signals). It cannot signal or wait: it is closed from the start."""
+        return cls(pid, start_time, -1, procfs)
+
     @property
     def closed(self) -> bool:
         return self._pidfd < 0

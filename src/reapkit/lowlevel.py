@@ -5,6 +5,8 @@ Everything here is a thin, typed wrapper. The reaper itself goes through
 guard's job.
 """
 
+from ._engine import Engine as Engine
+from ._engine import Rule as Rule
 from ._kernel._cgroups import CgroupMount as CgroupMount
 from ._kernel._cgroups import cgroup_mounts as cgroup_mounts
 from ._kernel._cgroups import mount_for as mount_for
@@ -29,3 +31,25 @@ from ._procfs import ProcFS as ProcFS
 from ._procfs import ProcStat as ProcStat
 from ._procfs import ProcStatm as ProcStatm
 from ._procfs import ProcStatus as ProcStatus
+from ._reap import ReapResult as ReapResult
+from ._reap import ReapSettings as ReapSettings
+from ._reap import ReapStage as ReapStage
+from ._sources.memory import MemoryEvent as MemoryEvent
+from ._sources.memory import MemoryThreshold as MemoryThreshold
+from ._sources.memory import MemoryThresholdSource as MemoryThresholdSource
+from ._sources.pidfd import wait_exit as wait_exit
+from ._sources.proc_connector import ProcComm as ProcComm
+from ._sources.proc_connector import ProcConnectorSource as ProcConnectorSource
+from ._sources.proc_connector import ProcEventsLost as ProcEventsLost
+from ._sources.proc_connector import ProcExec as ProcExec
+from ._sources.proc_connector import ProcExit as ProcExit
+from ._sources.proc_connector import ProcFork as ProcFork
+from ._sources.psi import PressureEvent as PressureEvent
+from ._sources.psi import PressureSnapshot as PressureSnapshot
+from ._sources.psi import PressureWatchEnded as PressureWatchEnded
+from ._sources.psi import PsiTriggerSource as PsiTriggerSource
+from ._table import ProcessTable as ProcessTable
+from ._units import PsiSpec as PsiSpec
+from ._units import parse_duration as parse_duration
+from ._units import parse_psi as parse_psi
+from ._units import parse_size as parse_size

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import select
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import Final, Literal
 
@@ -57,6 +57,8 @@ class MemoryThreshold:
 
 @attrs.frozen
 class MemoryEvent:
+    """A threshold was crossed (or recovered), with the sampled value and the line."""
+
     timestamp: float
     threshold: MemoryThreshold
     #: ``"crossed"``: the condition now holds; ``"recovered"``: back past the line + hysteresis.
@@ -83,7 +85,7 @@ class _Sample:
     total: int
 
 
-class _CgroupFiles:
+class CgroupMemoryFiles:
     """Usage and limit of a memory cgroup directory, v1 or v2."""
 
     def __init__(self, directory: str) -> None:
@@ -94,7 +96,8 @@ class _CgroupFiles:
             self.version, usage, limit = 1, "memory.usage_in_bytes", "memory.limit_in_bytes"
         else:
             raise Unsupported(
-                f"memory cgroup {directory}", "it has no memory.current or memory.usage_in_bytes"
+                f"memory cgroup {directory}",
+                "it has no memory.current or memory.usage_in_bytes",
             )
         self.usage_path = os.path.join(directory, usage)
         self.limit_path = os.path.join(directory, limit)
@@ -116,11 +119,15 @@ def _read_small(path: str) -> bytes:
         os.close(fd)
 
 
+def _as_thresholds(value: Iterable[MemoryThreshold]) -> tuple[MemoryThreshold, ...]:
+    return tuple(value)
+
+
 @attrs.define
 class MemoryThresholdSource:
     """Sample the thresholds and send a :class:`MemoryEvent` at each crossing and recovery."""
 
-    thresholds: Sequence[MemoryThreshold] = attrs.field(converter=tuple)
+    thresholds: tuple[MemoryThreshold, ...] = attrs.field(converter=_as_thresholds)
     procfs: ProcFS = attrs.field(factory=ProcFS)
     #: Re-arm once the value is back past the line by this much (of the threshold's total).
     hysteresis: Size = attrs.field(factory=lambda: parse_size("1%"))
@@ -146,7 +153,9 @@ class MemoryThresholdSource:
     ) -> None:
         async with send:
             cgroups = {
-                t.cgroup: _CgroupFiles(t.cgroup) for t in self.thresholds if t.cgroup is not None
+                t.cgroup: CgroupMemoryFiles(t.cgroup)
+                for t in self.thresholds
+                if t.cgroup is not None
             }
             armed = [True] * len(self.thresholds)
             with ExitStack() as stack:
@@ -168,7 +177,7 @@ class MemoryThresholdSource:
                     self._wakeups += 1
 
     def _open_notifications(
-        self, stack: ExitStack, cgroups: Iterable[_CgroupFiles]
+        self, stack: ExitStack, cgroups: Iterable[CgroupMemoryFiles]
     ) -> list[tuple[int, select.epoll]]:
         watches = []
         for files in cgroups:
@@ -196,7 +205,7 @@ class MemoryThresholdSource:
                     nursery.start_soon(wake_on, fd, ep)
 
     def _sample(
-        self, threshold: MemoryThreshold, meminfo: MemInfo, cgroups: dict[str, _CgroupFiles]
+        self, threshold: MemoryThreshold, meminfo: MemInfo, cgroups: dict[str, CgroupMemoryFiles]
     ) -> _Sample:
         if threshold.metric == "mem_available":
             return _Sample(meminfo.available, meminfo.total)

@@ -43,6 +43,8 @@ class PressureLine:
 
 @attrs.frozen
 class PressureSnapshot:
+    """A pressure file as read: its ``some`` line and, where present, its ``full`` line."""
+
     some: PressureLine
     #: ``None`` where the file has no ``full`` line (system-wide cpu before Linux 5.13).
     full: PressureLine | None

@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .._errors import AccessDenied, ReapkitError, Unsupported
+from .._policy import PolicyError
 from .._signals import interrupt_on_termination
 from .._version import __version__
-from . import _demo, _doctor
+from . import _check, _demo, _doctor
 from ._status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
 
 EPILOG = """\
@@ -38,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (_doctor, _demo):
+    for module in (_doctor, _check, _demo):
         module.add_parser(commands)
     return parser
 
@@ -64,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PolicyError as exc:
+        print(f"{prog}: invalid policy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (Unsupported, AccessDenied) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -1,0 +1,557 @@
+"""The engine: a trigger arrives → rules → candidates → selectors → actions → confirmation.
+
+Decisions are serial (one task handles one event at a time). A rule with a victim still dying
+takes no second one until the first has exited or ``victim_timeout`` passed, and kills per rule
+are capped per window: no kill loops (earlyoom #121, #309). After choosing, memory conditions
+are sampled again and the kill is abandoned if memory recovered meanwhile.
+
+Every plugin call runs under a deadline. A selector that raises or overruns is logged, counted
+and skipped: the rule falls back to the safe default, the largest ``oom_score`` in scope. An
+action that fails ends the chain; what it did so far stays in the record.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from ._conditions import Condition, MemoryCondition, PressureCondition
+from ._errors import NoSuchProcess, ProcessChanged, ReapkitError
+from ._guard import REAL_PROC, CgroupScope, KillGuard, KillRefused, SignalOutcome, SubtreeScope
+from ._plugins import Action, Candidate, Ranked, Selector, Situation
+from ._process import ProcessRef
+from ._procfs import ProcFS
+from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
+from ._sources.memory import MemoryEvent
+from ._sources.psi import PressureEvent, PressureWatchEnded
+
+log = logging.getLogger("reapkit.engine")
+
+#: Memory counts as back when the victim's RSS fell below this share of what it was.
+MEMORY_BACK_FRACTION = 0.1
+
+
+@attrs.frozen
+class ManualTrigger:
+    """``await reaper.trigger(reason)``: evaluate the rules now; pressure counts as present."""
+
+    timestamp: float
+    reason: str
+
+
+@attrs.frozen
+class Rule:
+    """One rule of a policy, with its plugins instantiated and its guard built."""
+
+    name: str
+    when: tuple[Condition, ...]
+    guard: KillGuard
+    selectors: tuple[Selector, ...]
+    actions: tuple[Action, ...]
+    #: The rule's cgroup directory, if it has one (candidates are then its members).
+    cgroup: str | None = None
+    cooldown: float = 5.0
+    victim_timeout: float = 10.0
+    max_kills: int = 10
+    kill_window: float = 60.0
+    plugin_deadline: float = 1.0
+    action_deadline: float = 30.0
+
+
+@attrs.frozen
+class EngineStatistics:
+    events: int
+    decisions: int
+    kills: int
+    abandoned: int
+    refused: int
+    no_candidate: int
+    plugin_failures: int
+    skipped_busy: int
+    skipped_cooldown: int
+    skipped_cap: int
+
+
+@attrs.define
+class ActionContext:
+    """What an action gets: the pinned victim, the guard, the reap stage, and the record."""
+
+    rule: Rule
+    ref: ProcessRef
+    candidate: Candidate
+    situation: Situation
+    reaper: Any  # ReapStage | None
+    timeline: dict[str, float | None]
+    steps: list[ActionStep]
+    #: True once SIGKILL was sent (or would have been, in dry-run).
+    killed: bool = False
+    dry_run: bool = False
+    #: Send a warning to every observer (the ``warn`` action).
+    notify: Callable[[object], Awaitable[None]] | None = None
+
+    @property
+    def guard(self) -> KillGuard:
+        return self.rule.guard
+
+    def mark(self, step: str) -> None:
+        """Record the time of a timeline step (first time only)."""
+        if self.timeline.get(step) is None:
+            self.timeline[step] = trio.current_time()
+
+    def send_signal(self, sig: int) -> SignalOutcome:
+        """Signal the victim through the guard and mark the timeline."""
+        outcome = self.guard.send_signal(self.ref, sig)
+        self.mark("signal_sent")
+        if outcome is SignalOutcome.DRY_RUN:
+            self.dry_run = True
+        if sig == signal.SIGKILL:
+            self.killed = True
+        return outcome
+
+
+Emit = Callable[[KillRecord], Awaitable[None]]
+
+
+@attrs.define
+class Engine:
+    """Decides, one event at a time, for a policy's rules; see the module docstring.
+
+    ``emit`` receives every KillRecord; ``table`` (the ProcessTable) supplies PIDs for rules
+    whose scope is not a cgroup; ``reaper`` is the reap stage; ``notify`` sends warnings."""
+
+    rules: tuple[Rule, ...]
+    emit: Emit
+    procfs: ProcFS = attrs.field(factory=ProcFS)
+    #: Something with ``pids() -> Iterable[int]`` (the ProcessTable), or None to scan /proc.
+    table: Any = None
+    reaper: Any = None
+    notify: Callable[[object], Awaitable[None]] | None = None
+    _last_pressure: dict[object, float] = attrs.field(factory=dict, init=False)
+    _busy_until: dict[str, float] = attrs.field(factory=dict, init=False)
+    _cooldown_until: dict[str, float] = attrs.field(factory=dict, init=False)
+    _kills: dict[str, collections.deque[float]] = attrs.field(
+        factory=lambda: collections.defaultdict(collections.deque), init=False
+    )
+    _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _epoch_offset: float = attrs.field(factory=lambda: 0.0, init=False)
+
+    def statistics(self) -> EngineStatistics:
+        c = self._counts
+        return EngineStatistics(
+            c["events"], c["decisions"], c["kills"], c["abandoned"], c["refused"],
+            c["no_candidate"], c["plugin_failures"], c["skipped_busy"], c["skipped_cooldown"],
+            c["skipped_cap"],
+        )  # fmt: skip
+
+    def replace_rules(self, rules: Sequence[Rule]) -> None:
+        """Swap in a new policy's rules between two decisions (``reload``)."""
+        self.rules = tuple(rules)
+
+    async def handle(self, event: object, nursery: trio.Nursery) -> None:
+        """Handle one event; confirmation of kills continues in ``nursery``."""
+        self._counts["events"] += 1
+        now = trio.current_time()
+        self._epoch_offset = time.time() - now
+        if isinstance(event, PressureEvent):
+            self._last_pressure[event.spec] = event.timestamp
+        elif isinstance(event, PressureWatchEnded):
+            log.warning("PSI watch ended: %s (%s)", event.spec, event.reason)
+            return
+        elif (isinstance(event, MemoryEvent) and event.state == "recovered") or not isinstance(
+            event, MemoryEvent | ManualTrigger
+        ):
+            return
+        for rule in self.rules:
+            held = self._conditions_hold(rule, event, now)
+            if held is None:
+                continue
+            if now < self._busy_until.get(rule.name, -math.inf):
+                self._counts["skipped_busy"] += 1
+                continue
+            if now < self._cooldown_until.get(rule.name, -math.inf):
+                self._counts["skipped_cooldown"] += 1
+                continue
+            kills = self._kills[rule.name]
+            while kills and kills[0] < now - rule.kill_window:
+                kills.popleft()
+            if len(kills) >= rule.max_kills:
+                self._counts["skipped_cap"] += 1
+                log.warning(
+                    "rule %s: %d kills within %s s, holding off",
+                    rule.name,
+                    len(kills),
+                    rule.kill_window,
+                )
+                continue
+            await self._decide(rule, event, held, now, nursery)
+
+    async def preview(self, rule: Rule) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
+        """What ``rule`` would choose right now: (the victim or None, the ranking, the steps).
+        Runs candidates, selectors and the guard's check; signals nothing."""
+        situation = Situation(
+            rule.name, ManualTrigger(trio.current_time(), "preview"), self.procfs.meminfo(),
+            self.procfs, trio.current_time(),
+        )  # fmt: skip
+        return await self._choose(rule, situation)
+
+    async def _choose(
+        self, rule: Rule, situation: Situation
+    ) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
+        """Candidates → selectors → the first the guard allows."""
+        ranked, steps = await self._select(rule, situation, self._candidates(rule))
+        chosen, refusals = self._first_allowed(rule, ranked)
+        if refusals:
+            top = chosen.candidate.pid if chosen else None
+            kept = len(ranked) - len(refusals)
+            steps.append(SelectorStep("guard", len(ranked), kept, top, "; ".join(refusals[:5])))
+        return chosen, ranked, steps
+
+    # -- conditions --------------------------------------------------------------------------
+
+    def _conditions_hold(self, rule: Rule, event: object, now: float) -> str | None:
+        """A sentence naming the conditions that hold, or None if one does not."""
+        meminfo = self.procfs.meminfo()
+        said = []
+        for cond in rule.when:
+            if isinstance(cond, PressureCondition):
+                if isinstance(event, ManualTrigger):
+                    said.append(f"{cond} (manual: {event.reason})")
+                    continue
+                fired = self._last_pressure.get(cond.spec)
+                if fired is None or now - fired > cond.spec.window:
+                    return None
+                said.append(f"{cond.spec} fired")
+            else:
+                holds, numbers = cond.holds(meminfo)
+                if not holds:
+                    return None
+                said.append(f"{cond} ({numbers})")
+        if not rule.when and not isinstance(event, ManualTrigger):
+            return None  # a rule without conditions acts only when asked
+        return "; ".join(said) or f"manual: {getattr(event, 'reason', '')}"
+
+    def _memory_recovered(self, rule: Rule) -> str | None:
+        meminfo = self.procfs.meminfo()
+        for cond in rule.when:
+            if isinstance(cond, MemoryCondition):
+                holds, numbers = cond.holds(meminfo)
+                if not holds:
+                    return f"{cond} no longer holds ({numbers})"
+        return None
+
+    # -- one decision ------------------------------------------------------------------------
+
+    async def _decide(
+        self, rule: Rule, event: object, condition: str, now: float, nursery: trio.Nursery
+    ) -> None:
+        self._counts["decisions"] += 1
+        # Whatever the outcome, the rule rests now; a kill extends it once the victim is gone.
+        self._cooldown_until[rule.name] = now + rule.cooldown
+        timeline: dict[str, float | None] = {"trigger_seen": getattr(event, "timestamp", now)}
+        situation = Situation(rule.name, event, self.procfs.meminfo(), self.procfs, now)
+
+        def record(outcome: Outcome, reason: str, **kw: Any) -> KillRecord:
+            return KillRecord(
+                rule=rule.name,
+                outcome=outcome,
+                reason=reason,
+                condition=condition,
+                timeline=Timeline(**timeline),  # type: ignore[arg-type]
+                dry_run=not rule.guard.signals_enabled,
+                epoch_offset=self._epoch_offset,
+                **kw,
+            )
+
+        chosen, _ranked, steps = await self._choose(rule, situation)
+        if chosen is None:
+            self._counts["no_candidate"] += 1
+            await self.emit(
+                record(
+                    "no-candidate", "no process in scope could be chosen", selectors=tuple(steps)
+                )
+            )
+            return
+        victim = chosen.candidate
+        timeline["victim_chosen"] = trio.current_time()
+        info = situation.victim(victim)
+        recovered = self._memory_recovered(rule)
+        if recovered is not None:
+            self._counts["abandoned"] += 1
+            await self.emit(
+                record(
+                    "abandoned",
+                    f"memory recovered after choosing: {recovered}",
+                    victim=info,
+                    selectors=tuple(steps),
+                )
+            )
+            return
+        try:
+            if self.procfs.root == REAL_PROC:
+                ref = ProcessRef.open(victim.pid, start_time=victim.start_time, procfs=self.procfs)
+            else:  # a fake tree: its PIDs are not real processes (and its guard never signals)
+                ref = ProcessRef.unpinned(victim.pid, victim.start_time, self.procfs)
+        except (NoSuchProcess, ProcessChanged) as exc:
+            self._counts["abandoned"] += 1
+            await self.emit(
+                record(
+                    "abandoned", f"the victim is gone: {exc}", victim=info, selectors=tuple(steps)
+                )
+            )
+            return
+        context = ActionContext(
+            rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify
+        )
+        failure = await self._act(rule, context)
+        if isinstance(failure, KillRefused):
+            ref.close()
+            self._counts["refused"] += 1
+            await self.emit(
+                record(
+                    "refused",
+                    str(failure.refusal),
+                    victim=info,
+                    selectors=tuple(steps),
+                    actions=tuple(context.steps),
+                    refusal=f"{failure.refusal.reason.value}: {failure.refusal.detail}",
+                )
+            )
+            return
+        if timeline.get("signal_sent") is None:
+            ref.close()
+            outcome: Outcome = "failed" if failure else "abandoned"
+            self._counts[outcome if outcome == "abandoned" else "plugin_failures"] += 1
+            await self.emit(
+                record(
+                    outcome,
+                    f"no signal was sent: {failure or 'no action signals'}",
+                    victim=info,
+                    selectors=tuple(steps),
+                    actions=tuple(context.steps),
+                )
+            )
+            return
+        self._counts["kills"] += 1
+        self._kills[rule.name].append(now)
+        self._busy_until[rule.name] = now + rule.victim_timeout
+        nursery.start_soon(self._confirm, rule, context, info, steps, record, failure)
+
+    def _candidates(self, rule: Rule) -> list[Ranked]:
+        scope = rule.guard.scope
+        if isinstance(scope, CgroupScope):
+            pids: Iterable[int] = _cgroup_members(scope.directory)
+        elif self.table is not None:
+            pids = self.table.pids()
+        else:
+            pids = self.procfs.pids()
+        infos = []
+        for pid in pids:
+            try:
+                info = self.procfs.process_info(pid)
+            except (NoSuchProcess, ReapkitError):
+                continue
+            if not info.is_kernel_thread and info.state not in ("Z", "X"):
+                infos.append(info)
+        if isinstance(scope, SubtreeScope):
+            infos = _descendants(infos, scope.root_pid)
+        return [Ranked(Candidate.from_info(i)) for i in infos]
+
+    async def _select(
+        self, rule: Rule, situation: Situation, candidates: list[Ranked]
+    ) -> tuple[list[Ranked], list[SelectorStep]]:
+        steps: list[SelectorStep] = []
+        ranked = candidates
+        for sel in rule.selectors:
+            before = len(ranked)
+            try:
+                ranked = list(await _call_selector(sel, situation, ranked, rule.plugin_deadline))
+            except Exception as exc:  # isolate any plugin failure
+                self._counts["plugin_failures"] += 1
+                why = (
+                    "overran its deadline"
+                    if isinstance(exc, trio.TooSlowError)
+                    else f"raised {type(exc).__name__}: {exc}"
+                )
+                log.warning(
+                    "rule %s: selector %s %s; falling back to the largest oom_score",
+                    rule.name,
+                    sel.name,
+                    why,
+                )
+                steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
+                ranked = sorted(candidates, key=lambda r: -r.candidate.oom_score)
+                ranked = [
+                    Ranked(
+                        r.candidate,
+                        r.candidate.oom_score,
+                        f"fallback: oom_score {r.candidate.oom_score}",
+                    )
+                    for r in ranked
+                ]
+                steps.append(
+                    SelectorStep(
+                        "fallback-oom-score",
+                        before,
+                        len(ranked),
+                        ranked[0].candidate.pid if ranked else None,
+                        ranked[0].reason if ranked else "",
+                    )
+                )
+                return ranked, steps
+            top = ranked[0] if ranked else None
+            steps.append(
+                SelectorStep(
+                    sel.name,
+                    before,
+                    len(ranked),
+                    top.candidate.pid if top else None,
+                    top.reason if top else "",
+                )
+            )
+        return ranked, steps
+
+    def _first_allowed(self, rule: Rule, ranked: list[Ranked]) -> tuple[Ranked | None, list[str]]:
+        refusals: list[str] = []
+        for r in ranked:
+            refusal = rule.guard.check(r.candidate.pid, r.candidate.start_time)
+            if refusal is None:
+                return r, refusals
+            refusals.append(f"{r.candidate.pid}: {refusal.reason.value}")
+        return None, refusals
+
+    async def _act(self, rule: Rule, context: ActionContext) -> BaseException | None:
+        for action in rule.actions:
+            at = trio.current_time()
+            try:
+                with trio.fail_after(rule.action_deadline):
+                    outcome = await action.act(context)
+                context.steps.append(ActionStep(action.name, "ok", outcome, at))
+            except KillRefused as exc:
+                context.steps.append(ActionStep(action.name, "refused", str(exc.refusal), at))
+                return exc
+            except Exception as exc:
+                self._counts["plugin_failures"] += 1
+                why = (
+                    "overran its deadline"
+                    if isinstance(exc, trio.TooSlowError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                log.warning("rule %s: action %s failed: %s", rule.name, action.name, why)
+                context.steps.append(ActionStep(action.name, "failed", why, at))
+                return exc
+        return None
+
+    async def _confirm(  # noqa: PLR0917 - one call site, the decision's state
+        self,
+        rule: Rule,
+        context: ActionContext,
+        info: Any,
+        steps: list[SelectorStep],
+        record: Callable[..., KillRecord],
+        failure: BaseException | None,
+    ) -> None:
+        """Wait for the victim's exit (pidfd) and its memory, then emit the record."""
+        ref, timeline = context.ref, context.timeline
+        initial = context.candidate.rss
+        lowest = initial
+        try:
+            if context.dry_run:
+                reason = "dry-run: nothing was signalled"
+            else:
+                with trio.move_on_after(rule.victim_timeout):
+                    async with trio.open_nursery() as watch:
+
+                        async def exit_seen() -> None:
+                            await ref.wait_exit()
+                            context.mark("exit_seen")
+
+                        watch.start_soon(exit_seen)
+                        while None in (timeline.get("exit_seen"), timeline.get("memory_back")):
+                            rss = self._rss(ref)
+                            lowest = min(lowest, rss)
+                            if rss <= initial * MEMORY_BACK_FRACTION:
+                                context.mark("memory_back")
+                            await trio.sleep(0.005)
+                        watch.cancel_scope.cancel()
+                missing = [s for s in ("memory_back", "exit_seen") if timeline.get(s) is None]
+                reason = (
+                    f"victim {info.comm!r} ({info.pid}) killed"
+                    + (
+                        f"; not seen within {rule.victim_timeout:g} s: {', '.join(missing)}"
+                        if missing
+                        else ""
+                    )
+                    + (f"; an action failed: {failure}" if failure else "")
+                )
+        finally:
+            ref.close()
+            self._busy_until.pop(rule.name, None)
+            self._cooldown_until[rule.name] = trio.current_time() + rule.cooldown
+        outcome: Outcome = "dry-run" if context.dry_run else "killed"
+        await self.emit(
+            record(
+                outcome, reason, victim=info, selectors=tuple(steps), actions=tuple(context.steps),
+                bytes_freed=None if context.dry_run else max(0, initial - lowest),
+            )
+        )  # fmt: skip
+
+    def _rss(self, ref: ProcessRef) -> int:
+        try:
+            stat = self.procfs.stat(ref.pid)
+        except NoSuchProcess:
+            return 0
+        return 0 if stat.start_time != ref.start_time else stat.rss
+
+
+async def _call_selector(
+    sel: Selector, situation: Situation, ranked: Sequence[Ranked], deadline: float
+) -> Sequence[Ranked]:
+    with trio.fail_after(deadline):
+        if inspect.iscoroutinefunction(sel.select):
+            result: Any = await sel.select(situation, ranked)
+        elif sel.inline:
+            result = sel.select(situation, ranked)
+        else:
+            # A third-party sync selector may block: run it on a thread so the deadline holds
+            # (an abandoned call finishes on its own; its result is dropped).
+            result = await trio.to_thread.run_sync(
+                sel.select, situation, ranked, abandon_on_cancel=True
+            )
+        if inspect.isawaitable(result):
+            result = await result
+    return list(result)
+
+
+def _cgroup_members(directory: str) -> list[int]:
+    pids: list[int] = []
+    for dirpath, _dirs, files in os.walk(directory):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs"), encoding="ascii") as f:
+                    pids.extend(int(p) for p in f.read().split())
+            except FileNotFoundError:
+                continue
+    return pids
+
+
+def _descendants(infos: list[Any], root: int) -> list[Any]:
+    """The processes that descend from ``root`` (or are it), from their ppids alone."""
+    parent = {i.pid: i.ppid for i in infos}
+    keep = []
+    for info in infos:
+        pid, hops = info.pid, 0
+        while pid not in (root, 0, 1) and pid in parent and hops < 4096:
+            pid, hops = parent[pid], hops + 1
+        if pid == root:
+            keep.append(info)
+    return keep

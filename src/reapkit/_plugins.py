@@ -1,0 +1,394 @@
+"""The plugin API: Trigger, Selector, Action and Observer; registration and discovery.
+
+A plugin is a class with a ``name``, a ``kind`` (from its base class) and an ``Options`` attrs
+class. It is registered in code (:func:`register`) or through the ``reapkit.plugins`` entry
+point group, and validated when it registers and again when a policy builds its options —
+never first at the moment of a kill. Selectors may also be plain functions of
+``(situation, candidates)`` (:func:`selector`). Sync or async, every plugin call runs under a
+deadline; one that raises or overruns is logged, counted and isolated by the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.metadata
+import inspect
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+from ._errors import NoSuchProcess, ReapkitError
+from ._procfs import MemInfo, ProcessInfo, ProcFS
+from ._records import Victim
+
+log = logging.getLogger("reapkit.plugins")
+
+Kind = Literal["trigger", "selector", "action", "observer"]
+ENTRY_POINT_GROUP = "reapkit.plugins"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class PluginError(ReapkitError, ValueError):
+    """A plugin or its options are invalid; the message names the plugin (and option)."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        self.plugin = plugin
+        super().__init__(f"plugin {plugin!r}: {message}")
+
+
+# -- what selectors see ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Candidate:
+    """A process that may be chosen: what two small reads (``stat``, ``oom_score``) say."""
+
+    pid: int
+    start_time: int
+    comm: str
+    ppid: int
+    state: str
+    rss: int
+    oom_score: int
+
+    @classmethod
+    def from_info(cls, info: ProcessInfo) -> Candidate:
+        return cls(
+            info.pid, info.start_time, info.comm, info.ppid, info.state, info.rss, info.oom_score
+        )
+
+
+@attrs.frozen
+class Ranked:
+    """A candidate with the score and reason the last selector gave it (higher: kill first)."""
+
+    candidate: Candidate
+    score: float = 0.0
+    reason: str = ""
+
+
+@attrs.define
+class Situation:
+    """What a selector may know when choosing: the trigger, memory, and lazy reads.
+
+    Reads beyond the candidate's two (``cmdline``, ``cgroup``, ``oom_score_adj``, ``uid``,
+    ``swap``) happen only when a selector asks, once per decision (earlyoom reads lazily the
+    same way). A process that vanished meanwhile reads as ``None`` / empty.
+    """
+
+    rule: str
+    trigger: object
+    meminfo: MemInfo
+    procfs: ProcFS
+    now: float
+    _cache: dict[tuple[int, str], Any] = attrs.field(factory=dict, init=False)
+
+    def _cached(self, pid: int, what: str, read: Callable[[int], Any], default: Any) -> Any:
+        key = (pid, what)
+        if key not in self._cache:
+            try:
+                self._cache[key] = read(pid)
+            except (NoSuchProcess, ReapkitError, OSError):
+                self._cache[key] = default
+        return self._cache[key]
+
+    def cmdline(self, c: Candidate) -> str:
+        args: tuple[str, ...] = self._cached(c.pid, "cmdline", self.procfs.cmdline, ())
+        return " ".join(args)
+
+    def exe(self, c: Candidate) -> str:
+        """The executable's path (``/proc/<pid>/exe``); ``""`` for kernel threads, vanished
+        processes, or where it cannot be read."""
+
+        def read(pid: int) -> str:
+            return os.readlink(f"{self.procfs.root}/{pid}/exe")
+
+        value: str = self._cached(c.pid, "exe", read, "")
+        return value
+
+    def cgroup(self, c: Candidate) -> str:
+        """The cgroup path that memory is accounted to: the v1 memory hierarchy's where there
+        is one, else the v2 path."""
+        entries = self._cached(c.pid, "cgroup", self.procfs.cgroup, ())
+        for entry in entries:
+            if "memory" in entry.controllers:
+                return str(entry.path)
+        for entry in entries:
+            if entry.hierarchy_id == 0:
+                return str(entry.path)
+        return ""
+
+    def oom_score_adj(self, c: Candidate) -> int | None:
+        value: int | None = self._cached(c.pid, "oom_score_adj", self.procfs.oom_score_adj, None)
+        return value
+
+    def _status(self, c: Candidate) -> Any:
+        return self._cached(c.pid, "status", self.procfs.status, None)
+
+    def uid(self, c: Candidate) -> int | None:
+        status = self._status(c)
+        return None if status is None else int(status.uids[0])
+
+    def swap(self, c: Candidate) -> int | None:
+        status = self._status(c)
+        return None if status is None else status.vm_swap
+
+    def victim(self, c: Candidate) -> Victim:
+        return Victim(
+            pid=c.pid,
+            start_time=c.start_time,
+            comm=c.comm,
+            cmdline=self.cmdline(c)[:256],
+            cgroup=self.cgroup(c),
+            uid=self.uid(c),
+            rss=c.rss,
+            swap=self.swap(c),
+            oom_score=c.oom_score,
+            oom_score_adj=self.oom_score_adj(c),
+        )
+
+
+# -- plugin bases --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NoOptions:
+    """For plugins without options."""
+
+
+class Plugin:
+    """The base of every plugin class. Subclass one of the four kinds below."""
+
+    kind: ClassVar[Kind]
+    #: Registry name: lowercase letters, digits, ``-`` and ``_``.
+    name: ClassVar[str]
+    #: An attrs class; a policy's table for this plugin becomes an instance of it.
+    Options: ClassVar[type[Any]] = NoOptions
+    #: Trusted, fast and non-blocking (built-ins): called inline, not on a worker thread.
+    inline: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = self.Options() if options is None else options
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name} {self.options!r}>"
+
+
+class Selector(Plugin):
+    """Candidates in, fewer or reordered candidates out, each with a reason."""
+
+    kind: ClassVar[Kind] = "selector"
+
+    @abc.abstractmethod
+    def select(
+        self, situation: Situation, candidates: Sequence[Ranked]
+    ) -> Sequence[Ranked] | Awaitable[Sequence[Ranked]]: ...
+
+
+class Action(Plugin):
+    """Does something to the chosen victim. Signals only through ``context.guard``."""
+
+    kind: ClassVar[Kind] = "action"
+
+    @abc.abstractmethod
+    async def act(self, context: Any) -> str:
+        """Do it; return a short outcome (``"sent SIGKILL"``). Raise to fail the action."""
+
+
+class Observer(Plugin):
+    """Receives every KillRecord (metrics, logs, notifications), and the warnings that rules
+    send before they kill (the ``warn`` action). Sync or async; each call has a deadline."""
+
+    kind: ClassVar[Kind] = "observer"
+
+    @abc.abstractmethod
+    def on_record(self, record: Any) -> Awaitable[None] | None: ...
+
+    def on_warning(self, warning: Any) -> Awaitable[None] | None:
+        """A rule warns that it is about to act (default: ignore)."""
+        return None
+
+
+class Trigger(Plugin):
+    """A source of reasons to act: sends events into the engine's channel."""
+
+    kind: ClassVar[Kind] = "trigger"
+
+    @abc.abstractmethod
+    async def run(self, send: Any, *, task_status: Any) -> None: ...
+
+
+_KIND_BASES: dict[Kind, tuple[type[Plugin], str]] = {
+    "selector": (Selector, "select"),
+    "action": (Action, "act"),
+    "observer": (Observer, "on_record"),
+    "trigger": (Trigger, "run"),
+}
+
+
+def selector(
+    name: str, *, registry: PluginRegistry | None = None
+) -> Callable[[Callable[[Situation, Sequence[Ranked]], Any]], type[Selector]]:
+    """Register a plain function of ``(situation, candidates)`` as a selector::
+
+    @reapkit.selector("largest-background")
+    def largest_background(situation, candidates): ...
+    """
+
+    def wrap(func: Callable[[Situation, Sequence[Ranked]], Any]) -> type[Selector]:
+        async_ = inspect.iscoroutinefunction(func)
+
+        if async_:
+
+            async def select_async(self: Selector, s: Situation, c: Sequence[Ranked]) -> Any:
+                return await func(s, c)
+
+            method: Any = select_async
+        else:
+
+            def select_sync(self: Selector, s: Situation, c: Sequence[Ranked]) -> Any:
+                return func(s, c)
+
+            method = select_sync
+        cls = type(
+            f"FunctionSelector_{name}",
+            (Selector,),
+            {
+                "name": name,
+                "select": method,
+                "__doc__": func.__doc__,
+                "__module__": func.__module__,
+            },
+        )
+        (registry or default_registry).register(cls)
+        return cls
+
+    return wrap
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PluginInfo:
+    """What ``reapkit plugins`` lists."""
+
+    name: str
+    kind: str
+    options: tuple[str, ...]
+    #: ``"built-in"``, ``"code"`` or the distribution that supplied it.
+    source: str
+    plugin: type[Plugin] | None
+    error: str | None = None
+
+
+def validate_plugin(cls: Any) -> type[Plugin]:
+    """Raise :class:`PluginError` unless ``cls`` is a usable plugin class."""
+    label = getattr(cls, "name", None) or getattr(cls, "__name__", repr(cls))
+    if not inspect.isclass(cls) or not issubclass(cls, Plugin):
+        raise PluginError(str(label), "not a subclass of Selector, Action, Observer or Trigger")
+    kind = getattr(cls, "kind", None)
+    if kind not in _KIND_BASES:
+        raise PluginError(str(label), "subclass Selector, Action, Observer or Trigger")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(str(label), "needs a name of lowercase letters, digits, '-' or '_'")
+    if not attrs.has(cls.Options):
+        raise PluginError(name, "Options must be an attrs class")
+    _base, method = _KIND_BASES[kind]
+    impl = getattr(cls, method, None)
+    if impl is None or getattr(impl, "__isabstractmethod__", False):
+        raise PluginError(name, f"a {kind} must implement {method}()")
+    params = list(inspect.signature(impl).parameters)
+    wanted = {"selector": 3, "action": 2, "observer": 2, "trigger": 2}[kind]
+    if len(params) < wanted:
+        raise PluginError(name, f"{method}() takes too few arguments ({', '.join(params)})")
+    return cls
+
+
+def make_options(cls: type[Plugin], table: Mapping[str, Any] | None, where: str = "") -> Any:
+    """Build ``cls.Options`` from a policy table; errors name the plugin, the option and
+    what was expected (``where`` is the key path, e.g. ``rule[0].select[1]``)."""
+    table = dict(table or {})
+    table.pop("name", None)
+    fields = {f.name.lstrip("_"): f for f in attrs.fields(cls.Options) if f.init}
+    for key in table:
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise PluginError(cls.name, f"{where}: unknown option {key!r} (options: {known})")
+    try:
+        return cls.Options(**table)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(cls.name, f"{where}: {exc}") from None
+
+
+@attrs.define
+class PluginRegistry:
+    """Plugins by kind and name."""
+
+    _plugins: dict[tuple[str, str], type[Plugin]] = attrs.field(factory=dict)
+    _sources: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    _failed: list[PluginInfo] = attrs.field(factory=list)
+
+    def register(self, cls: type[Plugin], *, source: str = "code") -> type[Plugin]:
+        """Validate and add ``cls``; usable as a class decorator. A name is registered once."""
+        validate_plugin(cls)
+        key = (cls.kind, cls.name)
+        if key in self._plugins and self._plugins[key] is not cls:
+            raise PluginError(cls.name, f"a {cls.kind} with this name is already registered")
+        self._plugins[key] = cls
+        self._sources[key] = source
+        return cls
+
+    def get(self, kind: Kind, name: str) -> type[Plugin]:
+        try:
+            return self._plugins[(kind, name)]
+        except KeyError:
+            known = ", ".join(sorted(n for k, n in self._plugins if k == kind))
+            raise PluginError(name, f"no {kind} of this name (known: {known})") from None
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[PluginInfo]:
+        """Register every plugin advertised in ``group`` (each entry point names a plugin
+        class, or a list of them). A plugin that fails to load is remembered with its error;
+        the others still load (pluggy's ``load_setuptools_entrypoints``). Returns failures."""
+        failures = []
+        for ep in importlib.metadata.entry_points(group=group):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            try:
+                loaded = ep.load()
+                for cls in loaded if isinstance(loaded, list | tuple) else [loaded]:
+                    self.register(cls, source=dist)
+            except Exception as exc:  # a broken third-party plugin must not stop the reaper
+                info = PluginInfo(ep.name, "?", (), dist, None, f"{type(exc).__name__}: {exc}")
+                failures.append(info)
+                log.warning("plugin %s from %s failed to load: %s", ep.name, dist, info.error)
+        self._failed.extend(failures)
+        return failures
+
+    def plugins(self) -> list[PluginInfo]:
+        infos = [
+            PluginInfo(
+                cls.name,
+                cls.kind,
+                tuple(f.name.lstrip("_") for f in attrs.fields(cls.Options) if f.init),
+                self._sources[key],
+                cls,
+            )
+            for key, cls in sorted(self._plugins.items())
+        ]
+        return infos + list(self._failed)
+
+    def names(self, kind: Kind) -> Iterable[str]:
+        return sorted(n for k, n in self._plugins if k == kind)
+
+
+default_registry = PluginRegistry()
+
+
+def register(cls: type[Plugin]) -> type[Plugin]:
+    """Register a plugin class in the default registry (usable as a decorator)."""
+    return default_registry.register(cls)

@@ -1,0 +1,317 @@
+"""Policy files: TOML into frozen objects, with every plugin built (and so validated) at load.
+
+Every error names the file, the key path and what was expected::
+
+    /etc/reapkit/policy.toml: rule[0].select[1].grace: '2 parsecs' is not a duration ...
+
+A policy with no file is the embedded default (:data:`DEFAULT_POLICY`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+
+from ._conditions import PressureCondition, parse_condition
+from ._engine import Rule
+from ._errors import InvalidValue, NoSuchProcess, ReapkitError
+from ._guard import CgroupScope, KillGuard, Scope, SubtreeScope, SystemScope
+from ._kernel._probe import effective_capabilities
+from ._plugins import (
+    Action,
+    Observer,
+    PluginError,
+    PluginRegistry,
+    Selector,
+    default_registry,
+    make_options,
+)
+from ._procfs import ProcFS
+from ._reap import SchedPolicy
+from ._units import parse_duration
+from .builtin import ensure_registered
+
+DEFAULT_POLICY: Final = """\
+# reapkit's embedded default policy: sane for a server or a desktop.
+# Act only when memory is really short: PSI shows tasks stalling on memory AND little memory
+# is left (PSI alone kills with plenty free: nohang #25). Choose by the kernel's oom_score,
+# protecting what keeps the machine reachable; SIGTERM with a grace period, then SIGKILL,
+# then reap the victim's memory with process_mrelease.
+
+[reaper.reap]
+threads = 2
+
+[[rule]]
+name = "low-memory"
+when = ["memory some 200ms/2s", "mem_available < 5%"]
+scope = "system"
+select = [
+  { name = "protect", comm = [
+      "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
+      "^(Xorg|Xwayland|gnome-shell|kwin_wayland|kwin_x11|sway|pipewire|wireplumber|pulseaudio)$",
+      "^(apt|apt-get|dpkg|dnf|yum|rpm|pacman|zypper)$",
+  ] },
+  "oom-score",
+]
+actions = [{ name = "terminate", grace = "2s" }, "reap"]
+cooldown = "5s"
+
+[[rule]]
+name = "almost-no-memory"
+# Memory nearly gone: no time to wait for a pressure window or a grace period.
+when = ["mem_available < 2%"]
+scope = "system"
+select = [
+  { name = "protect", comm = [
+      "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
+  ] },
+  "oom-score",
+]
+actions = ["kill", "reap"]
+cooldown = "2s"
+"""
+
+
+class PolicyError(ReapkitError, ValueError):
+    """An invalid policy: names the file, the key path and what was expected."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+@attrs.frozen
+class ReapOptions:
+    threads: int = 2
+    cpus: tuple[int, ...] | None = None
+    nice: int | None = None
+    policy: SchedPolicy = "other"
+    priority: int = 0
+
+
+@attrs.frozen
+class Policy:
+    """A loaded, validated policy: its rules (plugins built, guards made), the reap stage's
+    settings and its observers. Get one from :func:`load_policy`."""
+
+    #: Where it came from: a path, or ``"<default policy>"``.
+    source: str
+    rules: tuple[Rule, ...]
+    reap: ReapOptions
+    dry_run: bool = False
+    observers: tuple[Observer, ...] = ()
+
+    @property
+    def needs_reaper(self) -> bool:
+        return any(a.name == "reap" for r in self.rules for a in r.actions)
+
+
+_RULE_KEYS: Final = frozenset(
+    {
+        "name", "when", "scope", "cgroup", "select", "actions", "cooldown", "victim_timeout",
+        "max_kills", "kill_window", "plugin_deadline", "action_deadline",
+        "allow_oom_score_adj_min", "pressure_cgroup",
+    }
+)  # fmt: skip
+
+
+def load_policy(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    text: str | None = None,
+    dry_run: bool | None = None,
+    registry: PluginRegistry | None = None,
+    procfs: ProcFS | None = None,
+) -> Policy:
+    """Load a policy file (or ``text``; the embedded default when neither is given).
+
+    ``dry_run=True`` forces dry-run whatever the file says. Raises :class:`PolicyError`.
+    """
+    registry = registry or default_registry
+    ensure_registered(registry)
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(source, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise PolicyError(source, "", f"cannot read it: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(source, "", f"not valid TOML: {exc}") from None
+    else:
+        source = "<policy text>" if text is not None else "<default policy>"
+        try:
+            data = tomllib.loads(text if text is not None else DEFAULT_POLICY)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(source, "", f"not valid TOML: {exc}") from None
+    return _build(data, source, dry_run, registry, procfs or ProcFS())
+
+
+def _build(
+    data: Mapping[str, Any],
+    source: str,
+    force_dry_run: bool | None,
+    registry: PluginRegistry,
+    procfs: ProcFS,
+) -> Policy:
+    def fail(key: str, message: str) -> PolicyError:
+        return PolicyError(source, key, message)
+
+    unknown = set(data) - {"reaper", "rule", "observer"}
+    if unknown:
+        raise fail(
+            sorted(unknown)[0], "unknown section (expected [reaper], [[rule]], [[observer]])"
+        )
+    reaper = _table(data.get("reaper", {}), "reaper", fail)
+    dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
+    if force_dry_run:
+        dry_run = True
+    reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
+    try:
+        reap = ReapOptions(**reap_table)
+    except TypeError as exc:
+        raise fail("reaper.reap", f"{exc} (keys: threads, cpus, nice, policy, priority)") from None
+    rules_data = data.get("rule")
+    if not isinstance(rules_data, list) or not rules_data:
+        raise fail("rule", "expected at least one [[rule]]")
+    rules = []
+    names: set[str] = set()
+    for i, raw in enumerate(rules_data):
+        rule = _rule(
+            raw, f"rule[{i}]", dry_run=dry_run, registry=registry, procfs=procfs, fail=fail
+        )
+        if rule.name in names:
+            raise fail(f"rule[{i}].name", f"{rule.name!r} is used by another rule")
+        names.add(rule.name)
+        rules.append(rule)
+    observers = tuple(
+        _plugin(o, f"observer[{i}]", "observer", registry, fail)
+        for i, o in enumerate(_list(data.get("observer", []), "observer", fail))
+    )
+    return Policy(source, tuple(rules), reap, dry_run, observers)
+
+
+def _rule(
+    raw: Any, where: str, *, dry_run: bool, registry: PluginRegistry, procfs: ProcFS, fail: Any
+) -> Rule:
+    unprivileged_psi = not effective_capabilities()["CAP_SYS_RESOURCE"]
+    table = _table(raw, where, fail)
+    for key in table:
+        if key not in _RULE_KEYS:
+            raise fail(f"{where}.{key}", f"unknown key (keys: {', '.join(sorted(_RULE_KEYS))})")
+    name = _typed(table.get("name"), str, f"{where}.name", fail)
+    cgroup = table.get("cgroup")
+    if cgroup is not None:
+        cgroup = _typed(cgroup, str, f"{where}.cgroup", fail)
+    pressure_cgroup = table.get("pressure_cgroup")
+    if pressure_cgroup is not None:
+        pressure_cgroup = _typed(pressure_cgroup, str, f"{where}.pressure_cgroup", fail)
+    when_raw = table.get("when", [])
+    if not isinstance(when_raw, list) or not all(isinstance(w, str) for w in when_raw):
+        raise fail(f"{where}.when", "expected a list of conditions like 'mem_available < 5%'")
+    when = []
+    for j, text in enumerate(when_raw):
+        try:
+            cond = parse_condition(text, cgroup=cgroup, pressure_cgroup=pressure_cgroup)
+            if isinstance(cond, PressureCondition):
+                # Validate against this host now, not first when the trigger is armed.
+                cond.spec.check_window(unprivileged_only=unprivileged_psi)
+        except InvalidValue as exc:
+            raise fail(f"{where}.when[{j}]", str(exc)) from None
+        when.append(cond)
+    scope = _scope(table.get("scope"), f"{where}.scope", procfs, fail)
+    allow = _typed(
+        table.get("allow_oom_score_adj_min", False), bool, f"{where}.allow_oom_score_adj_min", fail
+    )
+    guard = KillGuard(scope, dry_run=dry_run, allow_oom_score_adj_min=allow, procfs=procfs)
+    selectors = tuple(
+        _plugin(s, f"{where}.select[{j}]", "selector", registry, fail)
+        for j, s in enumerate(_list(table.get("select", ["oom-score"]), f"{where}.select", fail))
+    )
+    actions = tuple(
+        _plugin(a, f"{where}.actions[{j}]", "action", registry, fail)
+        for j, a in enumerate(_list(table.get("actions", []), f"{where}.actions", fail))
+    )
+    if not actions:
+        raise fail(f"{where}.actions", 'expected at least one action, e.g. ["kill"]')
+    timing: dict[str, Any] = {}
+    for key in ("cooldown", "victim_timeout", "kill_window", "plugin_deadline", "action_deadline"):
+        if key in table:
+            try:
+                timing[key] = parse_duration(table[key])
+            except InvalidValue as exc:
+                raise fail(f"{where}.{key}", str(exc)) from None
+    if "max_kills" in table:
+        timing["max_kills"] = _typed(table["max_kills"], int, f"{where}.max_kills", fail)
+    return Rule(
+        name=name,
+        when=tuple(when),
+        guard=guard,
+        selectors=selectors,
+        actions=actions,
+        cgroup=cgroup,
+        **timing,
+    )
+
+
+def _scope(raw: Any, where: str, procfs: ProcFS, fail: Any) -> Scope:
+    if raw is None:
+        raise fail(
+            where, 'every rule needs a scope: "system", { cgroup = "<dir>" } or { subtree = <pid> }'
+        )
+    if raw == "system":
+        return SystemScope()
+    if isinstance(raw, Mapping) and set(raw) == {"cgroup"}:
+        try:
+            return CgroupScope.from_directory(_typed(raw["cgroup"], str, f"{where}.cgroup", fail))
+        except (OSError, ValueError) as exc:
+            raise fail(f"{where}.cgroup", str(exc)) from None
+    if isinstance(raw, Mapping) and set(raw) == {"subtree"}:
+        pid = _typed(raw["subtree"], int, f"{where}.subtree", fail)
+        try:
+            return SubtreeScope(pid, procfs.stat(pid).start_time)
+        except NoSuchProcess:
+            raise fail(f"{where}.subtree", f"process {pid} does not exist") from None
+    raise fail(where, 'expected "system", { cgroup = "<dir>" } or { subtree = <pid> }')
+
+
+def _plugin(raw: Any, where: str, kind: str, registry: PluginRegistry, fail: Any) -> Any:
+    if isinstance(raw, str):
+        name, options = raw, {}
+    elif isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
+        name, options = raw["name"], dict(raw)
+    else:
+        raise fail(where, f"expected a {kind} name or a table with 'name'")
+    try:
+        cls = registry.get(kind, name)  # type: ignore[arg-type]
+        instance = cls(make_options(cls, options, where))
+    except PluginError as exc:
+        raise fail(where, str(exc)) from None
+    except (InvalidValue, TypeError, ValueError) as exc:
+        raise fail(where, f"plugin {name!r}: {exc}") from None
+    if not isinstance(instance, Selector | Action | Observer):  # pragma: no cover
+        raise fail(where, f"{name!r} is not a {kind}")
+    return instance
+
+
+def _table(raw: Any, where: str, fail: Any) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise fail(where, "expected a table")
+    return dict(raw)
+
+
+def _list(raw: Any, where: str, fail: Any) -> Sequence[Any]:
+    if not isinstance(raw, list):
+        raise fail(where, "expected a list")
+    return raw
+
+
+def _typed(value: Any, expected: type, where: str, fail: Any) -> Any:
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise fail(where, f"expected {expected.__name__}, not {value!r}")
+    return value

@@ -1,0 +1,239 @@
+"""The embedding API: a running reaper in the caller's trio program.
+
+Two doors, trio style: ``async with open_reaper(policy) as reaper:`` owns its nursery;
+``reaper = await nursery.start(serve_reaper, policy)`` joins the caller's and calls
+``task_status.started(reaper)`` only once every source is armed, the process table is seeded
+and the reap threads run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import trio
+
+from ._conditions import MemoryCondition, PressureCondition
+from ._engine import Engine, EngineStatistics, ManualTrigger
+from ._guard import CgroupScope
+from ._policy import Policy
+from ._procfs import ProcFS
+from ._reap import ReapSettings, ReapStage
+from ._records import KillRecord
+from ._sources._base import SourceStatistics
+from ._sources.memory import MemoryThresholdSource
+from ._sources.psi import PsiTriggerSource
+from ._table import ProcessTable
+from ._units import PsiSpec
+
+log = logging.getLogger("reapkit")
+
+#: Events buffered between the sources and the engine (a slow decision applies backpressure).
+EVENT_BUFFER = 64
+#: Records buffered per subscriber; one that falls further behind loses the newest (counted).
+RECORD_BUFFER = 256
+#: Seconds an observer may take for one record or warning.
+OBSERVER_DEADLINE = 2.0
+
+
+@attrs.frozen
+class ReaperStatistics:
+    """A snapshot of the whole reaper."""
+
+    engine: EngineStatistics
+    sources: tuple[SourceStatistics, ...]
+    table: Any
+    reap: Any
+    records: int
+    records_dropped: int
+    observer_failures: int
+    policy: str
+
+
+@attrs.define(eq=False)
+class Reaper:
+    """A running reaper. Get one from :func:`open_reaper` or :func:`serve_reaper`."""
+
+    _policy: Policy
+    _engine: Engine
+    _events: trio.MemorySendChannel[object]
+    _sources: list[Any] = attrs.field(factory=list)
+    _table: Any = None
+    _reap: Any = None
+    _subscribers: list[trio.MemorySendChannel[KillRecord]] = attrs.field(factory=list)
+    _records: int = 0
+    _dropped: int = 0
+    _observer_failures: int = 0
+    _restart_sources: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def records(self) -> trio.MemoryReceiveChannel[KillRecord]:
+        """A channel of every KillRecord from now on. Close it when done::
+
+        async with reaper.records() as records:
+            async for record in records: ...
+        """
+        send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
+        self._subscribers.append(send)
+        return receive
+
+    def statistics(self) -> ReaperStatistics:
+        return ReaperStatistics(
+            engine=self._engine.statistics(),
+            sources=tuple(s.statistics() for s in self._sources),
+            table=self._table.statistics() if self._table is not None else None,
+            reap=self._reap.statistics() if self._reap is not None else None,
+            records=self._records,
+            records_dropped=self._dropped,
+            observer_failures=self._observer_failures,
+            policy=self._policy.source,
+        )
+
+    async def trigger(self, reason: str) -> None:
+        """Evaluate every rule now, as if pressure were present; memory conditions are still
+        checked. For services that know they are in trouble before the kernel does."""
+        await self._events.send(ManualTrigger(trio.current_time(), reason))
+
+    async def reload(self, policy: Policy) -> None:
+        """Switch to ``policy`` between two decisions; its sources replace the old ones."""
+        self._policy = policy
+        self._engine.replace_rules(policy.rules)
+        self._restart_sources.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _emit(self, record: KillRecord) -> None:
+        self._records += 1
+        log.info("kill record: %s", record.to_json_line())
+        await self._tell_observers("on_record", record)
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(record)
+            except trio.WouldBlock:
+                self._dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(send)
+
+    async def _warn(self, warning: object) -> None:
+        await self._tell_observers("on_warning", warning)
+
+    async def _tell_observers(self, method: str, item: object) -> None:
+        """Call every observer under a deadline; one that raises or overruns is logged and
+        counted, and the others still hear."""
+        for observer in self._policy.observers:
+            try:
+                with trio.fail_after(OBSERVER_DEADLINE):
+                    result = getattr(observer, method)(item)
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception as exc:
+                self._observer_failures += 1
+                log.warning("observer %s.%s failed: %r", observer.name, method, exc)
+
+
+def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
+    specs: dict[PsiSpec, None] = {}
+    thresholds = []
+    for rule in policy.rules:
+        for cond in rule.when:
+            if isinstance(cond, PressureCondition):
+                specs[cond.spec] = None
+            elif isinstance(cond, MemoryCondition) and cond.threshold not in thresholds:
+                thresholds.append(cond.threshold)
+    sources: list[Any] = [PsiTriggerSource(spec) for spec in specs]
+    if thresholds:
+        sources.append(MemoryThresholdSource(thresholds, procfs=procfs))
+    return sources
+
+
+async def serve_reaper(
+    policy: Policy,
+    *,
+    procfs: ProcFS | None = None,
+    live_table: bool = True,
+    task_status: trio.TaskStatus[Reaper] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a reaper until cancelled; ``task_status.started(reaper)`` once it is fully up.
+
+    ``live_table=False`` skips the proc-connector process table (candidates then come from a
+    ``/proc`` scan per decision, or from the rule's cgroup).
+    """
+    procfs = procfs or ProcFS()
+    send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
+    async with send, receive, trio.open_nursery() as nursery:
+        table = None
+        if live_table and any(not isinstance(r.guard.scope, CgroupScope) for r in policy.rules):
+            table = await nursery.start(ProcessTable(procfs=procfs).serve)
+        reap = None
+        if policy.needs_reaper:
+            settings = ReapSettings(
+                threads=policy.reap.threads,
+                cpus=frozenset(policy.reap.cpus) if policy.reap.cpus is not None else None,
+                nice=policy.reap.nice,
+                policy=policy.reap.policy,
+                priority=policy.reap.priority,
+            )
+            reap = await nursery.start(ReapStage(settings).serve)
+        engine = Engine(policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap)
+        reaper = Reaper(policy, engine, send.clone(), table=table, reap=reap)
+        engine.emit = reaper._emit
+        engine.notify = reaper._warn
+        await nursery.start(_run_sources, reaper, procfs, send.clone())
+        nursery.start_soon(_decide, engine, receive.clone(), nursery)
+        task_status.started(reaper)
+        await trio.sleep_forever()
+
+
+async def _noop_emit(record: KillRecord) -> None:  # pragma: no cover - replaced at once
+    del record
+
+
+async def _run_sources(
+    reaper: Reaper,
+    procfs: ProcFS,
+    send: trio.MemorySendChannel[object],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the current policy's sources; restart them when a reload asks."""
+    async with send:
+        first = True
+        while True:
+            reaper._restart_sources = trio.Event()
+            sources = _sources_for(reaper.policy, procfs)
+            async with trio.open_nursery() as nursery:
+                for source in sources:
+                    await nursery.start(source.run, send.clone())
+                reaper._sources = sources
+                if first:
+                    task_status.started()
+                    first = False
+                await reaper._restart_sources.wait()
+                nursery.cancel_scope.cancel()
+
+
+async def _decide(
+    engine: Engine, receive: trio.MemoryReceiveChannel[object], nursery: trio.Nursery
+) -> None:
+    async with receive:
+        async for event in receive:
+            await engine.handle(event, nursery)
+
+
+@contextlib.asynccontextmanager
+async def open_reaper(policy: Policy, **kwargs: Any) -> AsyncIterator[Reaper]:
+    """``async with open_reaper(policy) as reaper:`` — a reaper in its own nursery, stopped
+    (every fd closed, every thread joined) when the block ends."""
+    async with trio.open_nursery() as nursery:
+        reaper: Reaper = await nursery.start(functools.partial(serve_reaper, policy, **kwargs))
+        try:
+            yield reaper
+        finally:
+            nursery.cancel_scope.cancel()

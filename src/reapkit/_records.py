@@ -1,0 +1,120 @@
+"""KillRecord: one frozen record per kill — and per abandoned or refused one — with its timeline.
+
+Records are the product's proof that it works: logs, metrics, the CLI and embedders all read
+them. Times are on the trio clock (``trio.current_time()``, monotonic); ``epoch_offset`` turns
+them into wall-clock seconds for humans and other programs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import attrs
+
+Outcome = Literal["killed", "dry-run", "abandoned", "refused", "no-candidate", "failed"]
+
+
+@attrs.frozen
+class Timeline:
+    """When each step happened (trio clock, seconds); ``None`` when it did not happen."""
+
+    trigger_seen: float
+    victim_chosen: float | None = None
+    signal_sent: float | None = None
+    reap_started: float | None = None
+    reap_finished: float | None = None
+    memory_back: float | None = None
+    exit_seen: float | None = None
+
+    def ms_from_trigger(self) -> dict[str, float | None]:
+        """Each step in milliseconds after the trigger was seen."""
+        return {
+            name: None if value is None else round((value - self.trigger_seen) * 1000, 3)
+            for name, value in attrs.asdict(self).items()
+            if name != "trigger_seen"
+        }
+
+
+@attrs.frozen
+class Victim:
+    """The process chosen, as it was when chosen."""
+
+    pid: int
+    start_time: int
+    comm: str
+    cmdline: str
+    cgroup: str
+    uid: int | None
+    rss: int
+    swap: int | None
+    oom_score: int
+    oom_score_adj: int | None
+
+
+@attrs.frozen
+class SelectorStep:
+    """What one selector of the chain did."""
+
+    selector: str
+    candidates_in: int
+    candidates_out: int
+    #: The candidate ranked first after this step, and why.
+    top_pid: int | None
+    reason: str
+    #: Set when the selector failed (raised or overran its deadline) and was skipped.
+    error: str | None = None
+
+
+@attrs.frozen
+class ActionStep:
+    """What one action of the chain did."""
+
+    action: str
+    outcome: str
+    detail: str
+    at: float
+
+
+@attrs.frozen
+class KillRecord:
+    """One decision's record: what held, whom the rule chose and why, what each action did,
+    when each step happened, and how much memory came back. ``to_json_line()`` for logs."""
+
+    rule: str
+    outcome: Outcome
+    #: One sentence: why this outcome.
+    reason: str
+    #: The condition(s) that held, e.g. ``"memory some 150ms/2s fired; mem_available below 5%"``.
+    condition: str
+    timeline: Timeline
+    victim: Victim | None = None
+    selectors: tuple[SelectorStep, ...] = ()
+    actions: tuple[ActionStep, ...] = ()
+    #: Bytes the victim's memory cgroup or the system got back, where it was measured.
+    bytes_freed: int | None = None
+    dry_run: bool = False
+    #: The guard's refusal (reason value and detail) when outcome is ``"refused"``.
+    refusal: str | None = None
+    #: Add to timeline values to get seconds since the epoch.
+    epoch_offset: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=True)
+        data["timeline_ms"] = self.timeline.ms_from_trigger()
+        data["time"] = self.timeline.trigger_seen + self.epoch_offset
+        return data
+
+    def to_json_line(self) -> str:
+        """The record as one line of JSON (no newline inside)."""
+        return json.dumps(self.as_json(), separators=(",", ":"), sort_keys=True)
+
+
+@attrs.frozen
+class KillWarning:
+    """A rule is about to act on ``victim`` (sent by the ``warn`` action to observers)."""
+
+    timestamp: float
+    rule: str
+    victim: Victim
+    message: str

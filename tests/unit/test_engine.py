@@ -1,0 +1,282 @@
+"""The engine with fake events, fake /proc trees and the autojump clock.
+
+A guard reading a fake tree never signals (forced dry-run), so these decisions run the whole
+pipeline except the signal itself: how policy authors test a policy without killing anything.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+
+from reapkit import KillGuard, SystemScope
+from reapkit._conditions import parse_condition
+from reapkit._engine import Engine, ManualTrigger, Rule
+from reapkit._fakeproc import FakeProc
+from reapkit._plugins import Action, Ranked, Selector, Situation
+from reapkit._records import KillRecord
+from reapkit._sources.psi import PressureEvent
+from reapkit.lowlevel import ProcFS
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class ByOomScore(Selector):
+    name: ClassVar[str] = "test-oom-score"
+    inline: ClassVar[bool] = True
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        ranked = sorted(candidates, key=lambda r: -r.candidate.oom_score)
+        return [
+            Ranked(r.candidate, r.candidate.oom_score, f"oom_score {r.candidate.oom_score}")
+            for r in ranked
+        ]
+
+
+class Raises(Selector):
+    name: ClassVar[str] = "test-raises"
+    inline: ClassVar[bool] = True  # under the autojump clock a worker thread "overruns"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        raise RuntimeError("plugin bug")
+
+
+class Hangs(Selector):
+    name: ClassVar[str] = "test-hangs"
+
+    async def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+class Smallest(Selector):
+    name: ClassVar[str] = "test-smallest"
+    inline: ClassVar[bool] = True
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        return sorted(candidates, key=lambda r: r.candidate.rss)
+
+
+class KillAction(Action):
+    name: ClassVar[str] = "test-kill"
+
+    async def act(self, context: Any) -> str:
+        return str(context.send_signal(signal.SIGKILL).value)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeProc:
+    proc = FakeProc(tmp_path)
+    proc.set_meminfo(total=16 * GiB, available=400 * MiB)  # below 5 %
+    proc.add_process(1, comm="init")
+    proc.add_process(2, comm="kthreadd", ppid=0, flags=0x00200000)
+    proc.add_process(500, comm="sshd", rss=8 * MiB, oom_score=5)
+    proc.add_process(600, comm="browser", rss=3 * GiB, oom_score=700, start_time=6000)
+    proc.add_process(700, comm="editor", rss=500 * MiB, oom_score=120)
+    proc.add_process(800, comm="protected", rss=6 * GiB, oom_score=0, oom_score_adj=-1000)
+    return proc
+
+
+def _rule(
+    fake: FakeProc,
+    *selectors: Selector,
+    when: Sequence[str] = ("memory some 100ms/2s", "mem_available < 5%"),
+    **kw: Any,
+) -> Rule:
+    return Rule(
+        name="test",
+        when=tuple(parse_condition(w) for w in when),
+        guard=KillGuard(SystemScope(), procfs=ProcFS(fake.root)),
+        selectors=selectors or (ByOomScore(),),
+        actions=(KillAction(),),
+        **kw,
+    )
+
+
+async def _run(
+    fake: FakeProc, rules: Sequence[Rule], events: Sequence[Any]
+) -> tuple[list[KillRecord], Engine]:
+    records: list[KillRecord] = []
+
+    async def emit(record: KillRecord) -> None:
+        records.append(record)
+
+    engine = Engine(tuple(rules), emit=emit, procfs=ProcFS(fake.root))
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            if isinstance(event, float | int):
+                await trio.sleep(event)
+            else:
+                await engine.handle(event, nursery)
+    return records, engine
+
+
+def _pressure(spec_text: str = "memory some 100ms/2s") -> PressureEvent:
+    return PressureEvent(trio.current_time(), parse_condition(spec_text).spec, None, "trigger")  # type: ignore[union-attr]
+
+
+async def test_pressure_and_memory_together_choose_the_largest_oom_score(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    records, engine = await _run(fake, [_rule(fake)], [_pressure()])
+    (record,) = records
+    assert record.outcome == "dry-run"
+    assert record.dry_run is True
+    assert (
+        record.victim is not None and record.victim.pid == 600 and record.victim.comm == "browser"
+    )
+    assert (
+        record.selectors[0].selector == "test-oom-score"
+        and record.selectors[0].reason == "oom_score 700"
+    )
+    # init, sshd, browser, editor, protected: the kernel thread is never a candidate.
+    assert record.selectors[0].candidates_in == 5
+    assert "memory some 100ms/2s" in record.condition and "mem_available" in record.condition
+    assert record.actions[0].action == "test-kill" and record.actions[0].detail == "dry-run"
+    assert record.timeline.victim_chosen is not None and record.timeline.signal_sent is not None
+    assert engine.statistics().kills == 1
+    assert '"outcome":"dry-run"' in record.to_json_line()
+
+
+async def test_pressure_alone_does_nothing_when_memory_is_plentiful(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.set_meminfo(total=16 * GiB, available=12 * GiB)
+    records, engine = await _run(fake, [_rule(fake)], [_pressure()])
+    assert records == []
+    assert engine.statistics().decisions == 0
+
+
+async def test_memory_alone_waits_for_pressure_unless_the_rule_says_so(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    mem_event = ManualTrigger(0.0, "test")
+    records, _ = await _run(fake, [_rule(fake, when=("mem_available < 5%",))], [mem_event])
+    assert [r.outcome for r in records] == ["dry-run"]
+
+
+async def test_the_guard_skips_protected_and_special_processes(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    # "protected" has the most RSS, but oom_score_adj -1000: a selector ranking by RSS puts it
+    # first and the guard passes over it; init (pid 1) never becomes a victim either.
+    class Largest(Selector):
+        name: ClassVar[str] = "test-largest"
+        inline: ClassVar[bool] = True
+
+        def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+            return sorted(candidates, key=lambda r: -r.candidate.rss)
+
+    records, _ = await _run(fake, [_rule(fake, Largest())], [_pressure()])
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 600
+    guard_step = record.selectors[-1]
+    assert guard_step.selector == "guard" and "800: oom-score-adj-min" in guard_step.reason
+
+
+@pytest.mark.parametrize("broken", [Raises(), Hangs()], ids=["raises", "hangs"])
+async def test_a_failing_selector_falls_back_to_the_largest_oom_score(
+    fake: FakeProc, broken: Selector, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = _rule(fake, Smallest(), broken, plugin_deadline=0.5)
+    records, engine = await _run(fake, [rule], [_pressure()])
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 600
+    failed = next(s for s in record.selectors if s.error)
+    assert failed.selector == broken.name
+    assert (
+        ("overran" in failed.error) if isinstance(broken, Hangs) else ("plugin bug" in failed.error)
+    )  # type: ignore[operator]
+    assert record.selectors[-1].selector == "fallback-oom-score"
+    assert engine.statistics().plugin_failures == 1
+
+
+async def test_memory_recovered_after_choosing_abandons_the_kill(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    class MemoryComesBack(Selector):
+        name: ClassVar[str] = "test-recovers"
+        inline: ClassVar[bool] = True
+
+        def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Sequence[Ranked]:
+            fake.set_meminfo(total=16 * GiB, available=8 * GiB)
+            return candidates
+
+    records, engine = await _run(
+        fake, [_rule(fake, ByOomScore(), MemoryComesBack())], [_pressure()]
+    )
+    (record,) = records
+    assert record.outcome == "abandoned" and "no longer holds" in record.reason
+    assert record.actions == () and record.timeline.signal_sent is None
+    assert engine.statistics().abandoned == 1
+
+
+async def test_cooldown_and_the_kill_cap(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = _rule(fake, cooldown=5.0, max_kills=2, kill_window=60.0)
+    records: list[KillRecord] = []
+
+    async def emit(record: KillRecord) -> None:
+        records.append(record)
+
+    engine = Engine((rule,), emit=emit, procfs=ProcFS(fake.root))
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            await engine.handle(_pressure(), nursery)
+            await trio.sleep(1.0)
+    # 20 s of pressure: a kill at 0 s, cooldown until 5 s, a kill at 5 s, then the cap (2 per 60 s).
+    assert len(records) == 2
+    stats = engine.statistics()
+    assert stats.skipped_cooldown > 0 and stats.skipped_cap > 0
+
+
+async def test_no_candidate_in_scope_is_recorded(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    for pid in (500, 600, 700, 800):
+        fake.remove_process(pid)
+    records, engine = await _run(fake, [_rule(fake)], [_pressure()])
+    assert [r.outcome for r in records] == ["no-candidate"]
+    assert engine.statistics().no_candidate == 1
+
+
+class BlocksSync(Selector):
+    """A third-party sync selector that blocks: run on a worker thread, under the deadline."""
+
+    name: ClassVar[str] = "test-blocks-sync"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        time.sleep(5)
+        return list(candidates)
+
+
+async def test_a_blocking_sync_selector_cannot_stall_the_loop(fake: FakeProc) -> None:
+    # Real clock (a worker thread is involved). The loop keeps ticking meanwhile.
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    rule = _rule(fake, BlocksSync(), plugin_deadline=0.3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat)
+        started = trio.current_time()
+        records, engine = await _run(fake, [rule], [_pressure()])
+        elapsed = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 600  # the fallback chose
+    assert elapsed < 2 and ticks >= 10
+    assert engine.statistics().plugin_failures == 1

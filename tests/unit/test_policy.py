@@ -1,0 +1,170 @@
+"""Policy files and the plugin registry: errors name the file, the key path and the plugin."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from reapkit._guard import SystemScope
+from reapkit._plugins import (
+    PluginError,
+    PluginRegistry,
+    Selector,
+    make_options,
+    selector,
+    validate_plugin,
+)
+from reapkit._policy import DEFAULT_POLICY, PolicyError, load_policy
+from reapkit.builtin import register_builtins
+
+GOOD = """
+[[rule]]
+name = "test"
+when = ["memory some 100ms/2s", "mem_available < 5%"]
+scope = "system"
+select = [{ name = "protect", comm = ["^sshd$"] }, "oom-score"]
+actions = [{ name = "terminate", grace = "1500ms" }, "reap"]
+cooldown = "3s"
+"""
+
+
+def test_the_default_policy_loads_and_combines_pressure_with_memory() -> None:
+    policy = load_policy()
+    assert policy.source == "<default policy>"
+    first = policy.rules[0]
+    assert [type(c).__name__ for c in first.when] == ["PressureCondition", "MemoryCondition"]
+    assert [a.name for a in first.actions] == ["terminate", "reap"]
+    assert isinstance(first.guard.scope, SystemScope)
+    assert policy.needs_reaper
+    assert "memory some" in DEFAULT_POLICY
+
+
+def test_a_good_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(GOOD)
+    policy = load_policy(path)
+    rule = policy.rules[0]
+    assert policy.source == str(path)
+    assert rule.cooldown == 3.0
+    assert rule.actions[0].options.grace == 1.5
+    assert [s.name for s in rule.selectors] == ["protect", "oom-score"]
+    assert not policy.dry_run and rule.guard.signals_enabled
+    assert not load_policy(path, dry_run=True).rules[0].guard.signals_enabled
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        (('cooldown = "3s"', 'cooldown = "3 parsecs"'), "rule[0].cooldown", "not a duration"),
+        (('grace = "1500ms"', 'grace = "soon"'), "rule[0].actions[0]", "not a duration"),
+        (('comm = ["^sshd$"]', 'comm = ["(unclosed"]'), "rule[0].select[0]", "regular expression"),
+        (('"oom-score"', '"telepathy"'), "rule[0].select[1]", "no selector of this name"),
+        (('"reap"', '"explode"'), "rule[0].actions[1]", "no action of this name"),
+        (('scope = "system"', 'scope = "everything"'), "rule[0].scope", "expected \"system\""),
+        (('scope = "system"', ""), "rule[0].scope", "every rule needs a scope"),
+        (('"mem_available < 5%"', '"mem_available > 5%"'), "rule[0].when[1]", "mem_available <"),
+        (('"memory some 100ms/2s"', '"memory some 150ms/1s"'), "rule[0].when[0]", "2s"),
+        (("cooldown", "colldown"), "rule[0].colldown", "unknown key"),
+        (("comm = [", "cmd = ["), "rule[0].select[0]", "unknown option 'cmd'"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_file_and_key_path(
+    tmp_path: Path, change: tuple[str, str], key: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "150ms/1s" in change[1]:
+        monkeypatch.setattr(
+            "reapkit._policy.effective_capabilities", lambda: {"CAP_SYS_RESOURCE": False}
+        )
+    path = tmp_path / "broken.toml"
+    assert change[0] in GOOD
+    path.write_text(GOOD.replace(change[0], change[1]))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(path) in str(info.value)
+    assert info.value.key == key
+    assert message in str(info.value)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read it"):
+        load_policy(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[rule]\nname=")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(bad)
+    with pytest.raises(PolicyError, match="at least one"):
+        load_policy(text="[reaper]\n")
+
+
+def test_registration_validates_and_names_the_plugin() -> None:
+    registry = PluginRegistry()
+
+    class NoName(Selector):
+        def select(self, situation: Any, candidates: Any) -> Any:
+            return candidates
+
+    with pytest.raises(PluginError, match="needs a name"):
+        registry.register(NoName)
+
+    class NoSelect(Selector):
+        name: ClassVar[str] = "lazy"
+
+    with pytest.raises(PluginError, match="'lazy': a selector must implement select"):
+        registry.register(NoSelect)  # type: ignore[type-abstract]
+
+    with pytest.raises(PluginError, match="not a subclass"):
+        validate_plugin(object)
+
+
+def test_function_selectors_and_options(tmp_path: Path) -> None:
+    registry = PluginRegistry()
+    register_builtins(registry)
+
+    @selector("first-two", registry=registry)
+    def first_two(situation: Any, candidates: Any) -> Any:
+        """Keep the first two."""
+        return candidates[:2]
+
+    cls = registry.get("selector", "first-two")
+    assert cls.__doc__ == "Keep the first two."
+    policy = load_policy(text=GOOD.replace('"oom-score"', '"first-two"'), registry=registry)
+    assert policy.rules[0].selectors[1].name == "first-two"
+    protect = registry.get("selector", "protect")
+    with pytest.raises(PluginError, match="unknown option 'nope'"):
+        make_options(protect, {"nope": 1}, "here")
+
+
+class FromEntryPoint(Selector):
+    name: ClassVar[str] = "from-entry-point"
+
+    def select(self, situation: Any, candidates: Any) -> Any:
+        return candidates
+
+
+class _FakeEntryPoint:
+    def __init__(self, name: str, target: Any, dist: str) -> None:
+        self.name, self._target = name, target
+        self.dist = type("Dist", (), {"name": dist})()
+
+    def load(self) -> Any:
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+def test_entry_points_load_and_a_broken_one_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = [
+        _FakeEntryPoint("good", FromEntryPoint, "reapkit-good"),
+        _FakeEntryPoint("broken", ImportError("no module named kaboom"), "reapkit-broken"),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps)
+    registry = PluginRegistry()
+    failures = registry.load_entry_points()
+    assert [f.name for f in failures] == ["broken"]
+    assert registry.get("selector", "from-entry-point") is FromEntryPoint
+    infos = {i.name: i for i in registry.plugins()}
+    assert infos["from-entry-point"].source == "reapkit-good"
+    assert infos["broken"].error == "ImportError: no module named kaboom"

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench_connector, bench_procfs, bench_sources, bench_stuck
+from . import bench_connector, bench_pipeline, bench_procfs, bench_sources, bench_stuck
 
-BENCHMARKS = (bench_procfs, bench_sources, bench_connector, bench_stuck)
+BENCHMARKS = (bench_procfs, bench_sources, bench_connector, bench_stuck, bench_pipeline)
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 

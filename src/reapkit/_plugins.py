@@ -214,7 +214,10 @@ class Observer(Plugin):
 
 
 class Trigger(Plugin):
-    """A source of reasons to act: sends events into the engine's channel."""
+    """A source of reasons to act, run for as long as the reaper runs: ``run(send, *,
+    task_status)`` calls ``task_status.started()`` once armed, then sends
+    :class:`reapkit.ManualTrigger` events (every rule is evaluated, as for
+    ``reaper.trigger()``) into ``send`` until cancelled."""
 
     kind: ClassVar[Kind] = "trigger"
 

@@ -27,6 +27,7 @@ from ._plugins import (
     PluginError,
     PluginRegistry,
     Selector,
+    Trigger,
     default_registry,
     make_options,
 )
@@ -105,6 +106,8 @@ class Policy:
     reap: ReapOptions
     dry_run: bool = False
     observers: tuple[Observer, ...] = ()
+    #: Trigger plugins: extra sources of reasons to act (they send ManualTrigger events).
+    triggers: tuple[Trigger, ...] = ()
 
     @property
     def needs_reaper(self) -> bool:
@@ -162,10 +165,11 @@ def _build(
     def fail(key: str, message: str) -> PolicyError:
         return PolicyError(source, key, message)
 
-    unknown = set(data) - {"reaper", "rule", "observer"}
+    unknown = set(data) - {"reaper", "rule", "observer", "trigger"}
     if unknown:
         raise fail(
-            sorted(unknown)[0], "unknown section (expected [reaper], [[rule]], [[observer]])"
+            sorted(unknown)[0],
+            "unknown section (expected [reaper], [[rule]], [[observer]], [[trigger]])",
         )
     reaper = _table(data.get("reaper", {}), "reaper", fail)
     dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
@@ -193,7 +197,11 @@ def _build(
         _plugin(o, f"observer[{i}]", "observer", registry, fail)
         for i, o in enumerate(_list(data.get("observer", []), "observer", fail))
     )
-    return Policy(source, tuple(rules), reap, dry_run, observers)
+    triggers = tuple(
+        _plugin(t, f"trigger[{i}]", "trigger", registry, fail)
+        for i, t in enumerate(_list(data.get("trigger", []), "trigger", fail))
+    )
+    return Policy(source, tuple(rules), reap, dry_run, observers, triggers)
 
 
 def _rule(
@@ -294,7 +302,7 @@ def _plugin(raw: Any, where: str, kind: str, registry: PluginRegistry, fail: Any
         raise fail(where, str(exc)) from None
     except (InvalidValue, TypeError, ValueError) as exc:
         raise fail(where, f"plugin {name!r}: {exc}") from None
-    if not isinstance(instance, Selector | Action | Observer):  # pragma: no cover
+    if not isinstance(instance, Selector | Action | Observer | Trigger):  # pragma: no cover
         raise fail(where, f"{name!r} is not a {kind}")
     return instance
 

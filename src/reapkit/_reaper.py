@@ -88,7 +88,7 @@ class Reaper:
     def statistics(self) -> ReaperStatistics:
         return ReaperStatistics(
             engine=self._engine.statistics(),
-            sources=tuple(s.statistics() for s in self._sources),
+            sources=tuple(s.statistics() for s in self._sources if hasattr(s, "statistics")),
             table=self._table.statistics() if self._table is not None else None,
             reap=self._reap.statistics() if self._reap is not None else None,
             records=self._records,
@@ -148,6 +148,7 @@ def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
             elif isinstance(cond, MemoryCondition) and cond.threshold not in thresholds:
                 thresholds.append(cond.threshold)
     sources: list[Any] = [PsiTriggerSource(spec) for spec in specs]
+    sources.extend(policy.triggers)
     if thresholds:
         sources.append(MemoryThresholdSource(thresholds, procfs=procfs))
     return sources

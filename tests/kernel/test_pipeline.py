@@ -11,13 +11,14 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import trio
 
+from reapkit._engine import ManualTrigger
 from reapkit._hog import make_thrash_file, start_hog, start_thrasher
-from reapkit._plugins import Observer, PluginRegistry, Ranked, Selector, Situation
+from reapkit._plugins import Observer, PluginRegistry, Ranked, Selector, Situation, Trigger
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord, KillWarning
@@ -326,4 +327,34 @@ async def test_observers_hear_warnings_and_records_and_a_broken_one_is_isolated(
     assert isinstance(warning, KillWarning) and warning.message == f"ending sleep ({victim.pid})"
     assert recorded is record and record.outcome == "killed"
     assert failures == 1
+    assert victim.wait(10) == -signal.SIGKILL
+
+
+class AfterOneTick(Trigger):
+    """A plugin trigger: asks once, shortly after it starts."""
+
+    name: ClassVar[str] = "test-after-one-tick"
+
+    async def run(self, send: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with send:
+            task_status.started()
+            await trio.sleep(0.1)
+            await send.send(ManualTrigger(trio.current_time(), "a plugin says so"))
+            await trio.sleep_forever()
+
+
+async def test_a_trigger_plugin_from_the_policy_makes_the_reaper_act(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    registry = PluginRegistry()
+    register_builtins(registry)
+    registry.register(AfterOneTick)
+    victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    text = _policy(memory_cgroup, when="", select='"largest-rss"', actions='"kill"')
+    policy = load_policy(
+        text=text + '\n[[trigger]]\nname = "test-after-one-tick"\n', registry=registry
+    )
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        record = await _next_record(records, 10)
+    assert record.outcome == "killed" and "a plugin says so" in record.condition
     assert victim.wait(10) == -signal.SIGKILL

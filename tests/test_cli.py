@@ -63,12 +63,17 @@ def test_demo_json_shape() -> None:
     done = reapkit("demo", "--json", "--size-mib", "96", "--bound", "0.5")
     assert done.returncode == 0, done.stderr
     scenarios = json.loads(done.stdout)
-    assert [s["scenario"] for s in scenarios] == ["kill-only", "mrelease"]
+    assert [s["scenario"] for s in scenarios] == ["pipeline", "kill-only", "mrelease"]
     for s in scenarios:
         assert set(s) >= {"scenario", "victim_rss_bytes", "freed_bytes", "ms_to_memory_back"}
     if any(s["skipped"] for s in scenarios):
         need("what the demo needs", str(scenarios))
-    alone, reaped = scenarios
+    pipeline, alone, reaped = scenarios
+    (record,) = pipeline["records"]  # the KillRecord, through the real pipeline
+    assert record["outcome"] == "killed" and record["rule"] == "demo"
+    assert [a["action"] for a in record["actions"]] == ["kill", "reap"]
+    assert record["timeline_ms"]["memory_back"] is not None
+    assert pipeline["freed_bytes"] >= 256 * (1 << 20)
     assert alone["ms_to_memory_back"] is None  # stuck in D: nothing back within the bound
     assert reaped["ms_to_memory_back"] is not None
     assert reaped["freed_bytes"] >= 0.9 * 96 * (1 << 20)

@@ -13,19 +13,24 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import attrs
+import trio
 
 from ._errors import Unsupported
 from ._guard import CgroupScope, KillGuard
-from ._hog import start_hog
+from ._hog import disk_backed_tmp, make_thrash_file, start_grower, start_hog, start_thrasher
 from ._kernel._cgroups import cgroup_mounts, mount_for
 from ._kernel._syscalls import process_mrelease
+from ._policy import load_policy
 from ._process import ProcessRef
 from ._procfs import ProcFS
+from ._reaper import open_reaper
 from ._sandbox import SandboxCgroup
 from ._signals import deferred_interrupts
 
@@ -51,9 +56,14 @@ class ScenarioResult:
     #: mrelease: how long the ``process_mrelease`` call itself took.
     mrelease_call_ms: float | None = None
     skipped: str | None = None
+    #: The pipeline scenario: its KillRecords (``KillRecord.as_json()``).
+    records: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        if self.records is None:
+            del data["records"]
+        return data
 
 
 def _wait_freed(
@@ -200,3 +210,78 @@ def stuck_victim_unsupported() -> str | None:
             " none (cgroup v2's freezer lets SIGKILL through)"
         )
     return None
+
+
+# -- the pipeline scenario ----------------------------------------------------------------------
+
+PIPELINE_LIMIT: Final = 512 * MiB
+PIPELINE_TIMEOUT: Final = 60.0
+PIPELINE_LINE: Final = "60%"
+
+
+def pipeline_policy(scope: str, *, with_pressure: bool) -> str:
+    """The demo's policy: a leak in ``scope`` under real memory pressure is ended and reaped;
+    ``sleep`` processes are protected."""
+    when = '"memory some 100ms/2s", ' if with_pressure else ""
+    return f"""
+[reaper.reap]
+threads = 1
+
+[[rule]]
+name = "demo"
+cgroup = "{scope}"
+when = [{when}"cgroup_usage > {PIPELINE_LINE}"]
+scope = {{ cgroup = "{scope}" }}
+select = [{{ name = "protect", comm = ["^sleep$"] }}, "largest-rss"]
+actions = ["kill", "reap"]
+victim_timeout = "5s"
+"""
+
+
+async def run_pipeline_scenario(
+    *, with_pressure: bool, progress: Callable[[str], None] | None = None
+) -> ScenarioResult:
+    """A leak grows in a limited cgroup while page-cache thrashing (in a second small cgroup)
+    makes real memory pressure; the real pipeline ends it and reaps it; a protected ``sleep``
+    in the same cgroup survives. Everything is created here and removed afterwards; the
+    caller bounds it with a cancel scope."""
+    with contextlib.ExitStack() as stack:
+        scope = stack.enter_context(SandboxCgroup.create("memory", prefix=SANDBOX_PREFIX))
+        scope.set_memory_limit(PIPELINE_LIMIT)
+        bystander = await trio.to_thread.run_sync(subprocess.Popen, ["sleep", "3600"])
+        stack.callback(_end_child, bystander)
+        scope.add(bystander.pid)
+        if with_pressure:
+            pressure = stack.enter_context(SandboxCgroup.create("memory", prefix=SANDBOX_PREFIX))
+            pressure.set_memory_limit(96 * MiB)
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(dir=disk_backed_tmp()))
+            thrash = os.path.join(workdir, "thrash")
+            await trio.to_thread.run_sync(make_thrash_file, thrash, 256 * MiB)
+        policy = load_policy(text=pipeline_policy(scope.directory, with_pressure=with_pressure))
+        async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+            if with_pressure:
+                stack.enter_context(start_thrasher(thrash, [pressure.directory]))
+            grower = stack.enter_context(
+                start_grower(32 * MiB, 0.1, PIPELINE_LIMIT - 64 * MiB, [scope.directory])
+            )
+            if progress:
+                progress("waiting for the conditions to hold")
+            record = await records.receive()
+            survived = bystander.poll() is None  # before our own cleanup ends it
+            del grower
+    return ScenarioResult(
+        "pipeline",
+        record.victim.rss if record.victim else None,
+        record.bytes_freed,
+        record.timeline.ms_from_trigger()["memory_back"],
+        PIPELINE_TIMEOUT * 1000,
+        skipped=None if survived else "the protected bystander did not survive",
+        records=[record.as_json()],
+    )
+
+
+def _end_child(child: subprocess.Popen[bytes]) -> None:
+    with deferred_interrupts():
+        if child.poll() is None:
+            child.kill()
+        child.wait()

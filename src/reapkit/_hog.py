@@ -5,6 +5,9 @@ it allocates (so every page is charged to the sandbox and its hard limit), touch
 bytes of private anonymous memory (what ``process_mrelease`` frees), says ``ready`` on stdout
 and then sleeps until killed.
 
+``python -m reapkit._hog grow STEP INTERVAL LIMIT [CGROUP_DIR ...]``: a leak, growing by
+``STEP`` bytes every ``INTERVAL`` seconds up to ``LIMIT``.
+
 ``python -m reapkit._hog thrash FILE [CGROUP_DIR ...]``: real memory pressure without swap
 (``shared/KERNEL_NOTES.md``). It reads a file larger than its memory cgroup's limit through
 ``mmap``, page by page, in a loop: the page cache thrashes and tasks stall on reclaim and I/O,
@@ -18,6 +21,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -46,11 +50,27 @@ def _thrash(path: str) -> None:
             view[offset]
 
 
+def _grow(step: int, interval: float, limit: int) -> None:
+    """Allocate ``step`` bytes every ``interval`` seconds up to ``limit``: a leak, visibly."""
+    blocks: list[bytes] = []
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while len(blocks) * step < limit:
+        blocks.append(b"\x5a" * step)
+        time.sleep(interval)
+    while True:
+        time.sleep(3600)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[0] == "thrash":
         _join(args[2:])
         _thrash(args[1])
+        return
+    if args[0] == "grow":
+        _join(args[4:])
+        _grow(int(args[1]), float(args[2]), int(args[3]))
         return
     size = int(args[0])
     _join(args[1:])
@@ -101,6 +121,36 @@ class Hog:
 def start_hog(size: int, cgroup_dirs: Sequence[str], *, timeout: float = 30.0) -> Hog:
     """Start a hog of ``size`` bytes inside ``cgroup_dirs`` and wait until it holds them all."""
     return _start([str(size)], size, cgroup_dirs, timeout)
+
+
+def start_grower(
+    step: int, interval: float, limit: int, cgroup_dirs: Sequence[str], *, timeout: float = 30.0
+) -> Hog:
+    """Start a hog that grows by ``step`` bytes every ``interval`` s up to ``limit`` bytes."""
+    return _start(["grow", str(step), str(interval), str(limit)], limit, cgroup_dirs, timeout)
+
+
+def filesystem_type(path: str) -> str:
+    """The file system type of the mount holding ``path`` (from ``/proc/self/mountinfo``)."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            mountpoint = fields[4]
+            inside = real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")
+            if inside and len(mountpoint) >= len(best):
+                best, fstype = mountpoint, fields[fields.index("-") + 1]
+    return fstype
+
+
+def disk_backed_tmp() -> str | None:
+    """A temporary directory whose pages are page cache that can be reclaimed: not tmpfs
+    (shmem cannot be reclaimed without swap, so thrashing it makes no pressure)."""
+    for candidate in (tempfile.gettempdir(), "/var/tmp"):
+        if os.path.isdir(candidate) and filesystem_type(candidate) not in ("tmpfs", "ramfs"):
+            return candidate
+    return None
 
 
 def make_thrash_file(path: str, size: int = 256 << 20) -> None:

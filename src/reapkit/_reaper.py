@@ -159,12 +159,14 @@ async def serve_reaper(
     *,
     procfs: ProcFS | None = None,
     live_table: bool = True,
+    stop_timeout: float = 5.0,
     task_status: trio.TaskStatus[Reaper] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a reaper until cancelled; ``task_status.started(reaper)`` once it is fully up.
 
     ``live_table=False`` skips the proc-connector process table (candidates then come from a
-    ``/proc`` scan per decision, or from the rule's cgroup).
+    ``/proc`` scan per decision, or from the rule's cgroup). ``stop_timeout`` bounds how long
+    cancellation waits for the reap threads.
     """
     procfs = procfs or ProcFS()
     send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
@@ -181,7 +183,7 @@ async def serve_reaper(
                 policy=policy.reap.policy,
                 priority=policy.reap.priority,
             )
-            reap = await nursery.start(ReapStage(settings).serve)
+            reap = await nursery.start(ReapStage(settings, shutdown_timeout=stop_timeout).serve)
         engine = Engine(policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap)
         reaper = Reaper(policy, engine, send.clone(), table=table, reap=reap)
         engine.emit = reaper._emit

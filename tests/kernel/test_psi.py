@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from reapkit import InvalidValue, Unsupported
-from reapkit._hog import make_thrash_file, start_thrasher
+from reapkit._hog import disk_backed_tmp, filesystem_type, make_thrash_file, start_thrasher
 from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.psi import PressureEvent, PressureWatchEnded, PsiTriggerSource
 from reapkit._units import parse_psi
@@ -20,8 +20,6 @@ from reapkit.lowlevel import Probe
 from ..conftest import MiB, need
 
 pytestmark = pytest.mark.kernel
-
-TMPFS_MAGIC = 0x01021994
 
 
 @pytest.fixture
@@ -42,23 +40,12 @@ def _open_fds() -> set[str]:
 def _disk_dir(tmp_path: Path) -> Path:
     """A directory on a disk file system: tmpfs pages are shmem, which cannot be reclaimed
     without swap, so thrashing them makes no page-cache pressure."""
-    disks = [d for d in (tmp_path, Path("/var/tmp")) if _fs_type(d) != TMPFS_MAGIC]
-    if not disks:
+    if filesystem_type(str(tmp_path)) not in ("tmpfs", "ramfs"):
+        return tmp_path
+    found = disk_backed_tmp()
+    if found is None:
         need("a disk-backed directory (tmp_path and /var/tmp are tmpfs)")
-    return disks[0]
-
-
-def _fs_type(path: Path) -> int:
-    # statvfs has no f_type; /proc/self/mountinfo gives the fs name of the longest mount.
-    best, fstype = "", ""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            mountpoint = fields[4]
-            sep = fields.index("-")
-            if str(path).startswith(mountpoint) and len(mountpoint) > len(best):
-                best, fstype = mountpoint, fields[sep + 1]
-    return TMPFS_MAGIC if fstype == "tmpfs" else 0
+    return Path(found)
 
 
 @pytest.fixture

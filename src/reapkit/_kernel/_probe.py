@@ -168,6 +168,13 @@ def _try_trigger(path: str, spec: str) -> int:
     return 0
 
 
+def check_psi_triggers() -> bool:
+    """Whether a memory PSI trigger with a 2 s window can be armed here (cheap: one write)."""
+    return os.path.exists("/proc/pressure/memory") and not _try_trigger(
+        "/proc/pressure/memory", "some 100000 2000000"
+    )
+
+
 def _probe_psi() -> tuple[Check, Check, tuple[str, ...], bool]:
     files = tuple(r for r in PSI_RESOURCES if os.path.exists(f"/proc/pressure/{r}"))
     if "memory" not in files:

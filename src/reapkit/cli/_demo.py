@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import trio
+from rich.console import Console
+
 from .._demo import (
+    PIPELINE_TIMEOUT,
     MiB,
     ScenarioResult,
     check_can_run,
+    run_pipeline_scenario,
     run_stuck_victim_demo,
     skipped_results,
     stuck_victim_unsupported,
 )
-from .._kernel._probe import check_process_mrelease
+from .._kernel._probe import check_process_mrelease, check_psi_triggers
 from ._status import EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
 
@@ -42,10 +48,45 @@ def _mib(n: int | None) -> str:
     return "?" if n is None else f"{n / MiB:.0f} MiB"
 
 
+_STEPS = (
+    ("victim_chosen", "victim chosen"),
+    ("signal_sent", "SIGKILL sent"),
+    ("reap_started", "reap started"),
+    ("reap_finished", "reap finished"),
+    ("memory_back", "memory back"),
+    ("exit_seen", "exit seen"),
+)
+
+
+def render_timeline(record: dict[str, Any]) -> list[str]:
+    """A KillRecord (as JSON) as a readable timeline: ms from the trigger for each step."""
+    victim = record.get("victim") or {}
+    lines = [
+        f"  pipeline   rule {record['rule']!r}: {record['outcome']} {victim.get('comm')!r}"
+        f" (pid {victim.get('pid')}, RSS {_mib(victim.get('rss'))})",
+        f"             trigger seen        0 ms   {record['condition']}",
+    ]
+    steps = record["timeline_ms"]
+    for key, label in _STEPS:
+        value = steps.get(key)
+        shown = "-" if value is None else f"+{value:.0f} ms"
+        lines.append(f"             {label:<18} {shown:>6}")
+    for step in record.get("selectors", []):
+        lines.append(f"             chose by {step['selector']}: {step['reason']}")
+    lines.append(f"             freed {_mib(record.get('bytes_freed'))}")
+    return lines
+
+
 def render(results: list[ScenarioResult]) -> str:
     lines = []
     for r in results:
-        if r.skipped:
+        if r.records and not r.skipped:
+            for record in r.records:
+                lines += render_timeline(record)
+            lines.append(
+                "             the protected bystander ('sleep') in the same cgroup survived"
+            )
+        elif r.skipped:
             lines.append(f"  {r.scenario:<10} skipped: {r.skipped}")
         elif r.ms_to_memory_back is None:
             thaw = (
@@ -78,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
             print(message, file=sys.stderr)
 
     say(
-        f"reapkit demo: a {args.size_mib} MiB victim, frozen in state D by the cgroup v1"
-        " freezer, killed with SIGKILL through its pidfd"
+        "reapkit demo: (1) the reaper's pipeline on a leak under real memory pressure;"
+        f" (2) a {args.size_mib} MiB victim stuck in state D (cgroup v1 freezer), killed with"
+        " and without process_mrelease. All in sandbox cgroups, removed afterwards."
     )
     mrelease = check_process_mrelease().ok
+    results = [_pipeline(args, say)]
     why_not = stuck_victim_unsupported()
     if why_not is None:
-        results = run_stuck_victim_demo(
+        results += run_stuck_victim_demo(
             size=args.size_mib * MiB,
             bound=args.bound,
             mrelease_available=mrelease,
@@ -92,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         say(f"  skipping the stuck-victim comparison: {why_not}")
-        results = skipped_results(why_not, args.bound)
+        results += skipped_results(why_not, args.bound)
     if args.json:
         print(json.dumps([r.as_json() for r in results], indent=2))
     else:
@@ -104,3 +147,30 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _pipeline(args: argparse.Namespace, say: Callable[[str], None]) -> ScenarioResult:
+    """The real pipeline on a growing leak under real pressure, with a spinner meanwhile."""
+    with_pressure = check_psi_triggers()
+    say(
+        "  pipeline: a leak grows in a 512 MiB cgroup"
+        + (" while page-cache thrashing makes memory pressure" if with_pressure else "")
+        + "; the reaper must end it and spare a protected 'sleep'"
+    )
+    if not with_pressure:
+        say("  (PSI triggers are not available here: the rule uses the memory condition alone)")
+    console = Console(stderr=True, quiet=args.json)
+
+    async def bounded() -> ScenarioResult | None:
+        with trio.move_on_after(PIPELINE_TIMEOUT):
+            with console.status("waiting for pressure and the memory line...", spinner="dots"):
+                return await run_pipeline_scenario(with_pressure=with_pressure)
+        return None
+
+    result = trio.run(bounded)
+    if result is None:
+        return ScenarioResult(
+            "pipeline", None, None, None, PIPELINE_TIMEOUT * 1000,
+            skipped=f"the conditions did not hold within {PIPELINE_TIMEOUT:g} s",
+        )  # fmt: skip
+    return result

@@ -13,7 +13,7 @@ from .._errors import AccessDenied, ReapkitError, Unsupported
 from .._policy import PolicyError
 from .._signals import interrupt_on_termination
 from .._version import __version__
-from . import _check, _demo, _doctor
+from . import _check, _demo, _doctor, _run
 from ._status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
 
 EPILOG = """\
@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (_doctor, _check, _demo):
+    for module in (_run, _check, _demo, _doctor):
         module.add_parser(commands)
     return parser
 

@@ -1,0 +1,185 @@
+"""``reapkit run [POLICY]``: the daemon.
+
+It locks its memory (``mlockall``, on fault), protects itself with ``oom_score_adj -1000``
+(its hooks run with 0), optionally raises its main thread's priority, logs readable text or
+JSON lines to stderr, writes every KillRecord as a JSON line (``--records``), reloads the
+policy on SIGHUP (a broken policy keeps the old one and says why), stops on SIGTERM/SIGINT
+within ``--stop-timeout``, and speaks sd_notify (``READY=1``, ``STATUS=``, ``RELOADING=1``,
+``STOPPING=1``, ``WATCHDOG=1``) when started by systemd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+import trio
+
+from .._errors import AccessDenied
+from .._kernel._syscalls import mlockall, set_oom_score_adj
+from .._notify import Notifier
+from .._policy import Policy, PolicyError, load_policy
+from .._reaper import Reaper, serve_reaper
+from .._records import KillRecord
+from ._status import EXIT_OK, UsageError
+
+log = logging.getLogger("reapkit")
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "run",
+        help="run the reaper daemon with POLICY (the embedded default when none)",
+        description="Run the reaper until SIGTERM or SIGINT. SIGHUP reloads POLICY (a broken"
+        " one keeps the old policy). Speaks sd_notify under systemd (Type=notify).",
+    )
+    p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="decide and record, but never signal anything"
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--records", metavar="PATH", help="append every KillRecord as a JSON line")
+    p.add_argument("--nice", type=int, metavar="N", help="the main thread's nice value (-20..19)")
+    p.add_argument(
+        "--stop-timeout", type=float, default=5.0, metavar="SECONDS",
+        help="how long a graceful stop may take (default 5)",
+    )  # fmt: skip
+    p.set_defaults(run=run)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and a refusal's fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        refusal = getattr(record, "refusal", None)
+        if refusal is not None:
+            data["refusal"] = {"pid": refusal.pid, "reason": refusal.reason.value}
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def _configure_logging(fmt: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _prepare_process(args: argparse.Namespace) -> None:
+    """Lock memory, protect ourselves, set priority; say what could not be done, and go on."""
+    try:
+        on_fault = mlockall()
+        log.info("memory locked (mlockall%s)", ", on fault" if on_fault else "")
+    except AccessDenied as exc:
+        log.warning("running without locked memory: %s", exc)
+    try:
+        set_oom_score_adj(-1000)
+    except AccessDenied as exc:
+        log.warning("the kernel's OOM killer may pick the reaper itself: %s", exc)
+    if args.nice is not None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+        except PermissionError:
+            log.warning("could not set nice %d: lowering it needs CAP_SYS_NICE", args.nice)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stop_timeout <= 0:
+        raise UsageError("--stop-timeout must be positive")
+    if args.nice is not None and not -20 <= args.nice <= 19:
+        raise UsageError("--nice must be within -20..19")
+    policy = load_policy(args.policy, dry_run=args.dry_run)  # PolicyError: exit 2
+    records = open(args.records, "a", encoding="utf-8") if args.records else None  # noqa: SIM115
+    try:
+        _configure_logging(args.log_format, args.verbose)
+        _prepare_process(args)
+        trio.run(_serve, policy, args, records)
+    finally:
+        if records is not None:
+            records.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _status(policy: Policy) -> str:
+    mode = " (dry-run)" if policy.dry_run else ""
+    names = ", ".join(r.name for r in policy.rules)
+    return f"STATUS=watching {len(policy.rules)} rule(s) of {policy.source}{mode}: {names}"
+
+
+async def _serve(policy: Policy, args: argparse.Namespace, records: TextIO | None) -> None:
+    notifier = Notifier.from_environment()
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            reaper: Reaper = await nursery.start(
+                functools.partial(serve_reaper, policy, stop_timeout=args.stop_timeout)
+            )
+            nursery.start_soon(_write_records, reaper, records)
+            if notifier.watchdog_interval:
+                nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
+            notifier.notify("READY=1", _status(policy))
+            log.info("running: %s", _status(policy).removeprefix("STATUS="))
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await _reload(reaper, args, notifier)
+                    continue
+                log.info("%s: stopping", signal.Signals(signum).name)
+                notifier.notify("STOPPING=1", "STATUS=stopping")
+                break
+            # Sources close their fds at once; the reap stage joins its threads within
+            # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
+            nursery.cancel_scope.cancel()
+    notifier.close()
+
+
+async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
+    notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        policy = load_policy(args.policy, dry_run=args.dry_run)
+    except PolicyError as exc:
+        log.error("SIGHUP: keeping the current policy: %s", exc)  # noqa: TRY400 - a user error: no traceback
+        notifier.notify("READY=1", _status(reaper.policy))
+        return
+    await reaper.reload(policy)
+    log.info("SIGHUP: reloaded %s", policy.source)
+    notifier.notify("READY=1", _status(policy))
+
+
+async def _write_records(reaper: Reaper, out: TextIO | None) -> None:
+    async with reaper.records() as records:
+        async for record in records:
+            _log_record(record)
+            if out is not None:
+                out.write(record.to_json_line() + "\n")
+                out.flush()
+
+
+def _log_record(record: KillRecord) -> None:
+    v = record.victim
+    victim = f"{v.comm!r} (pid {v.pid})" if v else "nobody"
+    freed = f", {record.bytes_freed >> 20} MiB back" if record.bytes_freed else ""
+    log.warning("rule %s: %s %s: %s%s", record.rule, record.outcome, victim, record.reason, freed)
+
+
+async def _watchdog(notifier: Notifier, every: float) -> None:
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await trio.sleep(every)

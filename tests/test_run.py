@@ -1,0 +1,189 @@
+"""``reapkit run``, the daemon, as a subprocess on sandbox policies.
+
+Every policy here is scoped to a cgroup the test created; the daemon is stopped (by its own
+Popen) at teardown whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reapkit._sandbox import SandboxCgroup
+
+from .conftest import MiB, Spawn
+
+
+def _policy(path: Path, cgroup: SandboxCgroup, *, when: str = "", actions: str = '"kill"') -> Path:
+    path.write_text(
+        f'[[rule]]\nname = "sandbox"\ncgroup = "{cgroup.directory}"\nwhen = [{when}]\n'
+        f'scope = {{ cgroup = "{cgroup.directory}" }}\nselect = ["largest-rss"]\n'
+        f'actions = [{actions}]\nvictim_timeout = "3s"\ncooldown = "1s"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def daemon() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            for stream in (p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def _start(
+    daemon: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "reapkit.cli", "run", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    daemon.append(p)
+    return p
+
+
+def _wait_for_line(p: subprocess.Popen[str], needle: str, timeout: float = 30) -> list[str]:
+    assert p.stderr is not None
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen in:\n{''.join(lines)}")
+
+
+def test_run_kills_a_hog_and_writes_a_complete_record(
+    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path
+) -> None:
+    memory_cgroup.set_memory_limit(256 * MiB)
+    policy = _policy(
+        tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 50%"', actions='"kill", "reap"'
+    )
+    records = tmp_path / "records.jsonl"
+    p = _start(daemon, str(policy), "--records", str(records))
+    _wait_for_line(p, "running:")
+    # The reaper may well kill the hog while it is still allocating: don't wait for "ready".
+    hog = spawn([sys.executable, "-m", "reapkit._hog", str(180 * MiB)], cgroups=[memory_cgroup])
+    assert hog.wait(30) == -signal.SIGKILL
+    _wait_for_line(p, "rule sandbox: killed")
+    (line,) = records.read_text().splitlines()
+    record = json.loads(line)
+    assert record["outcome"] == "killed" and record["victim"]["pid"] == hog.pid
+    assert (
+        record["rule"] == "sandbox" and "cgroup_usage" in record["condition"]
+    ) or "usage" in record["condition"]
+    assert [a["action"] for a in record["actions"]] == ["kill", "reap"]
+    assert (
+        record["timeline_ms"]["signal_sent"] is not None
+        and record["timeline_ms"]["exit_seen"] is not None
+    )
+    assert record["bytes_freed"] >= 100 * MiB  # it was killed at ~128 MiB or a little more
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+
+
+def test_dry_run_never_kills(
+    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path
+) -> None:
+    memory_cgroup.set_memory_limit(256 * MiB)
+    victim = spawn(cgroups=[memory_cgroup])
+    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    p = _start(daemon, str(policy), "--dry-run")
+    _wait_for_line(p, "rule sandbox: dry-run")
+    assert victim.poll() is None
+    p.send_signal(signal.SIGINT)
+    assert p.wait(10) == 0
+
+
+def test_sighup_with_a_broken_policy_keeps_the_old_one(
+    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    p = _start(daemon, str(policy))
+    _wait_for_line(p, "running:")
+    policy.write_text(policy.read_text().replace('cooldown = "1s"', 'cooldown = "a while"'))
+    p.send_signal(signal.SIGHUP)
+    lines = _wait_for_line(p, "keeping the current policy")
+    assert "rule[0].cooldown" in lines[-1] and str(policy) in lines[-1]
+    assert p.poll() is None
+    policy.write_text(policy.read_text().replace('cooldown = "a while"', 'cooldown = "2s"'))
+    p.send_signal(signal.SIGHUP)
+    _wait_for_line(p, "SIGHUP: reloaded")
+    started = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    assert time.monotonic() - started < 6  # within --stop-timeout (5 s) and then some
+
+
+def test_sd_notify_messages_arrive(
+    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    try:
+        policy = _policy(tmp_path / "p.toml", memory_cgroup)
+        p = _start(daemon, str(policy), env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+        messages: list[str] = []
+        while not any("WATCHDOG=1" in m for m in messages[1:]):
+            messages.append(listener.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=watching 1 rule(s)" in ready
+        p.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        assert p.wait(10) == 0
+    finally:
+        listener.close()
+
+
+def test_json_logs(
+    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    p = _start(daemon, str(policy), "--log-format", "json")
+    line = _wait_for_line(p, "running:")[-1]
+    assert json.loads(line)["message"].startswith("running:")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [(("--log-format", "xml"), 2), (("--nice", "99"), 2), (("/nonexistent/policy.toml",), 2)],
+)
+def test_bad_arguments_and_policies_exit_2_with_one_line(
+    args: tuple[str, ...], status: int
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "reapkit.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == status
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

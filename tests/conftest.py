@@ -173,3 +173,17 @@ def live_pids() -> set[int]:
         if state not in (b"Z", b"X"):
             found.add(int(name))
     return found
+
+
+class FakeEntryPoint:
+    """Stands for an ``importlib.metadata`` entry point in tests (pluggy's pattern): ``load``
+    returns ``target``, or raises it if it is an exception."""
+
+    def __init__(self, name: str, target: object, dist: str) -> None:
+        self.name, self._target = name, target
+        self.dist = type("Dist", (), {"name": dist})()
+
+    def load(self) -> object:
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target

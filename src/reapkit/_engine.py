@@ -16,7 +16,6 @@ import collections
 import inspect
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -27,12 +26,21 @@ import trio
 
 from ._conditions import Condition, MemoryCondition, PressureCondition
 from ._errors import NoSuchProcess, ProcessChanged, ReapkitError
-from ._guard import REAL_PROC, CgroupScope, KillGuard, KillRefused, SignalOutcome, SubtreeScope
+from ._guard import (
+    REAL_PROC,
+    CgroupScope,
+    KillGuard,
+    KillRefused,
+    SignalOutcome,
+    SubtreeScope,
+    cgroup_members,
+)
 from ._plugins import Action, Candidate, Ranked, Selector, Situation
 from ._process import ProcessRef
 from ._procfs import ProcFS
 from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
 from ._sources.memory import MemoryEvent
+from ._sources.pidfd import wait_exit
 from ._sources.psi import PressureEvent, PressureWatchEnded
 
 log = logging.getLogger("reapkit.engine")
@@ -73,6 +81,8 @@ class EngineStatistics:
     events: int
     decisions: int
     kills: int
+    #: Decisions that would have killed, in dry-run (not counted as kills nor against caps).
+    dry_runs: int
     abandoned: int
     refused: int
     no_candidate: int
@@ -84,13 +94,17 @@ class EngineStatistics:
 
 @attrs.define
 class ActionContext:
-    """What an action gets: the pinned victim, the guard, the reap stage, and the record."""
+    """What an action gets: the chosen victim, the guard, and the record in the making.
+
+    The victim's pidfd stays inside: an action signals only through :meth:`send_signal`
+    (the guard decides, dry-run holds), waits with :meth:`wait_exit` and reaps with
+    :meth:`reap`."""
 
     rule: Rule
-    ref: ProcessRef
+    _ref: ProcessRef
     candidate: Candidate
     situation: Situation
-    reaper: Any  # ReapStage | None
+    _reaper: Any  # ReapStage | None
     timeline: dict[str, float | None]
     steps: list[ActionStep]
     #: True once SIGKILL was sent (or would have been, in dry-run).
@@ -98,10 +112,24 @@ class ActionContext:
     dry_run: bool = False
     #: Send a warning to every observer (the ``warn`` action).
     notify: Callable[[object], Awaitable[None]] | None = None
+    #: Anonymous memory + swap the victim held before any action (what its end frees).
+    freeable: int = 0
 
     @property
     def guard(self) -> KillGuard:
         return self.rule.guard
+
+    @property
+    def pid(self) -> int:
+        return self._ref.pid
+
+    @property
+    def start_time(self) -> int:
+        return self._ref.start_time
+
+    @property
+    def can_reap(self) -> bool:
+        return self._reaper is not None
 
     def mark(self, step: str) -> None:
         """Record the time of a timeline step (first time only)."""
@@ -110,13 +138,32 @@ class ActionContext:
 
     def send_signal(self, sig: int) -> SignalOutcome:
         """Signal the victim through the guard and mark the timeline."""
-        outcome = self.guard.send_signal(self.ref, sig)
+        outcome = self.guard.send_signal(self._ref, sig)
         self.mark("signal_sent")
         if outcome is SignalOutcome.DRY_RUN:
             self.dry_run = True
         if sig == signal.SIGKILL:
             self.killed = True
         return outcome
+
+    # A timeout argument (ASYNC109): "did it exit in time" is the answer, not an error.
+    async def wait_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s for the victim to exit (its pidfd); marks ``exit_seen``."""
+        if await wait_exit(self._ref, timeout=timeout):
+            self.mark("exit_seen")
+            return True
+        return False
+
+    async def reap(self) -> Any:
+        """``process_mrelease`` on a reaper thread: the ReapResult, or None when every
+        reaper thread is busy (the victim then frees its memory itself)."""
+        if self._reaper is None:
+            raise RuntimeError("this reaper has no reap stage")
+        result = await self._reaper.reap_or_skip(self._ref)
+        if result is not None:  # the thread's own times, already on the trio clock
+            self.timeline["reap_started"] = result.started
+            self.timeline["reap_finished"] = result.finished
+        return result
 
 
 Emit = Callable[[KillRecord], Awaitable[None]]
@@ -137,7 +184,8 @@ class Engine:
     reaper: Any = None
     notify: Callable[[object], Awaitable[None]] | None = None
     _last_pressure: dict[object, float] = attrs.field(factory=dict, init=False)
-    _busy_until: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: Victims signalled and not yet confirmed gone: pid -> deadline (trio clock).
+    _dying: dict[int, float] = attrs.field(factory=dict, init=False)
     _cooldown_until: dict[str, float] = attrs.field(factory=dict, init=False)
     _kills: dict[str, collections.deque[float]] = attrs.field(
         factory=lambda: collections.defaultdict(collections.deque), init=False
@@ -148,7 +196,7 @@ class Engine:
     def statistics(self) -> EngineStatistics:
         c = self._counts
         return EngineStatistics(
-            c["events"], c["decisions"], c["kills"], c["abandoned"], c["refused"],
+            c["events"], c["decisions"], c["kills"], c["dry_runs"], c["abandoned"], c["refused"],
             c["no_candidate"], c["plugin_failures"], c["skipped_busy"], c["skipped_cooldown"],
             c["skipped_cap"],
         )  # fmt: skip
@@ -167,17 +215,22 @@ class Engine:
         elif isinstance(event, PressureWatchEnded):
             log.warning("PSI watch ended: %s (%s)", event.spec, event.reason)
             return
-        elif (isinstance(event, MemoryEvent) and event.state == "recovered") or not isinstance(
-            event, MemoryEvent | ManualTrigger
-        ):
+        elif isinstance(event, MemoryEvent) and event.state in ("recovered", "gone"):
+            if event.state == "gone":
+                log.warning("memory watch ended: %s (its cgroup was removed)", event.threshold)
+            return
+        elif not isinstance(event, MemoryEvent | ManualTrigger):
             return
         for rule in self.rules:
             held = self._conditions_hold(rule, event, now)
             if held is None:
                 continue
-            if now < self._busy_until.get(rule.name, -math.inf):
+            # No second victim, from any rule, while one is still dying (bounded per victim
+            # by its rule's victim_timeout): its memory may be on its way back.
+            self._dying = {pid: t for pid, t in self._dying.items() if t > now}
+            if self._dying:
                 self._counts["skipped_busy"] += 1
-                continue
+                return
             if now < self._cooldown_until.get(rule.name, -math.inf):
                 self._counts["skipped_cooldown"] += 1
                 continue
@@ -193,7 +246,8 @@ class Engine:
                     rule.kill_window,
                 )
                 continue
-            await self._decide(rule, event, held, now, nursery)
+            if await self._decide(rule, event, held, now, nursery):
+                return  # one victim per event
 
     async def preview(self, rule: Rule) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
         """What ``rule`` would choose right now: (the victim or None, the ranking, the steps).
@@ -253,7 +307,9 @@ class Engine:
 
     async def _decide(
         self, rule: Rule, event: object, condition: str, now: float, nursery: trio.Nursery
-    ) -> None:
+    ) -> bool:
+        """One decision for ``rule``; returns whether a signal was sent (or would have been,
+        in dry-run)."""
         self._counts["decisions"] += 1
         # Whatever the outcome, the rule rests now; a kill extends it once the victim is gone.
         self._cooldown_until[rule.name] = now + rule.cooldown
@@ -280,7 +336,7 @@ class Engine:
                     "no-candidate", "no process in scope could be chosen", selectors=tuple(steps)
                 )
             )
-            return
+            return False
         victim = chosen.candidate
         timeline["victim_chosen"] = trio.current_time()
         info = situation.victim(victim)
@@ -295,7 +351,7 @@ class Engine:
                     selectors=tuple(steps),
                 )
             )
-            return
+            return False
         try:
             if self.procfs.root == REAL_PROC:
                 ref = ProcessRef.open(victim.pid, start_time=victim.start_time, procfs=self.procfs)
@@ -308,48 +364,55 @@ class Engine:
                     "abandoned", f"the victim is gone: {exc}", victim=info, selectors=tuple(steps)
                 )
             )
-            return
+            return False
         context = ActionContext(
             rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify
         )
+        context.freeable = self._freeable(ref) if not ref.closed else victim.rss
         failure = await self._act(rule, context)
-        if isinstance(failure, KillRefused):
-            ref.close()
-            self._counts["refused"] += 1
-            await self.emit(
-                record(
-                    "refused",
-                    str(failure.refusal),
-                    victim=info,
-                    selectors=tuple(steps),
-                    actions=tuple(context.steps),
-                    refusal=f"{failure.refusal.reason.value}: {failure.refusal.detail}",
-                )
-            )
-            return
         if timeline.get("signal_sent") is None:
             ref.close()
-            outcome: Outcome = "failed" if failure else "abandoned"
-            self._counts[outcome if outcome == "abandoned" else "plugin_failures"] += 1
+            if isinstance(failure, KillRefused):
+                self._counts["refused"] += 1
+                outcome: Outcome = "refused"
+                reason = str(failure.refusal)
+            elif failure is None or isinstance(failure, NoSuchProcess):
+                self._counts["abandoned"] += 1
+                outcome = "abandoned"
+                reason = (
+                    "the victim exited before it could be signalled"
+                    if failure
+                    else "no action sent a signal"
+                )
+            else:
+                outcome, reason = "failed", f"no signal was sent: {failure}"
+            refusal = failure.refusal if isinstance(failure, KillRefused) else None
             await self.emit(
                 record(
                     outcome,
-                    f"no signal was sent: {failure or 'no action signals'}",
+                    reason,
                     victim=info,
                     selectors=tuple(steps),
                     actions=tuple(context.steps),
+                    refusal=f"{refusal.reason.value}: {refusal.detail}" if refusal else None,
                 )
             )
-            return
-        self._counts["kills"] += 1
-        self._kills[rule.name].append(now)
-        self._busy_until[rule.name] = now + rule.victim_timeout
+            return False
+        # A signal went out (a SIGKILL refused after SIGTERM still means the victim is on its
+        # way): count it, keep every rule off new victims until it is confirmed gone.
+        if context.dry_run:
+            self._counts["dry_runs"] += 1
+        else:
+            self._counts["kills"] += 1
+            self._kills[rule.name].append(now)
+            self._dying[victim.pid] = trio.current_time() + rule.victim_timeout
         nursery.start_soon(self._confirm, rule, context, info, steps, record, failure)
+        return True
 
     def _candidates(self, rule: Rule) -> list[Ranked]:
         scope = rule.guard.scope
         if isinstance(scope, CgroupScope):
-            pids: Iterable[int] = _cgroup_members(scope.directory)
+            pids: Iterable[int] = list(cgroup_members(scope.directory))
         elif self.table is not None:
             pids = self.table.pids()
         else:
@@ -369,18 +432,21 @@ class Engine:
     async def _select(
         self, rule: Rule, situation: Situation, candidates: list[Ranked]
     ) -> tuple[list[Ranked], list[SelectorStep]]:
+        """Run the selector chain. On a failure, fall back from the last good ranking — what
+        the filters before the failure kept stays kept — ordered by oom_score."""
         steps: list[SelectorStep] = []
         ranked = candidates
         for sel in rule.selectors:
             before = len(ranked)
             try:
-                ranked = list(await _call_selector(sel, situation, ranked, rule.plugin_deadline))
+                result = await _call_selector(sel, situation, ranked, rule.plugin_deadline)
+                _check_selection(ranked, result)
             except Exception as exc:  # isolate any plugin failure
                 self._counts["plugin_failures"] += 1
                 why = (
                     "overran its deadline"
                     if isinstance(exc, trio.TooSlowError)
-                    else f"raised {type(exc).__name__}: {exc}"
+                    else f"failed: {type(exc).__name__}: {exc}"
                 )
                 log.warning(
                     "rule %s: selector %s %s; falling back to the largest oom_score",
@@ -389,35 +455,14 @@ class Engine:
                     why,
                 )
                 steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
-                ranked = sorted(candidates, key=lambda r: -r.candidate.oom_score)
                 ranked = [
-                    Ranked(
-                        r.candidate,
-                        r.candidate.oom_score,
-                        f"fallback: oom_score {r.candidate.oom_score}",
-                    )
-                    for r in ranked
-                ]
-                steps.append(
-                    SelectorStep(
-                        "fallback-oom-score",
-                        before,
-                        len(ranked),
-                        ranked[0].candidate.pid if ranked else None,
-                        ranked[0].reason if ranked else "",
-                    )
-                )
+                    Ranked(r.candidate, r.candidate.oom_score, f"fallback: {_oom(r)}")
+                    for r in sorted(ranked, key=lambda r: -r.candidate.oom_score)
+                ]  # fmt: skip
+                steps.append(_step("fallback-oom-score", before, ranked))
                 return ranked, steps
-            top = ranked[0] if ranked else None
-            steps.append(
-                SelectorStep(
-                    sel.name,
-                    before,
-                    len(ranked),
-                    top.candidate.pid if top else None,
-                    top.reason if top else "",
-                )
-            )
+            ranked = list(result)
+            steps.append(_step(sel.name, before, ranked))
         return ranked, steps
 
     def _first_allowed(self, rule: Rule, ranked: list[Ranked]) -> tuple[Ranked | None, list[str]]:
@@ -438,6 +483,9 @@ class Engine:
                 context.steps.append(ActionStep(action.name, "ok", outcome, at))
             except KillRefused as exc:
                 context.steps.append(ActionStep(action.name, "refused", str(exc.refusal), at))
+                return exc
+            except NoSuchProcess as exc:  # it exited (or its PID was reused) meanwhile
+                context.steps.append(ActionStep(action.name, "gone", str(exc), at))
                 return exc
             except Exception as exc:
                 self._counts["plugin_failures"] += 1
@@ -460,10 +508,12 @@ class Engine:
         record: Callable[..., KillRecord],
         failure: BaseException | None,
     ) -> None:
-        """Wait for the victim's exit (pidfd) and its memory, then emit the record."""
-        ref, timeline = context.ref, context.timeline
-        initial = context.candidate.rss
-        lowest = initial
+        """Wait for the victim's exit (pidfd) and its memory, then emit the record — also when
+        the reaper is stopped meanwhile (the record then says so)."""
+        ref, timeline = context._ref, context.timeline
+        initial = context.freeable
+        held = initial
+        reason = "the reaper stopped before the victim was confirmed gone"
         try:
             if context.dry_run:
                 reason = "dry-run: nothing was signalled"
@@ -477,40 +527,61 @@ class Engine:
 
                         watch.start_soon(exit_seen)
                         while None in (timeline.get("exit_seen"), timeline.get("memory_back")):
-                            rss = self._rss(ref)
-                            lowest = min(lowest, rss)
-                            if rss <= initial * MEMORY_BACK_FRACTION:
+                            held = min(held, self._freeable(ref))
+                            if held <= initial * MEMORY_BACK_FRACTION:
                                 context.mark("memory_back")
                             await trio.sleep(0.005)
                         watch.cancel_scope.cancel()
                 missing = [s for s in ("memory_back", "exit_seen") if timeline.get(s) is None]
                 reason = (
                     f"victim {info.comm!r} ({info.pid}) killed"
-                    + (
-                        f"; not seen within {rule.victim_timeout:g} s: {', '.join(missing)}"
-                        if missing
-                        else ""
-                    )
+                    + (f"; not seen within {rule.victim_timeout:g} s: {', '.join(missing)}"
+                       if missing else "")
                     + (f"; an action failed: {failure}" if failure else "")
-                )
+                )  # fmt: skip
         finally:
             ref.close()
-            self._busy_until.pop(rule.name, None)
+            self._dying.pop(info.pid, None)
             self._cooldown_until[rule.name] = trio.current_time() + rule.cooldown
-        outcome: Outcome = "dry-run" if context.dry_run else "killed"
-        await self.emit(
-            record(
+            outcome: Outcome = "dry-run" if context.dry_run else "killed"
+            final = record(
                 outcome, reason, victim=info, selectors=tuple(steps), actions=tuple(context.steps),
-                bytes_freed=None if context.dry_run else max(0, initial - lowest),
-            )
-        )  # fmt: skip
+                bytes_freed=None if context.dry_run else max(0, initial - held),
+            )  # fmt: skip
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.emit(final)
 
-    def _rss(self, ref: ProcessRef) -> int:
+    def _freeable(self, ref: ProcessRef) -> int:
+        """Anonymous memory + swap the victim still holds (0 once it is gone or reused)."""
         try:
-            stat = self.procfs.stat(ref.pid)
-        except NoSuchProcess:
+            status = self.procfs.status(ref.pid)
+            if self.procfs.stat(ref.pid).start_time != ref.start_time:
+                return 0
+        except (NoSuchProcess, ReapkitError):
             return 0
-        return 0 if stat.start_time != ref.start_time else stat.rss
+        return (status.rss_anon or 0) + (status.vm_swap or 0)
+
+
+def _oom(r: Ranked) -> str:
+    return f"oom_score {r.candidate.oom_score}"
+
+
+def _step(name: str, before: int, ranked: list[Ranked]) -> SelectorStep:
+    top = ranked[0] if ranked else None
+    return SelectorStep(
+        name, before, len(ranked), top.candidate.pid if top else None, top.reason if top else ""
+    )
+
+
+def _check_selection(given: Sequence[Ranked], result: Sequence[Any]) -> None:
+    """A selector may drop and reorder what it was given, never invent: each item must be a
+    :class:`Ranked` of a candidate it received."""
+    known = {(r.candidate.pid, r.candidate.start_time) for r in given}
+    for item in result:
+        if not isinstance(item, Ranked):
+            raise TypeError(f"a selector must return Ranked items, not {type(item).__name__}")
+        if (item.candidate.pid, item.candidate.start_time) not in known:
+            raise ValueError(f"a selector returned process {item.candidate.pid}, not a candidate")
 
 
 async def _call_selector(
@@ -525,23 +596,24 @@ async def _call_selector(
             # A third-party sync selector may block: run it on a thread so the deadline holds
             # (an abandoned call finishes on its own; its result is dropped).
             result = await trio.to_thread.run_sync(
-                sel.select, situation, ranked, abandon_on_cancel=True
+                sel.select, situation, ranked, abandon_on_cancel=True, limiter=_limiter(sel)
             )
         if inspect.isawaitable(result):
             result = await result
     return list(result)
 
 
-def _cgroup_members(directory: str) -> list[int]:
-    pids: list[int] = []
-    for dirpath, _dirs, files in os.walk(directory):
-        if "cgroup.procs" in files:
-            try:
-                with open(os.path.join(dirpath, "cgroup.procs"), encoding="ascii") as f:
-                    pids.extend(int(p) for p in f.read().split())
-            except FileNotFoundError:
-                continue
-    return pids
+_LIMITERS: dict[int, trio.CapacityLimiter] = {}
+
+
+def _limiter(sel: Selector) -> trio.CapacityLimiter:
+    """One worker thread per plugin instance: a hung plugin cannot pile up threads (nor use
+    up trio's default limiter, which the embedding program shares); its next call waits for
+    the limiter and so overruns its deadline at once."""
+    limiter = _LIMITERS.get(id(sel))
+    if limiter is None:
+        limiter = _LIMITERS[id(sel)] = trio.CapacityLimiter(1)
+    return limiter
 
 
 def _descendants(infos: list[Any], root: int) -> list[Any]:

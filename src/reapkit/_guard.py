@@ -64,6 +64,8 @@ class RefusalReason(enum.Enum):
     IDENTITY_CHANGED = "identity-changed"
     GONE = "gone"
     UNREADABLE = "unreadable"
+    #: The rule's own protections (``protect``) spare it: used by whole-cgroup kills.
+    PROTECTED = "protected"
 
 
 @attrs.frozen
@@ -333,7 +335,7 @@ class KillGuard:
         only a scope that contains every possible member may use it. Otherwise each member is
         pinned and signalled through its pidfd, round after round until no new one appears.
         """
-        for pid in _members(directory):
+        for pid in cgroup_members(directory):
             refusal = self._check(pid, None)
             if refusal is not None and refusal.reason is not RefusalReason.GONE:
                 refusal = attrs.evolve(refusal, detail=f"{refusal.detail}; member of {directory}")
@@ -383,7 +385,7 @@ class KillGuard:
         # meanwhile). Never re-check one already killed: it is exiting.
         signalled: set[int] = set()
         for _ in range(max_rounds):
-            new = [pid for pid in _members(directory) if pid not in signalled]
+            new = [pid for pid in cgroup_members(directory) if pid not in signalled]
             if not new:
                 return
             for pid in new:
@@ -401,7 +403,7 @@ class KillGuard:
                         raise
 
 
-def _members(directory: str) -> Iterator[int]:
+def cgroup_members(directory: str) -> Iterator[int]:
     """PIDs in a cgroup directory and every cgroup below it."""
     for dirpath, _dirs, files in os.walk(directory):
         if "cgroup.procs" not in files:

@@ -35,8 +35,11 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 class PluginError(ReapkitError, ValueError):
     """A plugin or its options are invalid; the message names the plugin (and option)."""
 
-    def __init__(self, plugin: str, message: str) -> None:
+    def __init__(self, plugin: str, message: str, option: str | None = None) -> None:
         self.plugin = plugin
+        #: The option at fault, where known.
+        self.option = option
+        self.detail = message
         super().__init__(f"plugin {plugin!r}: {message}")
 
 
@@ -212,6 +215,11 @@ class Observer(Plugin):
         """A rule warns that it is about to act (default: ignore)."""
         return None
 
+    #: An observer that must run for as long as the reaper does (an HTTP server for
+    #: metrics, a bus connection) defines ``async def serve(self, *, task_status)``; the
+    #: reaper starts it in its nursery before it reports itself started, and cancels it last.
+    serve: Any = None
+
 
 class Trigger(Plugin):
     """A source of reasons to act, run for as long as the reaper runs: ``run(send, *,
@@ -313,20 +321,24 @@ def validate_plugin(cls: Any) -> type[Plugin]:
     return cls
 
 
-def make_options(cls: type[Plugin], table: Mapping[str, Any] | None, where: str = "") -> Any:
-    """Build ``cls.Options`` from a policy table; errors name the plugin, the option and
-    what was expected (``where`` is the key path, e.g. ``rule[0].select[1]``)."""
+def make_options(cls: type[Plugin], table: Mapping[str, Any] | None) -> Any:
+    """Build ``cls.Options`` from a policy table. A :class:`PluginError` names the plugin,
+    the option at fault (``.option``) and what was expected."""
     table = dict(table or {})
     table.pop("name", None)
     fields = {f.name.lstrip("_"): f for f in attrs.fields(cls.Options) if f.init}
     for key in table:
         if key not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise PluginError(cls.name, f"{where}: unknown option {key!r} (options: {known})")
+            raise PluginError(cls.name, f"unknown option {key!r} (options: {known})", key)
     try:
         return cls.Options(**table)
     except (TypeError, ValueError) as exc:
-        raise PluginError(cls.name, f"{where}: {exc}") from None
+        message = str(exc)
+        # attrs does not say which field a converter or validator failed on: the value, or
+        # the field's name, in the message tells.
+        culprit = next((k for k, v in table.items() if k in message or repr(v) in message), None)
+        raise PluginError(cls.name, message, culprit) from None
 
 
 @attrs.define

@@ -32,7 +32,7 @@ from ._plugins import (
     make_options,
 )
 from ._procfs import ProcFS
-from ._reap import SchedPolicy
+from ._reap import ReapSettings, SchedPolicy
 from ._units import parse_duration
 from .builtin import ensure_registered
 
@@ -88,11 +88,22 @@ class PolicyError(ReapkitError, ValueError):
 
 @attrs.frozen
 class ReapOptions:
+    """``[reaper.reap]``: the reap stage's threads (see :class:`reapkit.lowlevel.ReapSettings`)."""
+
     threads: int = 2
     cpus: tuple[int, ...] | None = None
     nice: int | None = None
     policy: SchedPolicy = "other"
     priority: int = 0
+
+    def settings(self) -> ReapSettings:
+        return ReapSettings(
+            threads=self.threads,
+            cpus=frozenset(self.cpus) if self.cpus is not None else None,
+            nice=self.nice,
+            policy=self.policy,
+            priority=self.priority,
+        )
 
 
 @attrs.frozen
@@ -130,10 +141,15 @@ def load_policy(
     dry_run: bool | None = None,
     registry: PluginRegistry | None = None,
     procfs: ProcFS | None = None,
+    scope: Scope | None = None,
+    when: Sequence[str] | None = None,
 ) -> Policy:
     """Load a policy file (or ``text``; the embedded default when neither is given).
 
-    ``dry_run=True`` forces dry-run whatever the file says. Raises :class:`PolicyError`.
+    ``dry_run=True`` forces dry-run whatever the file says. ``scope`` confines every rule to
+    that scope (``reapkit run --scope``: trying a system-wide policy on one cgroup); ``when``
+    replaces every rule's conditions (tests use ``[]``: act only when triggered by hand).
+    Raises :class:`PolicyError`.
     """
     registry = registry or default_registry
     ensure_registered(registry)
@@ -152,7 +168,27 @@ def load_policy(
             data = tomllib.loads(text if text is not None else DEFAULT_POLICY)
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(source, "", f"not valid TOML: {exc}") from None
-    return _build(data, source, dry_run, registry, procfs or ProcFS())
+    policy = _build(data, source, dry_run, registry, procfs or ProcFS())
+    if scope is None and when is None:
+        return policy
+    rules = []
+    for rule in policy.rules:
+        guard = rule.guard
+        if scope is not None:
+            guard = KillGuard(
+                scope,
+                dry_run=guard.dry_run,
+                allow_oom_score_adj_min=guard.allow_oom_score_adj_min,
+                procfs=guard.procfs,
+            )
+        conditions = rule.when
+        if when is not None:
+            try:
+                conditions = tuple(parse_condition(w, cgroup=rule.cgroup) for w in when)
+            except InvalidValue as exc:
+                raise PolicyError(source, "when (override)", str(exc)) from None
+        rules.append(attrs.evolve(rule, guard=guard, when=conditions))
+    return attrs.evolve(policy, rules=tuple(rules))
 
 
 def _build(
@@ -172,14 +208,25 @@ def _build(
             "unknown section (expected [reaper], [[rule]], [[observer]], [[trigger]])",
         )
     reaper = _table(data.get("reaper", {}), "reaper", fail)
+    for key in reaper:
+        if key not in ("dry_run", "reap"):
+            # A typo here must not pass silently: 'dry-run = true' would otherwise kill.
+            raise fail(f"reaper.{key}", "unknown key (keys: dry_run, reap)")
     dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
     if force_dry_run:
         dry_run = True
     reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
-    try:
-        reap = ReapOptions(**reap_table)
-    except TypeError as exc:
-        raise fail("reaper.reap", f"{exc} (keys: threads, cpus, nice, policy, priority)") from None
+    keys = ("threads", "cpus", "nice", "policy", "priority")
+    for key in reap_table:
+        if key not in keys:
+            raise fail(f"reaper.reap.{key}", f"unknown key (keys: {', '.join(keys)})")
+    reap = ReapOptions(**reap_table)
+    try:  # validate now, with the key path, not first when the reaper starts
+        reap.settings()
+    except (InvalidValue, TypeError, ValueError) as exc:
+        message = str(exc)
+        key = next((k for k in keys if message.startswith(k)), "")
+        raise fail(f"reaper.reap.{key}" if key else "reaper.reap", message) from None
     rules_data = data.get("rule")
     if not isinstance(rules_data, list) or not rules_data:
         raise fail("rule", "expected at least one [[rule]]")
@@ -254,8 +301,13 @@ def _rule(
                 timing[key] = parse_duration(table[key])
             except InvalidValue as exc:
                 raise fail(f"{where}.{key}", str(exc)) from None
+    for key in ("victim_timeout", "kill_window", "plugin_deadline", "action_deadline"):
+        if key in timing and timing[key] <= 0:
+            raise fail(f"{where}.{key}", "must be longer than 0s")
     if "max_kills" in table:
         timing["max_kills"] = _typed(table["max_kills"], int, f"{where}.max_kills", fail)
+        if timing["max_kills"] < 1:
+            raise fail(f"{where}.max_kills", "must be at least 1")
     return Rule(
         name=name,
         when=tuple(when),
@@ -297,9 +349,10 @@ def _plugin(raw: Any, where: str, kind: str, registry: PluginRegistry, fail: Any
         raise fail(where, f"expected a {kind} name or a table with 'name'")
     try:
         cls = registry.get(kind, name)  # type: ignore[arg-type]
-        instance = cls(make_options(cls, options, where))
+        instance = cls(make_options(cls, options))
     except PluginError as exc:
-        raise fail(where, str(exc)) from None
+        key = f"{where}.{exc.option}" if exc.option else where
+        raise fail(key, str(exc)) from None
     except (InvalidValue, TypeError, ValueError) as exc:
         raise fail(where, f"plugin {name!r}: {exc}") from None
     if not isinstance(instance, Selector | Action | Observer | Trigger):  # pragma: no cover

@@ -171,6 +171,8 @@ class ProcStatus:
     threads: int
     vm_rss: int | None
     vm_swap: int | None
+    #: Private anonymous memory (``RssAnon``): what the process's exit frees for sure.
+    rss_anon: int | None = None
 
 
 @attrs.frozen
@@ -362,6 +364,7 @@ def parse_status(data: bytes, *, path: str) -> ProcStatus:
         raise ProcFormatError(path, f"State: expected a letter, got {_show(state)}")
     rss = values.get(b"VmRSS")
     swap = values.get(b"VmSwap")
+    anon = values.get(b"RssAnon")
     return ProcStatus(
         name=_decode(_unescape_name(need(b"Name"))),
         state=state.decode("ascii"),
@@ -374,6 +377,7 @@ def parse_status(data: bytes, *, path: str) -> ProcStatus:
         # No mm (kernel thread, zombie): task_mem() is not called and the Vm lines are absent.
         vm_rss=None if rss is None else _kb(rss, path, "VmRSS"),
         vm_swap=None if swap is None else _kb(swap, path, "VmSwap"),
+        rss_anon=None if anon is None else _kb(anon, path, "RssAnon"),
     )
 
 

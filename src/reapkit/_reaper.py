@@ -21,9 +21,10 @@ import trio
 from ._conditions import MemoryCondition, PressureCondition
 from ._engine import Engine, EngineStatistics, ManualTrigger
 from ._guard import CgroupScope
+from ._plugins import Trigger
 from ._policy import Policy
 from ._procfs import ProcFS
-from ._reap import ReapSettings, ReapStage
+from ._reap import ReapStage
 from ._records import KillRecord
 from ._sources._base import SourceStatistics
 from ._sources.memory import MemoryThresholdSource
@@ -52,6 +53,8 @@ class ReaperStatistics:
     records: int
     records_dropped: int
     observer_failures: int
+    #: Events whose handling raised (logged with the traceback; the reaper went on).
+    event_failures: int
     policy: str
 
 
@@ -69,6 +72,7 @@ class Reaper:
     _records: int = 0
     _dropped: int = 0
     _observer_failures: int = 0
+    _event_failures: int = 0
     _restart_sources: trio.Event = attrs.field(factory=trio.Event)
 
     @property
@@ -94,6 +98,7 @@ class Reaper:
             records=self._records,
             records_dropped=self._dropped,
             observer_failures=self._observer_failures,
+            event_failures=self._event_failures,
             policy=self._policy.source,
         )
 
@@ -170,26 +175,47 @@ async def serve_reaper(
     """
     procfs = procfs or ProcFS()
     send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
+    subscribers: list[trio.MemorySendChannel[KillRecord]] = []
+    try:
+        await _serve(
+            policy, procfs, live_table, stop_timeout, send, receive, subscribers, task_status
+        )
+    finally:
+        # After every task ended, so records emitted while stopping still reach them;
+        # iterating records() then ends with the reaper.
+        for subscriber in subscribers:
+            subscriber.close()
+
+
+async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its finally
+    policy: Policy,
+    procfs: ProcFS,
+    live_table: bool,
+    stop_timeout: float,
+    send: trio.MemorySendChannel[object],
+    receive: trio.MemoryReceiveChannel[object],
+    subscribers: list[trio.MemorySendChannel[KillRecord]],
+    task_status: trio.TaskStatus[Reaper],
+) -> None:
     async with send, receive, trio.open_nursery() as nursery:
         table = None
         if live_table and any(not isinstance(r.guard.scope, CgroupScope) for r in policy.rules):
             table = await nursery.start(ProcessTable(procfs=procfs).serve)
         reap = None
         if policy.needs_reaper:
-            settings = ReapSettings(
-                threads=policy.reap.threads,
-                cpus=frozenset(policy.reap.cpus) if policy.reap.cpus is not None else None,
-                nice=policy.reap.nice,
-                policy=policy.reap.policy,
-                priority=policy.reap.priority,
-            )
-            reap = await nursery.start(ReapStage(settings, shutdown_timeout=stop_timeout).serve)
+            stage = ReapStage(policy.reap.settings(), shutdown_timeout=stop_timeout)
+            reap = await nursery.start(stage.serve)
         engine = Engine(policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap)
-        reaper = Reaper(policy, engine, send.clone(), table=table, reap=reap)
+        reaper = Reaper(
+            policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers
+        )
         engine.emit = reaper._emit
         engine.notify = reaper._warn
+        for observer in policy.observers:
+            if observer.serve is not None:
+                await nursery.start(observer.serve)
         await nursery.start(_run_sources, reaper, procfs, send.clone())
-        nursery.start_soon(_decide, engine, receive.clone(), nursery)
+        nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
         task_status.started(reaper)
         await trio.sleep_forever()
 
@@ -213,7 +239,10 @@ async def _run_sources(
             sources = _sources_for(reaper.policy, procfs)
             async with trio.open_nursery() as nursery:
                 for source in sources:
-                    await nursery.start(source.run, send.clone())
+                    if isinstance(source, Trigger):
+                        await _start_isolated(nursery, source, send.clone())
+                    else:
+                        await nursery.start(source.run, send.clone())
                 reaper._sources = sources
                 if first:
                     task_status.started()
@@ -222,21 +251,64 @@ async def _run_sources(
                 nursery.cancel_scope.cancel()
 
 
+#: Seconds a trigger plugin may take to call ``task_status.started()``.
+TRIGGER_START_DEADLINE = 10.0
+
+
+async def _start_isolated(
+    nursery: trio.Nursery, trigger: Trigger, send: trio.MemorySendChannel[object]
+) -> None:
+    """Run a trigger plugin so that its failure (raising, never starting) is logged and the
+    reaper goes on without it."""
+
+    async def guarded(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            async with trio.open_nursery() as inner:
+                with trio.fail_after(TRIGGER_START_DEADLINE):  # only the start is bounded
+                    await inner.start(trigger.run, send)
+                started = True
+                task_status.started()
+        except Exception as exc:  # TooSlowError, or whatever the plugin raised
+            log.warning("trigger plugin %s failed and was dropped: %r", trigger.name, exc)
+            if not started:
+                task_status.started()
+
+    await nursery.start(guarded)
+
+
 async def _decide(
-    engine: Engine, receive: trio.MemoryReceiveChannel[object], nursery: trio.Nursery
+    reaper: Reaper,
+    engine: Engine,
+    receive: trio.MemoryReceiveChannel[object],
+    nursery: trio.Nursery,
 ) -> None:
     async with receive:
         async for event in receive:
-            await engine.handle(event, nursery)
+            try:
+                await engine.handle(event, nursery)
+            except Exception:  # one bad event (a bug, a plugin) must not end the reaper
+                reaper._event_failures += 1
+                log.exception("handling %r failed; the reaper goes on", event)
 
 
 @contextlib.asynccontextmanager
 async def open_reaper(policy: Policy, **kwargs: Any) -> AsyncIterator[Reaper]:
     """``async with open_reaper(policy) as reaper:`` — a reaper in its own nursery, stopped
-    (every fd closed, every thread joined) when the block ends."""
-    async with trio.open_nursery() as nursery:
-        reaper: Reaper = await nursery.start(functools.partial(serve_reaper, policy, **kwargs))
-        try:
-            yield reaper
-        finally:
-            nursery.cancel_scope.cancel()
+    (every fd closed, every thread joined) when the block ends. An exception raised in the
+    block comes out as itself, not wrapped in an exception group."""
+    from_body: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            reaper: Reaper = await nursery.start(functools.partial(serve_reaper, policy, **kwargs))
+            try:
+                yield reaper
+            except BaseException as exc:
+                from_body = exc
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if from_body is not None and group.subgroup(lambda e: e is not from_body) is None:
+            raise from_body from None
+        raise

@@ -118,3 +118,5 @@ class KillWarning:
     rule: str
     victim: Victim
     message: str
+    #: A dry run: nobody will actually be ended (observers may say so, or stay quiet).
+    dry_run: bool = False

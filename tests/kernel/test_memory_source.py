@@ -28,12 +28,18 @@ async def test_a_real_crossing_fires_once_and_recovery_once(memory_cgroup: Sandb
             hog = await trio.to_thread.run_sync(start_hog, 160 * MiB, [memory_cgroup.directory])
             with hog:
                 crossed = await receive.receive()
-                await trio.sleep(1.5)  # the hog keeps its memory: no second event
-                with pytest.raises(trio.WouldBlock):
-                    receive.receive_nowait()
+                await trio.sleep(1.5)  # the hog keeps its memory: no second crossing
+                while True:
+                    try:
+                        event = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    assert event.state == "still-crossed"  # reminders only
             recovered = await receive.receive()
+            while recovered.state == "still-crossed":
+                recovered = await receive.receive()
         nursery.cancel_scope.cancel()
     assert crossed.state == "crossed" and crossed.value >= 100 * MiB
     assert crossed.total == 256 * MiB
     assert recovered.state == "recovered" and recovered.value < 100 * MiB
-    assert source.statistics().events == 2
+    assert source.statistics().events >= 2

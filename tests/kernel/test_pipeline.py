@@ -152,14 +152,21 @@ _IGNORES_SIGTERM = (
 )
 
 
+def _stubborn_and_other(
+    spawn: Spawn, cgroup: SandboxCgroup
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """A process that ignores SIGTERM (and is the largest), and a plain one beside it."""
+    stubborn = spawn(
+        [sys.executable, "-c", _IGNORES_SIGTERM], cgroups=[cgroup], stdout=subprocess.PIPE
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    return stubborn, spawn(["sleep", "600"], cgroups=[cgroup])
+
+
 async def test_a_victim_ignoring_sigterm_gets_sigkill_once_and_no_second_victim(
     spawn: Spawn, memory_cgroup: SandboxCgroup
 ) -> None:
-    stubborn = spawn(
-        [sys.executable, "-c", _IGNORES_SIGTERM], cgroups=[memory_cgroup], stdout=subprocess.PIPE
-    )
-    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
-    other = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    stubborn, other = _stubborn_and_other(spawn, memory_cgroup)
     policy = load_policy(
         text=_policy(
             memory_cgroup,
@@ -358,3 +365,183 @@ async def test_a_trigger_plugin_from_the_policy_makes_the_reaper_act(
         record = await _next_record(records, 10)
     assert record.outcome == "killed" and "a plugin says so" in record.condition
     assert victim.wait(10) == -signal.SIGKILL
+
+
+async def test_the_kill_cap_holds(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:
+    victims = [spawn(["sleep", "600"], cgroups=[memory_cgroup]) for _ in range(4)]
+    text = _policy(
+        memory_cgroup, when="", select='"newest"', actions='"kill"', extra="max_kills = 2"
+    )
+    policy = load_policy(text=text.replace('cooldown = "1s"', 'cooldown = "0s"'))
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        for _ in range(2):
+            await reaper.trigger("test")
+            await _next_record(records, 10)
+        for _ in range(3):
+            await reaper.trigger("test")
+            await trio.sleep(0.2)
+        with pytest.raises(trio.WouldBlock):
+            records.receive_nowait()
+        stats = reaper.statistics().engine
+    assert sum(v.poll() is None for v in victims) == 2
+    assert stats.kills == 2 and stats.skipped_cap == 3
+
+
+_HOOK = r"""
+import os, sys
+out = sys.argv[1]
+with open(out, "w") as f:
+    f.write(" ".join([
+        os.environ.get("REAPKIT_PID", ""), os.environ.get("REAPKIT_NAME", ""),
+        os.environ.get("REAPKIT_DRY_RUN", ""), str(len(os.environ)),
+        open("/proc/self/oom_score_adj").read().strip(), str(os.getsid(0) == os.getpid()),
+    ]))
+"""
+
+
+async def test_the_prekill_hook_runs_contained(
+    spawn: Spawn, memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    out = tmp_path / "hook.out"
+    command = f'["{sys.executable}", "-c", {_toml(_HOOK)}, "{out}"]'
+    # A generous timeout: a fresh interpreter can be slow to start on a loaded machine.
+    hook = f'{{ name = "prekill-hook", command = {command}, timeout = "60s" }}'
+    policy = load_policy(
+        text=_policy(memory_cgroup, when="", select='"largest-rss"', actions=f'{hook}, "kill"')
+    )
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test")
+        record = await _next_record(records, 10)
+    assert record.actions[0].detail == "hook exited with 0", record
+    pid, name, dry, n_env, adj, own_session = out.read_text().split()
+    assert (int(pid), name, dry) == (victim.pid, "sleep", "0")
+    assert int(n_env) <= 8  # a minimal environment, not the daemon's
+    assert adj == "0" and own_session == "True"
+    assert record.actions[0].detail == "hook exited with 0"
+
+
+async def test_the_prekill_hook_is_skipped_in_dry_run_and_its_group_killed_on_timeout(
+    spawn: Spawn, memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    marker = tmp_path / "grandchild.pid"
+    script = f"sleep 600 & echo $! > {marker}; wait"
+    slow = (
+        f'{{ name = "prekill-hook", command = ["/bin/sh", "-c", "{script}"], timeout = "300ms" }}'
+    )
+    dry = load_policy(
+        text=_policy(memory_cgroup, when="", select='"largest-rss"', actions=f'{slow}, "kill"'),
+        dry_run=True,
+    )
+    async with open_reaper(dry, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test")
+        assert (await _next_record(records, 10)).actions[0].detail == "dry-run: hook not run"
+    assert not marker.exists()
+    real = load_policy(text=_policy(memory_cgroup, when="", select='"largest-rss"', actions=slow))
+    async with open_reaper(real, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test")
+        record = await _next_record(records, 10)
+    assert record.actions[0].detail == "hook killed after 0.3 s"
+    grandchild = int(marker.read_text())
+    with trio.fail_after(5):
+        while os.path.exists(f"/proc/{grandchild}"):
+            await trio.sleep(0.01)  # its whole process group went with it
+
+
+def _toml(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+async def test_a_cgroup_kill_refuses_when_a_member_is_protected(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    target = spawn([sys.executable, "-c", "import time; time.sleep(600)"], cgroups=[memory_cgroup])
+    protected = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    policy = load_policy(
+        text=_policy(
+            memory_cgroup,
+            when="",
+            select='{ name = "protect", comm = ["^sleep$"] }, "largest-rss"',
+            actions='"cgroup-kill"',
+        )
+    )  # fmt: skip
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test")
+        record = await _next_record(records, 10)
+    assert record.outcome == "refused" and "protected" in (record.refusal or "")
+    assert target.poll() is None and protected.poll() is None
+
+
+async def test_stopping_mid_confirmation_still_records_the_kill(
+    memory_cgroup: SandboxCgroup, freezer_cgroup: SandboxCgroup
+) -> None:
+    memory_cgroup.set_memory_limit(512 * MiB)
+    text = _policy(memory_cgroup, when="", select='"largest-rss"', actions='"kill"')
+    policy = load_policy(text=text.replace('victim_timeout = "3s"', 'victim_timeout = "60s"'))
+    hog = await trio.to_thread.run_sync(
+        start_hog, 128 * MiB, [memory_cgroup.directory, freezer_cgroup.directory]
+    )
+    with hog:
+        try:
+            freezer_cgroup.freeze()  # killed but stuck: the confirmation would wait 60 s
+            async with open_reaper(policy, live_table=False) as reaper:
+                records = reaper.records()
+                await reaper.trigger("test")
+                await trio.sleep(0.5)
+            got = [r async for r in records]  # the channel ends with the reaper
+        finally:
+            freezer_cgroup.thaw()
+    (record,) = got
+    assert record.outcome == "killed" and "stopped before the victim was confirmed" in record.reason
+
+
+async def test_a_victim_exiting_in_the_grace_period_is_not_sigkilled(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    policy = load_policy(
+        text=_policy(
+            memory_cgroup,
+            when="",
+            select='"largest-rss"',
+            actions='{ name = "terminate", grace = "5s" }',
+        )
+    )
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test")
+        record = await _next_record(records, 10)
+    assert record.actions[0].detail == "exited after SIGTERM"
+    assert victim.wait(10) == -signal.SIGTERM
+    assert record.timeline.exit_seen is not None
+
+
+async def test_two_rules_take_no_second_victim_while_the_first_is_dying(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    stubborn, other = _stubborn_and_other(spawn, memory_cgroup)
+    first = _policy(
+        memory_cgroup,
+        when="",
+        select='"largest-rss"',
+        actions='{ name = "terminate", grace = "2s" }',
+    )
+    second = (
+        first.split("[[rule]]")[1]
+        .replace('name = "sandbox"', 'name = "second"')
+        .replace('{ name = "terminate", grace = "2s" }', '"kill"')
+        .replace('"largest-rss"', '"newest"')
+    )
+    policy = load_policy(text=first + "\n[[rule]]" + second)
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        for _ in range(6):  # during the first victim's grace period
+            await reaper.trigger("test")
+            await trio.sleep(0.3)
+        record = await _next_record(records, 10)
+        stats = reaper.statistics().engine
+    assert (
+        record.rule == "sandbox" and record.victim is not None and record.victim.pid == stubborn.pid
+    )
+    assert stubborn.wait(10) == -signal.SIGKILL
+    assert other.poll() is None  # the second rule did not take it meanwhile
+    assert stats.kills == 1 and stats.skipped_busy >= 3

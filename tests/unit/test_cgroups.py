@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from reapkit._kernel._cgroups import (
     CgroupMount,
+    cgroup_mounts,
     entry_matches,
     mount_containing,
     mount_for,
@@ -76,3 +79,14 @@ def test_mount_containing_picks_the_longest_mountpoint(tmp_path: object) -> None
     assert mount_containing("/sys/fs/cgroup/memory/a", mounts).controllers == ("memory",)
     with pytest.raises(ValueError, match="not inside"):
         mount_containing("/tmp", mounts)
+
+
+def test_a_mount_over_another_shadows_it(tmp_path: Path) -> None:
+    # A pod: the runtime's cgroup2 mount (root /../..) lies over the host's at the same place.
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "29 23 0:26 / /nonexistent/cgroup rw - cgroup2 cgroup2 rw\n"
+        "40 29 0:26 /../.. /nonexistent/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    (mount,) = cgroup_mounts(str(mountinfo))
+    assert mount.root == "/../.."

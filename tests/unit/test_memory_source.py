@@ -30,7 +30,8 @@ async def _collect(
             action()  # type: ignore[operator]
         await trio.sleep(2)
         nursery.cancel_scope.cancel()
-    return [event async for event in receive]  # the source closed its end on cancellation
+    # The source closed its end on cancellation. Reminders are tested on their own below.
+    return [event async for event in receive if event.state != "still-crossed"]
 
 
 @pytest.fixture
@@ -143,3 +144,45 @@ def test_cgroup_goes_with_cgroup_usage() -> None:
         MemoryThreshold("mem_available", parse_size("5%"), cgroup="/x")
     with pytest.raises(InvalidValue, match="cgroup"):
         MemoryThreshold("cgroup_usage", parse_size("5%"))
+
+
+async def test_still_crossed_reminders_while_below_the_line(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemoryThresholdSource(
+        [MemoryThreshold("mem_available", parse_size("10%"))], procfs=ProcFS(fake.root)
+    )
+    send, receive = trio.open_memory_channel[MemoryEvent](100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        fake.set_meminfo(total=16 * GiB, available=1 * GiB)
+        await trio.sleep(5.5)
+        nursery.cancel_scope.cancel()
+    states = [e.state async for e in receive]
+    assert states[0] == "crossed" and set(states[1:]) == {"still-crossed"}
+    assert 4 <= len(states) - 1 <= 6  # about one a second
+
+
+async def test_a_removed_cgroup_ends_its_watch_only(
+    fake: FakeProc, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "memory.current").write_text("0\n")
+    (cg / "memory.max").write_text("max\n")
+    thresholds = [
+        MemoryThreshold("cgroup_usage", parse_size("50%"), cgroup=str(cg)),
+        MemoryThreshold("mem_available", parse_size("10%")),
+    ]
+    source = MemoryThresholdSource(thresholds, procfs=ProcFS(fake.root))
+    events = await _collect(
+        source,
+        [
+            (2, lambda: [p.unlink() for p in cg.iterdir()]),
+            (2, lambda: fake.set_meminfo(total=16 * GiB, available=1 * GiB)),
+        ],
+    )
+    assert [(e.state, e.threshold.metric) for e in events] == [
+        ("gone", "cgroup_usage"),
+        ("crossed", "mem_available"),
+    ]

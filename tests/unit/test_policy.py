@@ -20,6 +20,8 @@ from reapkit._plugins import (
 from reapkit._policy import DEFAULT_POLICY, PolicyError, load_policy
 from reapkit.builtin import register_builtins
 
+from ..conftest import FakeEntryPoint
+
 GOOD = """
 [[rule]]
 name = "test"
@@ -59,8 +61,10 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
     ("change", "key", "message"),
     [
         (('cooldown = "3s"', 'cooldown = "3 parsecs"'), "rule[0].cooldown", "not a duration"),
-        (('grace = "1500ms"', 'grace = "soon"'), "rule[0].actions[0]", "not a duration"),
-        (('comm = ["^sshd$"]', 'comm = ["(unclosed"]'), "rule[0].select[0]", "regular expression"),
+        (('grace = "1500ms"', 'grace = "soon"'), "rule[0].actions[0].grace", "not a duration"),
+        (('comm = ["^sshd$"]', 'comm = ["(unclosed"]'), "rule[0].select[0].comm", "regular expression"),  # noqa: E501
+        (('[[rule]]', '[reaper]\ndry-run = true\n\n[[rule]]'), "reaper.dry-run", "unknown key"),
+        (('cooldown = "3s"', 'max_kills = 0'), "rule[0].max_kills", "at least 1"),
         (('"oom-score"', '"telepathy"'), "rule[0].select[1]", "no selector of this name"),
         (('"reap"', '"explode"'), "rule[0].actions[1]", "no action of this name"),
         (('scope = "system"', 'scope = "everything"'), "rule[0].scope", "expected \"system\""),
@@ -68,7 +72,7 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
         (('"mem_available < 5%"', '"mem_available > 5%"'), "rule[0].when[1]", "mem_available <"),
         (('"memory some 100ms/2s"', '"memory some 150ms/1s"'), "rule[0].when[0]", "2s"),
         (("cooldown", "colldown"), "rule[0].colldown", "unknown key"),
-        (("comm = [", "cmd = ["), "rule[0].select[0]", "unknown option 'cmd'"),
+        (("comm = [", "cmd = ["), "rule[0].select[0].cmd", "unknown option 'cmd'"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_key_path(
@@ -134,7 +138,7 @@ def test_function_selectors_and_options(tmp_path: Path) -> None:
     assert policy.rules[0].selectors[1].name == "first-two"
     protect = registry.get("selector", "protect")
     with pytest.raises(PluginError, match="unknown option 'nope'"):
-        make_options(protect, {"nope": 1}, "here")
+        make_options(protect, {"nope": 1})
 
 
 class FromEntryPoint(Selector):
@@ -144,21 +148,10 @@ class FromEntryPoint(Selector):
         return candidates
 
 
-class _FakeEntryPoint:
-    def __init__(self, name: str, target: Any, dist: str) -> None:
-        self.name, self._target = name, target
-        self.dist = type("Dist", (), {"name": dist})()
-
-    def load(self) -> Any:
-        if isinstance(self._target, Exception):
-            raise self._target
-        return self._target
-
-
 def test_entry_points_load_and_a_broken_one_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     eps = [
-        _FakeEntryPoint("good", FromEntryPoint, "reapkit-good"),
-        _FakeEntryPoint("broken", ImportError("no module named kaboom"), "reapkit-broken"),
+        FakeEntryPoint("good", FromEntryPoint, "reapkit-good"),
+        FakeEntryPoint("broken", ImportError("no module named kaboom"), "reapkit-broken"),
     ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps)
     registry = PluginRegistry()
@@ -168,3 +161,15 @@ def test_entry_points_load_and_a_broken_one_is_listed(monkeypatch: pytest.Monkey
     infos = {i.name: i for i in registry.plugins()}
     assert infos["from-entry-point"].source == "reapkit-good"
     assert infos["broken"].error == "ImportError: no module named kaboom"
+
+
+def test_scope_and_when_overrides(tmp_path: Path) -> None:
+    from reapkit import SubtreeScope
+
+    scope = SubtreeScope(123, 456)
+    policy = load_policy(text=GOOD, scope=scope, when=[])
+    rule = policy.rules[0]
+    assert rule.guard.scope is scope and rule.when == ()
+    assert [s.name for s in rule.selectors] == ["protect", "oom-score"]  # the rest is as written
+    with pytest.raises(PolicyError, match="when \\(override\\)"):
+        load_policy(text=GOOD, when=["nonsense"])

@@ -134,6 +134,7 @@ def test_round_trip_every_reader(fake: FakeProc, fs: ProcFS) -> None:
         threads=7,
         vm_rss=300 * PAGE,
         vm_swap=64 * 1024,
+        rss_anon=300 * PAGE,
     )
     assert fs.oom_score(4242) == 812
     assert fs.oom_score_adj(4242) == -500

@@ -85,7 +85,7 @@ def run(
 
 def options(cls: type[Selector], **table: Any) -> Any:
     """Options the way a policy builds them (errors become PluginError)."""
-    return make_options(cls, table, where="rule[0].select[0]")
+    return make_options(cls, table)
 
 
 # -- scope ----------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_scope_options_are_validated(table: dict[str, Any], named: str) -> None:
     with pytest.raises(PluginError, match="plugin 'scope'") as info:
         options(Scope, **table)
     assert named in str(info.value)
-    assert "rule[0].select[0]" in str(info.value)
+    assert info.value.option == named.split("'")[1] if "'" in named else named
 
 
 # -- protect --------------------------------------------------------------------------------------
@@ -252,7 +252,8 @@ def test_protect_bad_regex_fails_when_the_policy_loads(option: str) -> None:
     with pytest.raises(PluginError) as info:
         options(Protect, **{option: ["ok", "(unclosed"]})
     message = str(info.value)
-    assert message.startswith("plugin 'protect': rule[0].select[0]: ")
+    assert message.startswith("plugin 'protect': ")
+    assert info.value.option == option
     assert f"{option}: '(unclosed' is not a valid regular expression" in message
     with pytest.raises(PluginError, match=f"{option}: expected a list of regular expressions"):
         options(Protect, **{option: [3]})
@@ -722,12 +723,12 @@ def test_options_from_policy_tables(name: str) -> None:
     registry = PluginRegistry()
     register_builtins(registry)
     cls = registry.get("selector", name)
-    opts = make_options(cls, {"name": name, **TABLES[name]}, where="rule[1].select[2]")
+    opts = make_options(cls, {"name": name, **TABLES[name]})
     instance = cls(opts)
     assert instance.options == opts
     assert hash(opts) == hash(make_options(cls, TABLES[name]))  # frozen, comparable on reload
-    with pytest.raises(PluginError, match=r"rule\[1\]\.select\[2\]: unknown option 'colour'"):
-        make_options(cls, {**TABLES[name], "colour": "red"}, where="rule[1].select[2]")
+    with pytest.raises(PluginError, match=r"unknown option 'colour'"):
+        make_options(cls, {**TABLES[name], "colour": "red"})
 
 
 def test_options_classes_are_frozen() -> None:

@@ -98,9 +98,14 @@ def parse_mountinfo(text: str) -> tuple[CgroupMount, ...]:
 
 
 def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[CgroupMount, ...]:
-    """Every cgroup hierarchy mounted in this mount namespace; the first mount of each wins."""
+    """Every cgroup hierarchy mounted (and visible) in this mount namespace; where a hierarchy
+    is mounted in several places, the first visible mount wins."""
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         parsed = parse_mountinfo(f.read())
+    # A later mount at the same place shadows an earlier one (a container runtime's cgroup
+    # mount over the host's): only the last one at each mount point is visible.
+    last = {m.mountpoint: i for i, m in enumerate(parsed)}
+    parsed = tuple(m for i, m in enumerate(parsed) if last[m.mountpoint] == i)
     seen: set[tuple[int, tuple[str, ...]]] = set()
     result: list[CgroupMount] = []
     for parsed_mount in parsed:

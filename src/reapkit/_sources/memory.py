@@ -61,8 +61,10 @@ class MemoryEvent:
 
     timestamp: float
     threshold: MemoryThreshold
-    #: ``"crossed"``: the condition now holds; ``"recovered"``: back past the line + hysteresis.
-    state: Literal["crossed", "recovered"]
+    #: ``"crossed"``: the condition now holds (once per crossing); ``"still-crossed"``: it still
+    #: holds (every ``reminder`` seconds); ``"recovered"``: back past the line + hysteresis;
+    #: ``"gone"``: the cgroup was removed, this watch ended.
+    state: Literal["crossed", "still-crossed", "recovered", "gone"]
     #: Bytes: MemAvailable, SwapFree or the cgroup's usage, as sampled.
     value: int
     #: The line in bytes, resolved against ``total``.
@@ -132,6 +134,8 @@ class MemoryThresholdSource:
     #: Re-arm once the value is back past the line by this much (of the threshold's total).
     hysteresis: Size = attrs.field(factory=lambda: parse_size("1%"))
     fill_rate: float = 10 * GiB
+    #: While a line stays crossed, a ``still-crossed`` event this often (seconds).
+    reminder: float = 1.0
     min_interval: float = 0.002
     max_interval: float = 1.0
     _events: int = attrs.field(default=0, init=False)
@@ -158,6 +162,8 @@ class MemoryThresholdSource:
                 if t.cgroup is not None
             }
             armed = [True] * len(self.thresholds)
+            reminded = [-math.inf] * len(self.thresholds)
+            gone: set[int] = set()
             with ExitStack() as stack:
                 notify = self._open_notifications(stack, cgroups.values())
                 task_status.started()
@@ -166,10 +172,28 @@ class MemoryThresholdSource:
                     meminfo = self.procfs.meminfo()
                     headrooms: list[float] = []
                     for i, threshold in enumerate(self.thresholds):
-                        sample = self._sample(threshold, meminfo, cgroups)
+                        if i in gone:
+                            continue
+                        try:
+                            sample = self._sample(threshold, meminfo, cgroups)
+                        except (FileNotFoundError, ProcessLookupError, OSError):
+                            # The cgroup was removed: end this watch, keep the others.
+                            gone.add(i)
+                            self._events += 1
+                            await send.send(MemoryEvent(now, threshold, "gone", 0, 0, 0))
+                            continue
                         event, headroom = self._step(threshold, sample, armed, i, now)
+                        if event is None and not armed[i] and now - reminded[i] >= self.reminder:
+                            # Still beyond the line: remind, so a rule that could not act on
+                            # the crossing (cooldown, a victim dying) gets another chance.
+                            line = threshold.line.resolve(sample.total)
+                            event = MemoryEvent(
+                                now, threshold, "still-crossed", sample.value, line, sample.total
+                            )
                         headrooms.append(headroom)
                         if event is not None:
+                            if event.state in ("crossed", "still-crossed"):
+                                reminded[i] = now
                             self._events += 1
                             await send.send(event)
                     self._interval = self._next_interval(meminfo, headrooms)

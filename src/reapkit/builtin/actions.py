@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import math
 import os
@@ -14,11 +16,11 @@ import attrs
 import trio
 
 from .._engine import ActionContext
-from .._errors import InvalidValue
+from .._errors import InvalidValue, ReapkitError
+from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
 from .._kernel._cgroups import cgroup_mounts, mount_for, v2_mount
-from .._plugins import Action
+from .._plugins import Action, Candidate, Ranked
 from .._records import KillWarning
-from .._sources.pidfd import wait_exit
 from .._units import parse_duration
 
 log = logging.getLogger("reapkit.actions")
@@ -71,16 +73,24 @@ class Warn(Action):
         if context.notify is None:
             return "no observers"
         victim = context.situation.victim(c)
-        await context.notify(KillWarning(trio.current_time(), context.rule.name, victim, text))
-        return f"warned: {text}"
+        dry = not context.guard.signals_enabled
+        await context.notify(
+            KillWarning(trio.current_time(), context.rule.name, victim, text, dry_run=dry)
+        )
+        return f"warned{' (dry-run)' if dry else ''}: {text}"
 
 
 @attrs.frozen
 class HookOptions:
     #: The command and its arguments (no shell).
     command: tuple[str, ...] = attrs.field(converter=tuple)
-    #: Killed after this long (its own process group, by its Popen).
+    #: After this long the hook's whole process group is killed.
     timeout: float = attrs.field(default=5.0, converter=_duration)
+    #: Run as this user and group (names or ids) instead of the daemon's (root's).
+    user: str | int | None = None
+    group: str | int | None = None
+    #: Run it in dry-run too (with ``REAPKIT_DRY_RUN=1``). Off: a dry run changes nothing.
+    run_in_dry_run: bool = False
 
     @command.validator
     def _non_empty(self, _attribute: object, value: tuple[str, ...]) -> None:
@@ -88,43 +98,50 @@ class HookOptions:
             raise InvalidValue("command must be a non-empty list of strings")
 
 
-def _hook_preexec() -> None:
-    # The daemon runs with oom_score_adj -1000; its hooks must stay killable.
-    with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
-        f.write("0")
+# The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
+# Done by a tiny exec wrapper, not preexec_fn (not safe once the reaper's threads run).
+_HOOK_WRAPPER = 'echo 0 > /proc/self/oom_score_adj && exec nice -n 0 "$0" "$@"'
 
 
 class PrekillHook(Action):
-    """Run a command before the kill, with ``REAPKIT_PID``, ``REAPKIT_NAME``, ``REAPKIT_RULE``,
-    ``REAPKIT_RSS`` and ``REAPKIT_DRY_RUN`` in its environment, under a timeout and with
-    ``oom_score_adj`` 0."""
+    """Run a command before the kill, in its own session, with a minimal environment
+    (``PATH``, ``REAPKIT_PID``, ``REAPKIT_NAME``, ``REAPKIT_RULE``, ``REAPKIT_RSS``,
+    ``REAPKIT_DRY_RUN``), ``oom_score_adj`` 0, optionally as another ``user``/``group``,
+    its whole process group killed after ``timeout``. Skipped in dry-run unless
+    ``run_in_dry_run``."""
 
     name: ClassVar[str] = "prekill-hook"
     Options: ClassVar[type[Any]] = HookOptions
 
     async def act(self, context: ActionContext) -> str:
+        dry = not context.guard.signals_enabled
+        if dry and not self.options.run_in_dry_run:
+            return "dry-run: hook not run"
         c = context.candidate
-        env = dict(
-            os.environ,
-            REAPKIT_PID=str(c.pid),
-            REAPKIT_NAME=c.comm,
-            REAPKIT_RULE=context.rule.name,
-            REAPKIT_RSS=str(c.rss),
-            REAPKIT_DRY_RUN="1" if not context.guard.signals_enabled else "0",
-        )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "REAPKIT_PID": str(c.pid),
+            "REAPKIT_NAME": c.comm,
+            "REAPKIT_RULE": context.rule.name,
+            "REAPKIT_RSS": str(c.rss),
+            "REAPKIT_DRY_RUN": "1" if dry else "0",
+        }
         process = await trio.lowlevel.open_process(
-            list(self.options.command),
+            ["/bin/sh", "-c", _HOOK_WRAPPER, *self.options.command],
             env=env,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_hook_preexec,
+            start_new_session=True,
+            user=self.options.user,
+            group=self.options.group,
         )
         try:
             with trio.move_on_after(self.options.timeout):
                 code = await process.wait()
                 return f"hook exited with {code}"
         finally:
-            if process.returncode is None:  # timed out or cancelled: our own child, by Popen
-                process.kill()
+            if process.returncode is None:  # timed out or cancelled: the hook's whole group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 with trio.CancelScope(shield=True):
                     await process.wait()
         return f"hook killed after {self.options.timeout:g} s"
@@ -147,10 +164,14 @@ class Terminate(Action):
         context.send_signal(signal.SIGTERM)
         if context.dry_run:
             return "dry-run: would send SIGTERM, then SIGKILL after the grace period"
-        if await wait_exit(context.ref, timeout=self.options.grace):
-            context.mark("exit_seen")
+        if await context.wait_exit(self.options.grace):
             return "exited after SIGTERM"
-        context.send_signal(signal.SIGKILL)
+        try:
+            context.send_signal(signal.SIGKILL)
+        except KillRefused as exc:
+            if exc.refusal.reason is RefusalReason.GONE:  # it began to exit at the last moment
+                return "exiting at the end of the grace period: no SIGKILL needed"
+            raise
         return f"no exit within {self.options.grace:g} s of SIGTERM: sent SIGKILL"
 
 
@@ -179,11 +200,42 @@ class CgroupKill(Action):
         directory = mount.directory(path) if mount else None
         if not path or path == "/" or directory is None:
             raise InvalidValue(f"the victim's cgroup {path!r} cannot be killed as a whole")
+        # The guard checks what it knows (scope, -1000, PID 1, the reaper); the rule's own
+        # protections (the 'protect' selectors) must hold for every member too.
+        spared = await _protected_members(context, directory)
+        if spared:
+            pid, why = spared[0]
+            raise KillRefused(
+                Refusal(pid, RefusalReason.PROTECTED, f"{why}; member of {directory}")
+            )
         outcome = context.guard.kill_cgroup(directory)
         context.mark("signal_sent")
         context.killed = True
         context.dry_run = context.dry_run or outcome.value == "dry-run"
         return f"cgroup {directory}: {outcome.value}"
+
+
+async def _protected_members(context: ActionContext, directory: str) -> list[tuple[int, str]]:
+    """Members of ``directory`` that a ``protect`` selector of the rule would spare."""
+    protectors = [s for s in context.rule.selectors if s.name == "protect"]
+    if not protectors:
+        return []
+    procfs = context.situation.procfs
+    candidates = []
+    for pid in cgroup_members(directory):
+        with contextlib.suppress(ReapkitError):
+            candidates.append(Ranked(Candidate.from_info(procfs.process_info(pid))))
+    kept = {r.candidate.pid for r in candidates}
+    for protector in protectors:
+        result = protector.select(context.situation, candidates)
+        if inspect.isawaitable(result):
+            result = await result
+        kept &= {r.candidate.pid for r in result}
+    return [
+        (r.candidate.pid, f"{r.candidate.comm!r} is protected by the rule")
+        for r in candidates
+        if r.candidate.pid not in kept
+    ]
 
 
 class Reap(Action):
@@ -198,14 +250,11 @@ class Reap(Action):
             return "dry-run: would reap"
         if not context.killed:
             return "skipped: no SIGKILL was sent (the victim exited or was not killed)"
-        if context.reaper is None:
+        if not context.can_reap:
             return "skipped: no reap stage"
-        result = await context.reaper.reap_or_skip(context.ref)
+        result = await context.reap()
         if result is None:
             return "skipped: every reaper thread was busy"
-        # The reaper thread's own times, already on the trio clock.
-        context.timeline["reap_started"] = result.started
-        context.timeline["reap_finished"] = result.finished
         return f"{result.outcome} in {result.duration * 1000:.1f} ms on {result.thread}"
 
 

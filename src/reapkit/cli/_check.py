@@ -11,6 +11,7 @@ import trio
 from .._engine import Engine, Rule
 from .._plugins import NoOptions, Plugin
 from .._policy import Policy, load_policy
+from ._common import scope_from
 from ._status import EXIT_OK
 
 
@@ -23,6 +24,11 @@ def add_parser(commands: Any) -> None:
         " Exit 0 when valid, 2 when invalid (the message names the file and key).",
     )
     p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument(
+        "--scope",
+        metavar="CGROUP_DIR",
+        help="confine every rule to this cgroup directory (try a policy on one cgroup)",
+    )
     p.add_argument("--now", action="store_true", help="show what each rule would choose now")
     p.set_defaults(run=run)
 
@@ -73,7 +79,7 @@ def _describe(rule: Rule, chosen: Any, ranked: list[Any], steps: list[Any]) -> s
 
 
 def run(args: argparse.Namespace) -> int:
-    policy = load_policy(args.policy, dry_run=True)
+    policy = load_policy(args.policy, dry_run=True, scope=scope_from(args))
     print(render(policy))
     if args.now:
         print("\n".join(trio.run(_preview, policy)))

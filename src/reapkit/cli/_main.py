@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,8 +14,15 @@ from .._errors import AccessDenied, ReapkitError, Unsupported
 from .._policy import PolicyError
 from .._signals import interrupt_on_termination
 from .._version import __version__
-from . import _check, _demo, _doctor, _run
-from ._status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
+from . import _check, _demo, _doctor, _plugins, _run, _top
+from ._status import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UsageError,
+)
 
 EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
@@ -39,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (_run, _check, _demo, _doctor):
+    for module in (_run, _check, _demo, _top, _plugins, _doctor):
         module.add_parser(commands)
     return parser
 
@@ -81,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `reapkit check | head -1`: the reader left; say nothing (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         # A bug or an unforeseen host: one line, the traceback only when asked for.
         if verbose:

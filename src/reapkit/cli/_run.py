@@ -28,6 +28,7 @@ from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import Reaper, serve_reaper
 from .._records import KillRecord
+from ._common import scope_from
 from ._status import EXIT_OK, UsageError
 
 log = logging.getLogger("reapkit")
@@ -41,6 +42,11 @@ def add_parser(commands: Any) -> None:
         " one keeps the old policy). Speaks sd_notify under systemd (Type=notify).",
     )
     p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument(
+        "--scope",
+        metavar="CGROUP_DIR",
+        help="confine every rule to this cgroup directory (try a policy on one cgroup)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="decide and record, but never signal anything"
     )
@@ -106,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stop-timeout must be positive")
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
-    policy = load_policy(args.policy, dry_run=args.dry_run)  # PolicyError: exit 2
+    policy = load_policy(
+        args.policy, dry_run=args.dry_run, scope=scope_from(args)
+    )  # PolicyError: exit 2
     records = open(args.records, "a", encoding="utf-8") if args.records else None  # noqa: SIM115
     try:
         _configure_logging(args.log_format, args.verbose)
@@ -153,7 +161,7 @@ async def _serve(policy: Policy, args: argparse.Namespace, records: TextIO | Non
 async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
     notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        policy = load_policy(args.policy, dry_run=args.dry_run)
+        policy = load_policy(args.policy, dry_run=args.dry_run, scope=scope_from(args))
     except PolicyError as exc:
         log.error("SIGHUP: keeping the current policy: %s", exc)  # noqa: TRY400 - a user error: no traceback
         notifier.notify("READY=1", _status(reaper.policy))

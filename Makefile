@@ -5,26 +5,34 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
-$(STAMP): pyproject.toml
+# First-party plugins: each directory under plugins/ is its own distribution, installed
+# (editable) beside reapkit so its entry points register and make test runs its tests.
+PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,docs]' \
+		$(foreach p,$(PLUGINS),-e '$(p)[test]')
 	@touch $@
 
 demo: $(STAMP)
 	$(BIN)/reapkit demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests examples $(addsuffix /tests,$(PLUGINS))
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples plugins
+	$(BIN)/ruff format --check src tests examples plugins
 	$(BIN)/mypy --strict src
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -218,7 +218,12 @@ class Observer(Plugin):
     #: An observer that must run for as long as the reaper does (an HTTP server for
     #: metrics, a bus connection) defines ``async def serve(self, *, task_status)``; the
     #: reaper starts it in its nursery before it reports itself started, and cancels it last.
+    #: One that fails to start is logged and dropped: a metrics port in use must not leave a
+    #: machine without its OOM reaper.
     serve: Any = None
+    #: An observer that wants the running reaper (for ``statistics()``) defines
+    #: ``attach(self, reaper)``; it is called once, before ``serve``.
+    attach: Any = None
 
 
 class Trigger(Plugin):

@@ -74,6 +74,8 @@ class Reaper:
     _observer_failures: int = 0
     _event_failures: int = 0
     _restart_sources: trio.Event = attrs.field(factory=trio.Event)
+    #: Observers of the policy the reaper started with (not reloaded).
+    _observers: tuple[Any, ...] = attrs.field(default=())
 
     @property
     def policy(self) -> Policy:
@@ -108,7 +110,11 @@ class Reaper:
         await self._events.send(ManualTrigger(trio.current_time(), reason))
 
     async def reload(self, policy: Policy) -> None:
-        """Switch to ``policy`` between two decisions; its sources replace the old ones."""
+        """Switch to ``policy`` between two decisions: its rules, and its sources (which
+        replace the old ones). Observers and the reap stage stay those the reaper started
+        with: restart it to change them."""
+        if [o.name for o in policy.observers] != [o.name for o in self._observers]:
+            log.warning("reload: observers are not reloaded; restart to change them")
         self._policy = policy
         self._engine.replace_rules(policy.rules)
         self._restart_sources.set()
@@ -132,7 +138,7 @@ class Reaper:
     async def _tell_observers(self, method: str, item: object) -> None:
         """Call every observer under a deadline; one that raises or overruns is logged and
         counted, and the others still hear."""
-        for observer in self._policy.observers:
+        for observer in self._observers:
             try:
                 with trio.fail_after(OBSERVER_DEADLINE):
                     result = getattr(observer, method)(item)
@@ -207,13 +213,16 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
             reap = await nursery.start(stage.serve)
         engine = Engine(policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap)
         reaper = Reaper(
-            policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers
-        )
+            policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
+            observers=policy.observers,
+        )  # fmt: skip
         engine.emit = reaper._emit
         engine.notify = reaper._warn
         for observer in policy.observers:
+            if observer.attach is not None:
+                observer.attach(reaper)
             if observer.serve is not None:
-                await nursery.start(observer.serve)
+                await _start_isolated(nursery, observer, reaper)
         await nursery.start(_run_sources, reaper, procfs, send.clone())
         nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
         task_status.started(reaper)
@@ -251,26 +260,27 @@ async def _run_sources(
                 nursery.cancel_scope.cancel()
 
 
-#: Seconds a trigger plugin may take to call ``task_status.started()``.
+#: Seconds a trigger or observer plugin may take to call ``task_status.started()``.
 TRIGGER_START_DEADLINE = 10.0
 
 
-async def _start_isolated(
-    nursery: trio.Nursery, trigger: Trigger, send: trio.MemorySendChannel[object]
-) -> None:
-    """Run a trigger plugin so that its failure (raising, never starting) is logged and the
-    reaper goes on without it."""
+async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
+    """Run a trigger plugin's ``run(send)`` or an observer's ``serve()`` so that its failure
+    (raising, never starting) is logged and the reaper goes on without it."""
 
     async def guarded(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
             async with trio.open_nursery() as inner:
                 with trio.fail_after(TRIGGER_START_DEADLINE):  # only the start is bounded
-                    await inner.start(trigger.run, send)
+                    if isinstance(plugin, Trigger):
+                        await inner.start(plugin.run, arg)
+                    else:
+                        await inner.start(plugin.serve)
                 started = True
                 task_status.started()
         except Exception as exc:  # TooSlowError, or whatever the plugin raised
-            log.warning("trigger plugin %s failed and was dropped: %r", trigger.name, exc)
+            log.warning("%s plugin %s failed and was dropped: %r", plugin.kind, plugin.name, exc)
             if not started:
                 task_status.started()
 
@@ -309,6 +319,7 @@ async def open_reaper(policy: Policy, **kwargs: Any) -> AsyncIterator[Reaper]:
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if from_body is not None and group.subgroup(lambda e: e is not from_body) is None:
+        # split() tests the leaves (subgroup() would test the group itself first).
+        if from_body is not None and group.split(lambda e: e is from_body)[1] is None:
             raise from_body from None
         raise

@@ -48,6 +48,7 @@ from ._sources.psi import PressureEvent as PressureEvent
 from ._sources.psi import PressureSnapshot as PressureSnapshot
 from ._sources.psi import PressureWatchEnded as PressureWatchEnded
 from ._sources.psi import PsiTriggerSource as PsiTriggerSource
+from ._sources.psi import parse_pressure as parse_pressure
 from ._table import ProcessTable as ProcessTable
 from ._units import PsiSpec as PsiSpec
 from ._units import parse_duration as parse_duration

@@ -545,3 +545,14 @@ async def test_two_rules_take_no_second_victim_while_the_first_is_dying(
     assert stubborn.wait(10) == -signal.SIGKILL
     assert other.poll() is None  # the second rule did not take it meanwhile
     assert stats.kills == 1 and stats.skipped_busy >= 3
+
+
+async def test_open_reaper_lets_the_callers_own_exception_through(
+    memory_cgroup: SandboxCgroup,
+) -> None:
+    policy = load_policy(
+        text=_policy(memory_cgroup, when="", select='"largest-rss"', actions='"kill"')
+    )
+    with pytest.raises(LookupError, match="the caller's"):
+        async with open_reaper(policy, live_table=False):
+            raise LookupError("the caller's")

@@ -334,3 +334,18 @@ async def test_a_memory_only_rule_keeps_acting_while_memory_stays_low(
         ]
     records, _engine = await _run(fake, [rule], events)
     assert len(records) == 4  # at 0, 3, 6 and 9 s: after every cooldown, not once per crossing
+
+
+async def test_previews_read_afresh_and_rules_share_one_read_per_event(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    engine = Engine((_rule(fake),), emit=_ignore, procfs=ProcFS(fake.root))
+    first = await engine.preview(engine.rules[0])
+    fake.add_process(900, comm="newcomer", rss=8 * GiB, oom_score=999)
+    second = await engine.preview(engine.rules[0])
+    assert first[0] is not None and first[0].candidate.pid == 600
+    assert second[0] is not None and second[0].candidate.pid == 900
+
+
+async def _ignore(_record: KillRecord) -> None:
+    return None

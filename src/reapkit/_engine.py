@@ -68,7 +68,8 @@ class Rule:
     guard: KillGuard
     selectors: tuple[Selector, ...]
     actions: tuple[Action, ...]
-    #: The rule's cgroup directory, if it has one (candidates are then its members).
+    #: The rule's memory cgroup directory, for ``cgroup_usage`` conditions (candidates come
+    #: from the scope, not from this).
     cgroup: str | None = None
     cooldown: float = 5.0
     victim_timeout: float = 10.0

@@ -221,6 +221,15 @@ def _build(
         if key not in keys:
             raise fail(f"reaper.reap.{key}", f"unknown key (keys: {', '.join(keys)})")
     reap = ReapOptions(**reap_table)
+    if reap.cpus is not None:
+        available = os.sched_getaffinity(0)
+        missing = sorted(set(reap.cpus) - available)
+        if missing:
+            raise fail(
+                "reaper.reap.cpus",
+                f"CPU {', '.join(map(str, missing))} not available here"
+                f" (available: {', '.join(map(str, sorted(available)))})",
+            )
     try:  # validate now, with the key path, not first when the reaper starts
         reap.settings()
     except (InvalidValue, TypeError, ValueError) as exc:

@@ -395,6 +395,7 @@ with open(out, "w") as f:
         os.environ.get("REAPKIT_PID", ""), os.environ.get("REAPKIT_NAME", ""),
         os.environ.get("REAPKIT_DRY_RUN", ""), str(len(os.environ)),
         open("/proc/self/oom_score_adj").read().strip(), str(os.getsid(0) == os.getpid()),
+        str(os.getpriority(os.PRIO_PROCESS, 0)),
     ]))
 """
 
@@ -410,14 +411,19 @@ async def test_the_prekill_hook_runs_contained(
     policy = load_policy(
         text=_policy(memory_cgroup, when="", select='"largest-rss"', actions=f'{hook}, "kill"')
     )
-    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
-        await reaper.trigger("test")
-        record = await _next_record(records, 10)
+    # Like the daemon, run at a raised priority: the hook must not inherit it.
+    os.setpriority(os.PRIO_PROCESS, 0, -5)
+    try:
+        async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+            await reaper.trigger("test")
+            record = await _next_record(records, 10)
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
     assert record.actions[0].detail == "hook exited with 0", record
-    pid, name, dry, n_env, adj, own_session = out.read_text().split()
+    pid, name, dry, n_env, adj, own_session, nice = out.read_text().split()
     assert (int(pid), name, dry) == (victim.pid, "sleep", "0")
     assert int(n_env) <= 8  # a minimal environment, not the daemon's
-    assert adj == "0" and own_session == "True"
+    assert adj == "0" and own_session == "True" and nice == "0"
     assert record.actions[0].detail == "hook exited with 0"
 
 

@@ -62,3 +62,13 @@ def test_no_v1_freezer_names_it() -> None:
 def test_missing_controller_names_it() -> None:
     with pytest.raises(Unsupported, match="cgroup memory controller"):
         SandboxCgroup.create("memory", mounts=[CgroupMount("/sys/fs/cgroup/cpu", 1, ("cpu",))])
+
+
+def test_a_single_wrapped_cause_is_reported_as_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    from reapkit.cli._main import _report, _single_cause
+
+    wrapped = ExceptionGroup("nursery", [ExceptionGroup("inner", [Unsupported("PSI", "gone")])])
+    assert _report(_single_cause(wrapped), "reapkit run", verbose=False) == 3
+    assert capsys.readouterr().err == "reapkit run: PSI is not available: gone\n"
+    two = ExceptionGroup("nursery", [ValueError("a"), ValueError("b")])
+    assert _report(_single_cause(two), "reapkit run", verbose=False) == 1

@@ -65,6 +65,7 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
         (('comm = ["^sshd$"]', 'comm = ["(unclosed"]'), "rule[0].select[0].comm", "regular expression"),  # noqa: E501
         (('[[rule]]', '[reaper]\ndry-run = true\n\n[[rule]]'), "reaper.dry-run", "unknown key"),
         (('cooldown = "3s"', 'max_kills = 0'), "rule[0].max_kills", "at least 1"),
+        (("[[rule]]", "[reaper.reap]\ncpus = [4096]\n\n[[rule]]"), "reaper.reap.cpus", "not available"),  # noqa: E501
         (('"oom-score"', '"telepathy"'), "rule[0].select[1]", "no selector of this name"),
         (('"reap"', '"explode"'), "rule[0].actions[1]", "no action of this name"),
         (('scope = "system"', 'scope = "everything"'), "rule[0].scope", "expected \"system\""),
@@ -173,3 +174,10 @@ def test_scope_and_when_overrides(tmp_path: Path) -> None:
     assert [s.name for s in rule.selectors] == ["protect", "oom-score"]  # the rest is as written
     with pytest.raises(PolicyError, match="when \\(override\\)"):
         load_policy(text=GOOD, when=["nonsense"])
+
+
+def test_a_hook_command_must_be_a_list() -> None:
+    text = GOOD.replace('"reap"', '{ name = "prekill-hook", command = "/bin/true" }')
+    with pytest.raises(PolicyError, match=r"command must be a list.*write \['/bin/true'\]") as info:
+        load_policy(text=text)
+    assert info.value.key == "rule[0].actions[1].command"

@@ -80,10 +80,19 @@ class Warn(Action):
         return f"warned{' (dry-run)' if dry else ''}: {text}"
 
 
+def _argv(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # tuple("/bin/foo") would be its characters
+        raise InvalidValue(
+            f"command must be a list of strings (program and arguments), not {value!r}:"
+            f" write [{value!r}]"
+        )
+    return tuple(value)
+
+
 @attrs.frozen
 class HookOptions:
     #: The command and its arguments (no shell).
-    command: tuple[str, ...] = attrs.field(converter=tuple)
+    command: tuple[str, ...] = attrs.field(converter=_argv)
     #: After this long the hook's whole process group is killed.
     timeout: float = attrs.field(default=5.0, converter=_duration)
     #: Run as this user and group (names or ids) instead of the daemon's (root's).
@@ -100,7 +109,10 @@ class HookOptions:
 
 # The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
 # Done by a tiny exec wrapper, not preexec_fn (not safe once the reaper's threads run).
-_HOOK_WRAPPER = 'echo 0 > /proc/self/oom_score_adj && exec nice -n 0 "$0" "$@"'
+# renice -n sets the nice value (nice -n would add to the daemon's -20).
+_HOOK_WRAPPER = (
+    'renice -n 0 -p $$ >/dev/null 2>&1; echo 0 > /proc/self/oom_score_adj && exec "$0" "$@"'
+)
 
 
 class PrekillHook(Action):

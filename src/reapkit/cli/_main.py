@@ -71,33 +71,61 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         prog = f"reapkit {args.command}"
         return run(args)
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        return _report(_single_cause(exc), prog, verbose=verbose)
+
+
+def _single_cause(exc: BaseException) -> BaseException:
+    """An error in a task that started others (the reaper's nursery) arrives wrapped in
+    exception groups: with a single cause, that cause, as if it had come alone."""
+    leaves: list[BaseException] = []
+
+    def collect(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                collect(inner)
+        else:
+            leaves.append(e)
+
+    collect(exc)
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+def _report(exc: BaseException, prog: str, *, verbose: bool) -> int:
+    """One line on stderr and the documented exit status."""
+
+    def say(message: str) -> None:
+        print(f"{prog}: {message}", file=sys.stderr)
+
+    if isinstance(exc, UsageError):
+        say(f"error: {exc}")
         return EXIT_USAGE
-    except PolicyError as exc:
-        print(f"{prog}: invalid policy: {exc}", file=sys.stderr)
+    if isinstance(exc, PolicyError):
+        say(f"invalid policy: {exc}")
         return EXIT_USAGE
-    except (Unsupported, AccessDenied) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    if isinstance(exc, Unsupported | AccessDenied):
+        say(str(exc))
         return EXIT_UNAVAILABLE
-    except ReapkitError as exc:  # KillRefused among them: a refusal, not a missing privilege
-        print(f"{prog}: {exc}", file=sys.stderr)
+    if isinstance(exc, ReapkitError):  # KillRefused among them: a refusal, not a privilege
+        say(str(exc))
         return EXIT_FAILURE
-    except PermissionError as exc:
-        print(f"{prog}: permission denied: {exc.filename or exc} (run as root)", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         # `reapkit check | head -1`: the reader left; say nothing (Python's documented recipe).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except Exception as exc:
-        # A bug or an unforeseen host: one line, the traceback only when asked for.
-        if verbose:
-            traceback.print_exc()
-        hint = "" if verbose else " (rerun with -v for the traceback)"
-        print(f"{prog}: unexpected error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
-        return EXIT_FAILURE
+    if isinstance(exc, PermissionError):
+        say(f"permission denied: {exc.filename or exc} (run as root)")
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, KeyboardInterrupt):
+        say("interrupted")
+        return EXIT_INTERRUPTED
+    if not isinstance(exc, Exception):
+        raise exc
+    # A bug or an unforeseen host: one line, the traceback only when asked for.
+    if verbose:
+        traceback.print_exception(exc)
+    hint = "" if verbose else " (rerun with -v for the traceback)"
+    say(f"unexpected error: {type(exc).__name__}: {exc}{hint}")
+    return EXIT_FAILURE

@@ -1,0 +1,420 @@
+"""The documentation against the code.
+
+1. The policy reference (``docs/policies.md``) cannot drift: every key of every section,
+   every built-in plugin and every option is there, with the code's defaults, and nothing is
+   there that the code does not have. The same for the operations page's tables (refusals,
+   outcomes, record fields, exit statuses) and the command line.
+2. Every relative link of ``docs/*.md`` points at a file of the repository (and an anchor
+   into a page at a heading of that page).
+3. The site builds with ``mkdocs build --strict``: no warning at all (skipped, saying so,
+   where mkdocs is not installed: it comes with the ``docs`` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+import reapkit
+from reapkit import _policy
+from reapkit._engine import Rule
+from reapkit._guard import RefusalReason
+from reapkit._plugins import NoOptions
+from reapkit._records import KillRecord, Outcome, Timeline, Victim
+from reapkit._sources.memory import Metric
+from reapkit._units import _DURATION_UNITS, _SIZE_UNITS, PSI_RESOURCES, parse_duration, parse_size
+from reapkit.builtin import builtin_plugins
+from reapkit.cli import _main, _status
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)(?:\s+\{#([\w-]+)\})?\s*$")
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
+
+# A minimal valid rule, for loading and comparing defaults.
+_MINIMAL = {"name": '"x"', "scope": '"system"', "actions": '["kill"]'}
+
+
+# -- reading the Markdown ----------------------------------------------------------------------
+
+
+def _lines_outside_code(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the lines that are not inside fenced code blocks."""
+    out = []
+    fence: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _FENCE.match(line)
+        if fence is None:
+            if match:
+                fence = match.group(1)
+                continue
+            out.append((number, line))
+        elif match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence):
+            fence = None
+    return out
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc slug of a heading's text (what mkdocs uses for anchors)."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading)
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+@attrs.frozen
+class Section:
+    id: str
+    title: str
+    level: int
+    #: The text up to the next heading of any level.
+    body: str
+    #: The text up to the next heading of the same or a higher level.
+    whole: str
+
+
+@functools.cache
+def _sections(page: str) -> dict[str, Section]:
+    lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
+    outside = {n for n, _ in _lines_outside_code("\n".join(lines))}
+    heads = []
+    for number, line in enumerate(lines, 1):
+        match = _HEADING.match(line)
+        if match and number in outside:
+            level, title, explicit = len(match.group(1)), match.group(2), match.group(3)
+            heads.append((number, level, title, explicit or _slug(title)))
+    sections = {}
+    for i, (number, level, title, id_) in enumerate(heads):
+        next_any = heads[i + 1][0] if i + 1 < len(heads) else len(lines) + 1
+        next_same = next((h[0] for h in heads[i + 1 :] if h[1] <= level), len(lines) + 1)
+        sections[id_] = Section(
+            id_,
+            title,
+            level,
+            "\n".join(lines[number : next_any - 1]),
+            "\n".join(lines[number : next_same - 1]),
+        )
+    return sections
+
+
+def _section(page: str, id_: str) -> Section:
+    sections = _sections(page)
+    assert id_ in sections, f"docs/{page} has no section {{#{id_}}}"
+    return sections[id_]
+
+
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def _table(page: str, id_: str) -> list[dict[str, str]]:
+    """The first table of a section: one dict per row, keyed by the header's cells; the
+    first column's backticks removed."""
+    rows = [line for line in _section(page, id_).body.splitlines() if line.startswith("|")]
+    assert len(rows) >= 2, f"docs/{page}#{id_} has no table"
+    header = [h.lower() for h in _cells(rows[0])]
+    table = []
+    for row in rows[2:]:
+        cells = _cells(row)
+        entry = dict(zip(header, cells, strict=True))
+        entry[header[0]] = cells[0].strip("`")
+        table.append(entry)
+    return table
+
+
+def _first_column(page: str, id_: str) -> list[str]:
+    return [next(iter(row.values())) for row in _table(page, id_)]
+
+
+def _code_words(text: str) -> set[str]:
+    """Everything written as inline code."""
+    return {w.strip() for w in re.findall(r"`([^`\n]+)`", text)}
+
+
+def _toml_value(cell: str) -> Any:
+    """A documented default (a TOML value in backticks) as Python."""
+    match = re.fullmatch(r"`(.+)`", cell)
+    assert match, f"a default must be a TOML value in backticks, 'required' or 'unset': {cell!r}"
+    return tomllib.loads(f"v = {match.group(1)}")["v"]
+
+
+def _error(text: str) -> str:
+    with pytest.raises(reapkit.PolicyError) as info:
+        reapkit.load_policy(text=text)
+    return str(info.value)
+
+
+def _rule_text(**keys: str) -> str:
+    table = {**_MINIMAL, **keys}
+    return "[[rule]]\n" + "".join(f"{k} = {v}\n" for k, v in table.items() if v is not None)
+
+
+def _listed_keys(message: str) -> set[str]:
+    """``... unknown key (keys: a, b, c)`` -> {a, b, c}."""
+    match = re.search(r"\(keys: ([^)]*)\)", message)
+    assert match, message
+    return {k.strip() for k in match.group(1).split(",")}
+
+
+# -- 1. the policy reference -------------------------------------------------------------------
+
+
+def test_every_top_level_section_is_documented() -> None:
+    message = _error("[nonsense]\n")
+    names = re.findall(r"\[\[?(\w+)\]\]?", message.split("expected", 1)[1])
+    assert names == ["reaper", "rule", "observer", "trigger"], message
+    for name in names:
+        _section("policies.md", name)
+
+
+def test_reaper_keys_are_documented() -> None:
+    keys = _listed_keys(_error("[reaper]\nnonsense = 1\n" + _rule_text()))
+    assert set(_first_column("policies.md", "reaper")) == keys
+    dry_run = next(r for r in _table("policies.md", "reaper") if r["key"] == "dry_run")
+    assert _toml_value(dry_run["default"]) is reapkit.load_policy(text=_rule_text()).dry_run
+
+
+def test_reap_keys_are_documented_with_their_defaults() -> None:
+    keys = _listed_keys(_error("[reaper.reap]\nnonsense = 1\n" + _rule_text()))
+    fields = {f.name: f for f in attrs.fields(_policy.ReapOptions)}
+    assert keys == set(fields)
+    rows = _table("policies.md", "reaper-reap")
+    assert {r["key"] for r in rows} == keys
+    for row in rows:
+        default = fields[row["key"]].default
+        if row["default"] == "unset":
+            assert default is None, row["key"]
+        else:
+            assert _toml_value(row["default"]) == default, row["key"]
+
+
+def test_rule_keys_are_documented_with_their_defaults() -> None:
+    rows = {r["key"]: r for r in _table("policies.md", "rule")}
+    assert set(rows) == set(_policy._RULE_KEYS)
+    rule: Rule = reapkit.load_policy(text=_rule_text()).rules[0]
+    for key, row in rows.items():
+        cell = row["default"]
+        if cell == "required":
+            message = _error(_rule_text(**{key: None}))
+            assert f"rule[0].{key}" in message, (key, message)
+            continue
+        if cell == "unset":
+            assert getattr(rule, key, None) is None, key
+            continue
+        value = _toml_value(cell)
+        if key == "select":
+            assert [s.name for s in rule.selectors] == value
+        elif key == "when":
+            assert [str(c) for c in rule.when] == value
+        elif key == "allow_oom_score_adj_min":
+            assert rule.guard.allow_oom_score_adj_min is value
+        elif isinstance(value, str):  # a duration
+            assert parse_duration(value) == getattr(rule, key), key
+        else:
+            assert value == getattr(rule, key), key
+
+
+def _plugin_sections(kind: str) -> dict[str, Section]:
+    """The ``### `name` {#kind-name}`` sections under ``## ... {#kinds}``."""
+    whole = _section("policies.md", f"{kind}s").whole
+    found = {}
+    for line in whole.splitlines():
+        match = _HEADING.match(line)
+        if match and match.group(3) and match.group(3).startswith(f"{kind}-"):
+            name = match.group(3).removeprefix(f"{kind}-")
+            assert match.group(2) == f"`{name}`", f"heading {line!r}: title and id disagree"
+            found[name] = _section("policies.md", match.group(3))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["selector", "action"])
+def test_every_builtin_plugin_is_documented_and_nothing_else(kind: str) -> None:
+    builtins = {cls.name for cls in builtin_plugins() if cls.kind == kind}
+    documented = set(_plugin_sections(kind))
+    assert documented - builtins == set(), "documented, but not a built-in"
+    assert builtins - documented == set(), "built-in, but not documented"
+
+
+@pytest.mark.parametrize("cls", builtin_plugins(), ids=lambda c: f"{c.kind}-{c.name}")
+def test_every_option_is_documented_with_its_default(cls: Any) -> None:
+    section = _section("policies.md", f"{cls.kind}-{cls.name}")
+    fields = {f.name.lstrip("_"): f for f in attrs.fields(cls.Options) if f.init}
+    if cls.Options is NoOptions:
+        assert "No options." in section.body
+        assert not any(line.startswith("|") for line in section.body.splitlines())
+        return
+    rows = {r["option"]: r for r in _table("policies.md", section.id)}
+    assert set(rows) == set(fields), "the option table must list exactly the options"
+    for name, field in fields.items():
+        cell = rows[name]["default"]
+        assert rows[name]["meaning"], f"{cls.name}.{name}: say what it means"
+        default = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()  # type: ignore[attr-defined]
+        if default is attrs.NOTHING:
+            assert cell == "required", f"{cls.name}.{name} has no default"
+        elif cell == "unset":
+            assert default is None, f"{cls.name}.{name}"
+        else:
+            # The documented value, through the option's own converter, is the default.
+            value = _toml_value(cell)
+            if field.converter is not None:
+                value = field.converter(value)  # type: ignore[call-arg]
+            assert value == default, f"{cls.name}.{name}: documented {cell}, code {default!r}"
+
+
+def test_condition_syntax_is_documented() -> None:
+    text = _section("policies.md", "conditions").whole
+    words = _code_words(text)
+    for metric in typing.get_args(Metric):
+        assert any(w.startswith(f"{metric} ") for w in words), metric
+    for resource in PSI_RESOURCES:
+        assert resource in text
+    for kind in ("some", "full"):
+        assert kind in text
+
+
+def test_duration_and_size_units_are_documented() -> None:
+    documented = {
+        unit.strip("` ")
+        for cell in _first_column("policies.md", "durations")
+        for unit in cell.split(",")
+    }
+    assert {u.lower() for u in documented} == {u for u in _DURATION_UNITS}
+    for unit in documented:
+        assert parse_duration(f"2{unit}") > 0
+    cells = [c.split("(")[0] for c in _first_column("policies.md", "sizes")]
+    documented = {unit.strip("` ") for cell in cells for unit in cell.split(",")}
+    assert {u.lower() for u in documented} == {u for u in _SIZE_UNITS if u} | {"%"}
+    for unit in documented:
+        parse_size(f"2{unit}")
+
+
+def test_the_default_policy_is_quoted_as_it_is() -> None:
+    body = _section("policies.md", "default-policy").body
+    match = re.search(r"```toml\n(.*?)```", body, re.DOTALL)
+    assert match, "the default policy must be quoted in a toml code block"
+    assert match.group(1) == reapkit.DEFAULT_POLICY
+
+
+def test_operations_tables_match_the_code() -> None:
+    assert set(_first_column("operations.md", "kill-guard")) == {r.value for r in RefusalReason}
+    records = {r["field"]: r for r in _table("operations.md", "records")}
+    fields = set(KillRecord.as_json(_a_record()))
+    assert set(records) == fields
+    outcomes = _code_words(records["outcome"]["what"])
+    assert set(typing.get_args(Outcome)) <= outcomes
+    assert {f.name for f in attrs.fields(Timeline)} <= _code_words(records["timeline"]["what"])
+    assert {f.name for f in attrs.fields(Victim)} <= _code_words(records["victim"]["what"])
+    statuses = {int(s) for s in _first_column("operations.md", "exit-statuses")}
+    assert statuses == {getattr(_status, name) for name in dir(_status) if name.startswith("EXIT_")}
+
+
+def _a_record() -> KillRecord:
+    return KillRecord("x", "killed", "because", "always", Timeline(0.0))
+
+
+def _subcommands() -> dict[str, Any]:
+    parser = _main._build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices)  # type: ignore[arg-type]
+
+
+def test_every_command_is_documented() -> None:
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    for name in _subcommands():
+        assert f"`reapkit {name}" in index, name
+
+
+def test_every_option_of_reapkit_run_is_documented() -> None:
+    documented = " ".join(_first_column("operations.md", "daemon"))
+    for action in _subcommands()["run"]._actions:
+        if action.dest == "help":
+            continue
+        names = action.option_strings or [action.dest.upper()]
+        assert any(n in documented for n in names), names
+
+
+# -- 2. links ----------------------------------------------------------------------------------
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
+
+
+def _links(path: Path) -> list[tuple[int, str]]:
+    """(line, target) of the relative links outside code of a Markdown file."""
+    kept = dict(_lines_outside_code(path.read_text(encoding="utf-8")))
+    text = "\n".join(kept.get(n, "") for n in range(1, max(kept, default=0) + 1))
+    text = _CODE_SPAN.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    found = []
+    for match in _LINK.finditer(text):
+        target = match.group(1)
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("/"):
+            continue  # external, mailto:, or absolute (the build refuses those)
+        found.append((text.count("\n", 0, match.start()) + 1, target))
+    return found
+
+
+def _anchors(path: Path) -> set[str]:
+    return set(_sections(path.name)) if path.parent == DOCS else set()
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_every_relative_link_points_at_a_file(page: str) -> None:
+    source = DOCS / page
+    broken = []
+    for line, link in _links(source):
+        target, _, anchor = link.partition("#")
+        path = (source.parent / target).resolve() if target else source
+        if not path.exists():
+            broken.append(f"{page}:{line}: {link}: no such file")
+        elif not (path == ROOT or ROOT in path.parents):
+            broken.append(f"{page}:{line}: {link}: outside the repository")
+        elif (
+            anchor and path.suffix == ".md" and path.parent == DOCS and anchor not in _anchors(path)
+        ):
+            broken.append(f"{page}:{line}: {link}: no heading #{anchor} in {path.name}")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_page_is_in_the_nav() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = config.split("\nnav:", 1)[1]
+    listed = re.findall(r":\s*([\w/-]+\.md)\s*$", nav, re.MULTILINE)
+    pages = sorted(p.name for p in DOCS.glob("*.md") if p.name != "README.md")
+    assert sorted(listed) == pages
+    assert "benchmarks.md" in listed
+
+
+# -- 3. the site builds ------------------------------------------------------------------------
+
+
+def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (the 'docs' extra has it)")
+    pytest.importorskip("material", reason="mkdocs-material is not installed ('docs' extra)")
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stderr, result.stderr
+    for page in ("tutorial", "policies", "plugins", "embedding", "operations", "benchmarks"):
+        assert (site / page / "index.html").is_file(), page
+    # Repository files that pages link to are published beside them.
+    assert (site / "repo" / "examples" / "deploy" / "reapkit.service" / "index.html").is_file()

@@ -13,9 +13,12 @@ import statistics
 from reapkit._demo import MiB, stuck_victim, stuck_victim_sandbox
 from reapkit.lowlevel import ProcFS
 
-SIZES = (256 * MiB, 1024 * MiB)
+SIZES = (256 * MiB, 1024 * MiB, 4096 * MiB)
 BOUND = 2.0
 REPEATS = {"kill-only": 3, "mrelease": 7}
+
+#: Filled by run(), for the plots: size -> {"kill-only": [ms or None], "mrelease": [ms]}.
+RESULTS: dict[int, dict[str, list[float | None]]] = {}
 
 
 def _fmt(values: list[float]) -> str:
@@ -43,6 +46,7 @@ def run() -> str:
                 ]
                 for scenario in ("kill-only", "mrelease")
             }
+        RESULTS[size] = {k: [r.ms_to_memory_back for r in v] for k, v in results.items()}
         alone = results["kill-only"]
         back = [r.ms_to_memory_back for r in alone if r.ms_to_memory_back is not None]
         alone_cell = (

@@ -10,14 +10,150 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from . import bench_connector, bench_pipeline, bench_procfs, bench_sources, bench_stuck
+from . import (
+    bench_connector,
+    bench_footprint,
+    bench_pipeline,
+    bench_procfs,
+    bench_reaction,
+    bench_sources,
+    bench_stuck,
+)
 
-BENCHMARKS = (bench_procfs, bench_sources, bench_connector, bench_stuck, bench_pipeline)
+BENCHMARKS = (
+    bench_procfs,
+    bench_sources,
+    bench_connector,
+    bench_stuck,
+    bench_pipeline,
+    bench_reaction,
+    bench_footprint,
+)
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+PLOTS = REPORT.parent / "benchmarks"
+MiB = 1 << 20
+
+
+def _median_span(values: list[float]) -> tuple[float, float, float]:
+    """Median, and the distances down to min and up to max (for error bars)."""
+    med = statistics.median(values)
+    return med, med - min(values), max(values) - med
+
+
+def _plot_stuck(plt: Any) -> str | None:
+    stuck = bench_pipeline.RESULTS.get("stuck")
+    if not stuck:
+        return None
+    sizes = [size for size, _f, _p in stuck]  # type: ignore[attr-defined]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.27
+    xs = range(len(sizes))
+    bound = bench_stuck.BOUND * 1000
+    alone = []
+    for size in sizes:
+        runs = bench_stuck.RESULTS.get(size, {}).get("kill-only", [])
+        back = [v for v in runs if v is not None]
+        alone.append((back, len(back) < len(runs)))
+    heights = [statistics.median(b) if b and not cut else bound for b, cut in alone]
+    bars = ax.bar([x - width for x in xs], heights, width, label="kill alone", color="#bbbbbb")
+    for bar, (_b, cut) in zip(bars, alone, strict=True):
+        if cut:
+            bar.set_hatch("//")
+            ax.annotate(f"> {bound:.0f} ms\n(not back)", (bar.get_x() + width / 2, bound),
+                        ha="center", va="bottom", fontsize=7)  # fmt: skip
+    for offset, index, label, color in (
+        (0, 1, "floor", "#4c72b0"),
+        (width, 2, "reapkit", "#dd8452"),
+    ):
+        stats = [_median_span(row[index]) for row in stuck]  # type: ignore[index]
+        ax.bar([x + offset for x in xs], [m for m, _lo, _hi in stats], width, label=label,
+               color=color, yerr=[[lo for _m, lo, _hi in stats], [hi for _m, _lo, hi in stats]],
+               capsize=3)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [f"{s // MiB} MiB" for s in sizes])
+    ax.set_ylabel("ms until 90 % of the victim's memory is back (log)")
+    ax.set_title("Stuck victim (state D): kill alone vs floor vs reapkit pipeline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = PLOTS / "stuck.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_selection(plt: Any) -> str | None:
+    selection = bench_pipeline.RESULTS.get("selection")
+    if not selection:
+        return None
+    assert isinstance(selection, dict)
+    ns = sorted(selection)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (
+        ("oom-score", "reapkit oom-score"),
+        ("largest-rss", "reapkit largest-rss"),
+        ("psutil", "psutil scan (largest RSS)"),
+        ("earlyoom", "earlyoom -d --dryrun (whole machine)"),
+    ):
+        points = [(n, _median_span(selection[n][key])) for n in ns if selection[n].get(key)]
+        if not points:
+            continue
+        ax.errorbar([n for n, _s in points], [s[0] for _n, s in points],
+                    yerr=[[s[1] for _n, s in points], [s[2] for _n, s in points]],
+                    marker="o", capsize=3, label=label)  # fmt: skip
+    ax.set_xlabel("sleeping processes in the sandbox")
+    ax.set_ylabel("ms to choose a victim")
+    ax.set_title("Selection time vs process count (median, min-max)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = PLOTS / "selection.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_reaction(plt: Any) -> str | None:
+    data = bench_reaction.RESULTS
+    if not data.get("reapkit"):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [n for n in ("reapkit", "earlyoom") if data.get(n)]
+    for i, name in enumerate(names):
+        for j, (key, marker) in enumerate((("ms", "o"), ("lowest_ms", "x"))):
+            ys = [r[key] for r in data[name]]
+            ax.scatter([i + (j - 0.5) * 0.2] * len(ys), ys, marker=marker,
+                       label=("to death" if key == "ms" else "to lowest MemAvailable")
+                       if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("ms after MemAvailable crossed the line")
+    ax.set_title("Reaction to a fast hog (each run)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = PLOTS / "reaction.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_plots() -> list[str]:
+    try:
+        import matplotlib  # the bench extra; the report is written without it
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install -e '.[bench]')", file=sys.stderr)
+        return []
+    PLOTS.mkdir(exist_ok=True)
+    written = [_plot_stuck(plt), _plot_selection(plt), _plot_reaction(plt)]
+    return [p for p in written if p]
 
 
 def _cpu_model() -> str:
@@ -61,6 +197,8 @@ against a baseline measured in the same run.
 """
     REPORT.write_text(header + "\n" + "\n\n".join(s.strip() for s in sections) + "\n")
     print(f"wrote {REPORT}", file=sys.stderr)
+    for path in write_plots():
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,18 @@ async def test_a_removed_cgroup_ends_its_watch_only(
         ("gone", "cgroup_usage"),
         ("crossed", "mem_available"),
     ]
+
+
+async def test_a_line_above_half_of_ram_is_watched_by_its_headroom(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    # MemAvailable 12 GiB of 16: plentiful, but the line (10 GiB) is above half: a fast
+    # allocator would cross it between two once-a-second samples.
+    line = MemoryThreshold("mem_available", parse_size("10GiB"))
+    source = MemoryThresholdSource([line], procfs=ProcFS(fake.root))
+    send, _receive = trio.open_memory_channel[MemoryEvent](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        await trio.sleep(0.5)
+        assert source.statistics().interval == pytest.approx(2 / 10)  # 2 GiB at 10 GiB/s
+        nursery.cancel_scope.cancel()

@@ -4,7 +4,8 @@ Sampling adapts like earlyoom's (``kill.c``: sleep in proportion to how far memo
 line), but reacts faster near it: the interval is the headroom divided by an assumed fill rate
 (``fill_rate``, 10 GiB/s by default: faster than one core can fault in fresh pages), clamped to
 ``[min_interval, max_interval]`` = [2 ms, 1 s] where earlyoom uses [100 ms, 1 s]. While
-MemAvailable is above half of RAM the interval is ``max_interval``: at most one wakeup a second.
+MemAvailable is above half of RAM and every line is below half, the interval is
+``max_interval``: at most one wakeup a second.
 
 Hysteresis: a threshold fires once when it is crossed (``state="crossed"``) and re-arms only
 after the value is back past the line by ``hysteresis`` (``state="recovered"``): one crossing,
@@ -268,8 +269,14 @@ class MemoryThresholdSource:
         return None, distance
 
     def _next_interval(self, meminfo: MemInfo, headrooms: list[float]) -> float:
-        if meminfo.available >= meminfo.total // 2 and all(
-            t.metric != "cgroup_usage" for t in self.thresholds
+        # Idle (one wakeup a second) only while memory is plentiful *and* every line is far
+        # below it: a line above half of RAM (a large machine, a line set just under the
+        # current MemAvailable) must be watched by its headroom like any other.
+        half = meminfo.total // 2
+        if meminfo.available >= half and all(
+            (t.metric == "mem_available" and t.line.resolve(meminfo.total) < half)
+            or t.metric == "swap_free"
+            for t in self.thresholds
         ):
             return self.max_interval
         seconds = min(headrooms, default=math.inf) / self.fill_rate

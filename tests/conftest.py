@@ -103,6 +103,23 @@ def v2_cgroup() -> Iterator[SandboxCgroup]:
     yield from _sandbox("v2")
 
 
+@pytest.fixture
+def commands() -> Iterator[list[subprocess.Popen[str]]]:
+    """Long-running commands a test starts (the daemon, an example service): append each
+    Popen; every one is killed by its own Popen, waited for and its pipes closed at teardown."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            for stream in (p.stdin, p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+
+
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
 

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,25 +30,11 @@ def _http(port: int, method: str, path: str) -> tuple[str, object]:
     return head.split(b"\r\n")[0].decode(), json.loads(body)
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            if p.stdout is not None:
-                p.stdout.close()
-
-
 @pytest.mark.parametrize(
     ("script", "stop"), [("trio_service.py", signal.SIGINT), ("asyncio_service.py", signal.SIGTERM)]
 )
 def test_a_service_embeds_the_reaper(
-    script: str, stop: signal.Signals, service: list[subprocess.Popen[str]], spawn: Spawn,
+    script: str, stop: signal.Signals, commands: list[subprocess.Popen[str]], spawn: Spawn,
     memory_cgroup: SandboxCgroup, tmp_path: Path,
 ) -> None:  # fmt: skip
     victim = spawn(cgroups=[memory_cgroup])
@@ -62,7 +47,7 @@ def test_a_service_embeds_the_reaper(
         [sys.executable, str(EXAMPLES / script), str(policy), "--port", "0"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    service.append(p)
+    commands.append(p)
     assert p.stdout is not None
     port = int(p.stdout.readline().split()[-1])
     assert _http(port, "POST", "/trigger")[0].endswith("202 Accepted")

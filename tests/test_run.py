@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,23 +30,8 @@ def _policy(path: Path, cgroup: SandboxCgroup, *, when: str = "", actions: str =
     return path
 
 
-@pytest.fixture
-def daemon() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for stream in (p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
-
-
 def _start(
-    daemon: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None
+    commands: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
     p = subprocess.Popen(
         [sys.executable, "-m", "reapkit.cli", "run", *args],
@@ -56,7 +40,7 @@ def _start(
         text=True,
         env={**os.environ, **(env or {})},
     )
-    daemon.append(p)
+    commands.append(p)
     return p
 
 
@@ -75,14 +59,17 @@ def _wait_for_line(p: subprocess.Popen[str], needle: str, timeout: float = 30) -
 
 
 def test_run_kills_a_hog_and_writes_a_complete_record(
-    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
 ) -> None:
     memory_cgroup.set_memory_limit(256 * MiB)
     policy = _policy(
         tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 50%"', actions='"kill", "reap"'
     )
     records = tmp_path / "records.jsonl"
-    p = _start(daemon, str(policy), "--records", str(records))
+    p = _start(commands, str(policy), "--records", str(records))
     _wait_for_line(p, "running:")
     # The reaper may well kill the hog while it is still allocating: don't wait for "ready".
     hog = spawn([sys.executable, "-m", "reapkit._hog", str(180 * MiB)], cgroups=[memory_cgroup])
@@ -105,12 +92,15 @@ def test_run_kills_a_hog_and_writes_a_complete_record(
 
 
 def test_dry_run_never_kills(
-    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
 ) -> None:
     memory_cgroup.set_memory_limit(256 * MiB)
     victim = spawn(cgroups=[memory_cgroup])
     policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
-    p = _start(daemon, str(policy), "--dry-run")
+    p = _start(commands, str(policy), "--dry-run")
     _wait_for_line(p, "rule sandbox: dry-run")
     assert victim.poll() is None
     p.send_signal(signal.SIGINT)
@@ -118,10 +108,10 @@ def test_dry_run_never_kills(
 
 
 def test_sighup_with_a_broken_policy_keeps_the_old_one(
-    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
 ) -> None:
     policy = _policy(tmp_path / "p.toml", memory_cgroup)
-    p = _start(daemon, str(policy))
+    p = _start(commands, str(policy))
     _wait_for_line(p, "running:")
     policy.write_text(policy.read_text().replace('cooldown = "1s"', 'cooldown = "a while"'))
     p.send_signal(signal.SIGHUP)
@@ -138,7 +128,7 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(
 
 
 def test_sd_notify_messages_arrive(
-    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
 ) -> None:
     address = str(tmp_path / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -146,7 +136,7 @@ def test_sd_notify_messages_arrive(
     listener.settimeout(20)
     try:
         policy = _policy(tmp_path / "p.toml", memory_cgroup)
-        p = _start(daemon, str(policy), env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+        p = _start(commands, str(policy), env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
         messages: list[str] = []
         while not any("WATCHDOG=1" in m for m in messages[1:]):
             messages.append(listener.recv(4096).decode())
@@ -161,10 +151,10 @@ def test_sd_notify_messages_arrive(
 
 
 def test_json_logs(
-    daemon: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
 ) -> None:
     policy = _policy(tmp_path / "p.toml", memory_cgroup)
-    p = _start(daemon, str(policy), "--log-format", "json")
+    p = _start(commands, str(policy), "--log-format", "json")
     line = _wait_for_line(p, "running:")[-1]
     assert json.loads(line)["message"].startswith("running:")
     p.send_signal(signal.SIGTERM)

@@ -123,6 +123,15 @@ def commands() -> Iterator[list[subprocess.Popen[str]]]:
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
 
+def _still_trampoline(pid: int) -> bool:
+    """Whether ``pid`` still runs the spawn trampoline (its command line holds its code)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"cgroup.procs" in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
     """Start a child process (by default ``sleep 600``), optionally inside cgroups.
@@ -158,6 +167,13 @@ def spawn() -> Iterator[Spawn]:
                     if child.poll() is not None:
                         raise RuntimeError(f"child exited with {child.returncode}")
                     time.sleep(0.001)
+        # ...and until it has exec'd the program: before that its comm is still "python",
+        # and a reaper deciding meanwhile would see (and protect or choose) the wrong name.
+        deadline = time.monotonic() + 30
+        while _still_trampoline(child.pid) and child.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"child {child.pid} did not exec {argv[0]}")
+            time.sleep(0.001)
         return child
 
     try:

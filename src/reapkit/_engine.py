@@ -37,7 +37,7 @@ from ._guard import (
 )
 from ._plugins import Action, Candidate, Ranked, Selector, Situation
 from ._process import ProcessRef
-from ._procfs import ProcFS
+from ._procfs import MemInfo, ProcFS
 from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
 from ._sources.memory import MemoryEvent
 from ._sources.pidfd import wait_exit
@@ -197,6 +197,7 @@ class Engine:
     _epoch_offset: float = attrs.field(factory=lambda: 0.0, init=False)
     _event_serial: int = attrs.field(default=0, init=False)
     _scan_cache: dict[object, tuple[int, list[Ranked]]] = attrs.field(factory=dict, init=False)
+    _meminfo_read: tuple[int, MemInfo] | None = attrs.field(default=None, init=False)
 
     def statistics(self) -> EngineStatistics:
         c = self._counts
@@ -260,7 +261,7 @@ class Engine:
         Runs candidates, selectors and the guard's check; signals nothing."""
         self._event_serial += 1  # a fresh read: a preview is a moment of its own
         situation = Situation(
-            rule.name, ManualTrigger(trio.current_time(), "preview"), self.procfs.meminfo(),
+            rule.name, ManualTrigger(trio.current_time(), "preview"), self._meminfo(),
             self.procfs, trio.current_time(),
         )  # fmt: skip
         return await self._choose(rule, situation)
@@ -279,9 +280,15 @@ class Engine:
 
     # -- conditions --------------------------------------------------------------------------
 
+    def _meminfo(self) -> MemInfo:
+        """``/proc/meminfo`` as read once for the current event (every rule's conditions and
+        its Situation share it; the re-check after choosing reads afresh)."""
+        if self._meminfo_read is None or self._meminfo_read[0] != self._event_serial:
+            self._meminfo_read = (self._event_serial, self.procfs.meminfo())
+        return self._meminfo_read[1]
+
     def _conditions_hold(self, rule: Rule, event: object, now: float) -> str | None:
         """A sentence naming the conditions that hold, or None if one does not."""
-        meminfo = self.procfs.meminfo()
         said = []
         for cond in rule.when:
             if isinstance(cond, PressureCondition):
@@ -293,7 +300,7 @@ class Engine:
                     return None
                 said.append(f"{cond.spec} fired")
             else:
-                holds, numbers = cond.holds(meminfo)
+                holds, numbers = cond.holds(self._meminfo())
                 if not holds:
                     return None
                 said.append(f"{cond} ({numbers})")
@@ -321,7 +328,7 @@ class Engine:
         # Whatever the outcome, the rule rests now; a kill extends it once the victim is gone.
         self._cooldown_until[rule.name] = now + rule.cooldown
         timeline: dict[str, float | None] = {"trigger_seen": getattr(event, "timestamp", now)}
-        situation = Situation(rule.name, event, self.procfs.meminfo(), self.procfs, now)
+        situation = Situation(rule.name, event, self._meminfo(), self.procfs, now)
 
         def record(outcome: Outcome, reason: str, **kw: Any) -> KillRecord:
             return KillRecord(

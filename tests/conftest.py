@@ -10,12 +10,14 @@ Safety rules for every test here:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -63,6 +65,39 @@ def need(feature: str, why: str = "") -> NoReturn:
 def require_root() -> None:
     if os.geteuid() != 0:
         need("root", "the kernel tests create cgroups and signal their own children")
+
+
+#: For scripts run by :func:`run_in_pid_namespace`: ``take_pid_of(popen)`` kills that child
+#: and starts ``sleep 600`` with the same PID, more than one clock tick later.
+PID_REUSE = r"""
+import subprocess, time
+
+def take_pid_of(first):
+    first.kill()
+    first.wait()
+    time.sleep(0.05)
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(first.pid - 1))
+    return subprocess.Popen(["sleep", "600"])
+"""
+
+
+def run_in_pid_namespace(script: str) -> Any:
+    """Run a Python ``script`` as PID 1 of a private PID namespace (``unshare --pid --fork
+    --mount-proc``), where writing N-1 to ``ns_last_pid`` makes the next fork get PID N;
+    return what it printed, as JSON."""
+    require_root()
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        need("unshare(1) (util-linux) for a private PID namespace")
+    done = subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        need("PID namespaces", done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def _sandbox(controller: str) -> Iterator[SandboxCgroup]:

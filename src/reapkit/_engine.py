@@ -13,12 +13,15 @@ action that fails ends the chain; what it did so far stays in the record.
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import inspect
 import logging
 import math
+import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -37,7 +40,7 @@ from ._guard import (
 )
 from ._plugins import Action, Candidate, Ranked, Selector, Situation
 from ._process import ProcessRef
-from ._procfs import MemInfo, ProcFS
+from ._procfs import KeptScoreFiles, MemInfo, ProcFS
 from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
 from ._sources.memory import MemoryEvent
 from ._sources.pidfd import wait_exit
@@ -47,6 +50,8 @@ log = logging.getLogger("reapkit.engine")
 
 #: A candidate scan yields to the event loop after this many processes.
 CHECKPOINT_EVERY = 256
+_DEAD = frozenset({"Z", "X"})
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Memory counts as back when the victim's anonymous memory + swap fell below this share.
 MEMORY_BACK_FRACTION = 0.1
 
@@ -198,6 +203,14 @@ class Engine:
     _event_serial: int = attrs.field(default=0, init=False)
     _scan_cache: dict[object, tuple[int, list[Ranked]]] = attrs.field(factory=dict, init=False)
     _meminfo_read: tuple[int, MemInfo] | None = attrs.field(default=None, init=False)
+    #: Keep up to this many ``oom_score`` files open between decisions (0: read them afresh).
+    keep_score_files: int = attrs.field(default=0, kw_only=True)
+    _kept: KeptScoreFiles | None = attrs.field(default=None, init=False)
+    _scope_pids: dict[object, set[int]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.keep_score_files > 0:
+            self._kept = KeptScoreFiles(self.procfs, self.keep_score_files)
 
     def statistics(self) -> EngineStatistics:
         c = self._counts
@@ -270,8 +283,9 @@ class Engine:
         self, rule: Rule, situation: Situation
     ) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
         """Candidates → selectors → the first the guard allows."""
-        ranked, steps = await self._select(rule, situation, await self._candidates(rule))
-        chosen, refusals = self._first_allowed(rule, ranked)
+        with _collector_paused():
+            ranked, steps = await self._select(rule, situation, await self._candidates(rule))
+            chosen, refusals = self._first_allowed(rule, ranked)
         if refusals:
             top = chosen.candidate.pid if chosen else None
             kept = len(ranked) - len(refusals)
@@ -427,34 +441,48 @@ class Engine:
         """The processes a rule may choose from: its cgroup's members, or every process
         (the live table, else a /proc scan), its sub-tree picked out by parent PIDs.
 
+        One small read per process: its ``oom_score``. The rest (``stat``) is read lazily,
+        only for the candidates the selectors look at (see :class:`Candidate`). A score above
+        0 proves a process with memory, not a kernel thread nor exited (the kernel's
+        ``oom_badness``); only a score of 0 needs a look at ``stat`` to tell.
+
         Rules with the same scope share one read per event. The read yields to the loop every
-        ``CHECKPOINT_EVERY`` processes (10,000 processes take ~0.2 s to read: other tasks —
-        the connector, reap results, an embedding service — must not wait that long)."""
+        ``CHECKPOINT_EVERY`` processes: other tasks — the connector, reap results, an
+        embedding service — must not wait for a whole scan of 10,000 processes."""
         scope = rule.guard.scope
         cached = self._scan_cache.get(scope)
         if cached is not None and cached[0] == self._event_serial:
             return cached[1]
         if isinstance(scope, CgroupScope):
-            pids: Iterable[int] = list(cgroup_members(scope.directory))
+            pids: list[int] = list(cgroup_members(scope.directory))
         elif self.table is not None:
-            pids = self.table.pids()
+            pids = list(self.table.pids())
         else:
             pids = self.procfs.pids()
-        infos = []
-        for n, pid in enumerate(pids, 1):
-            if n % CHECKPOINT_EVERY == 0:
+        procfs, kept = self.procfs, self._kept
+        born_after = _boot_tick()
+        candidates = []
+        for start in range(0, len(pids), CHECKPOINT_EVERY):
+            if start:
                 await trio.lowlevel.checkpoint()
-            try:
-                info = self.procfs.process_info(pid)
-            except (NoSuchProcess, ReapkitError):
-                continue
-            if not info.is_kernel_thread and info.state not in ("Z", "X"):
-                infos.append(info)
+            for pid, score in procfs.oom_scores(pids[start : start + CHECKPOINT_EVERY], kept):
+                c = Candidate.lazy(pid, score, procfs, born_after=born_after)
+                if score == 0 and (c.is_kernel_thread or c.state in _DEAD):
+                    continue
+                candidates.append(c)
         if isinstance(scope, SubtreeScope):
-            infos = _descendants(infos, scope.root_pid)
-        candidates = [Ranked(Candidate.from_info(i)) for i in infos]
-        self._scan_cache = {scope: (self._event_serial, candidates)}
-        return candidates
+            candidates = _descendants(candidates, scope.root_pid)
+        ranked = [Ranked(c) for c in candidates]
+        self._scan_cache = {scope: (self._event_serial, ranked)}
+        if kept is not None:
+            self._scope_pids[scope] = set(pids)
+            kept.retain(set().union(*self._scope_pids.values()))
+        return ranked
+
+    def close(self) -> None:
+        """Close the ``oom_score`` files kept open (``keep_score_files``)."""
+        if self._kept is not None:
+            self._kept.close()
 
     async def _select(
         self, rule: Rule, situation: Situation, candidates: list[Ranked]
@@ -602,13 +630,19 @@ def _step(name: str, before: int, ranked: list[Ranked]) -> SelectorStep:
 
 def _check_selection(given: Sequence[Ranked], result: Sequence[Any]) -> None:
     """A selector may drop and reorder what it was given, never invent: each item must be a
-    :class:`Ranked` of a candidate it received."""
-    known = {(r.candidate.pid, r.candidate.start_time) for r in given}
+    :class:`Ranked` of a candidate it received (the same object; an equal one will do)."""
+    known = {id(r.candidate) for r in given}
+    by_value: set[Candidate] | None = None
     for item in result:
         if not isinstance(item, Ranked):
             raise TypeError(f"a selector must return Ranked items, not {type(item).__name__}")
-        if (item.candidate.pid, item.candidate.start_time) not in known:
-            raise ValueError(f"a selector returned process {item.candidate.pid}, not a candidate")
+        if id(item.candidate) not in known:
+            if by_value is None:
+                by_value = {r.candidate for r in given}
+            if item.candidate not in by_value:
+                raise ValueError(
+                    f"a selector returned process {item.candidate.pid}, not a candidate"
+                )
 
 
 async def _call_selector(
@@ -641,6 +675,29 @@ def _limiter(sel: Selector) -> trio.CapacityLimiter:
     if limiter is None:
         limiter = _LIMITERS[id(sel)] = trio.CapacityLimiter(1)
     return limiter
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for one choice (candidates, selectors, guard).
+
+    A choice among 10,000 processes allocates some 40,000 objects that live until it ends,
+    which sets off collections of the older generations — of every object the program has —
+    for nothing: the choice makes no garbage cycles. Measured here, they cost a quarter to a
+    third of the choice. Reference counting still frees everything at once; the collector
+    is switched back on (if it was on) when the choice ends, also on an error."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _boot_tick() -> int:
+    """Now, in the unit of ``start_time``: clock ticks since boot (``CLOCK_BOOTTIME``)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
 
 
 def _descendants(infos: list[Any], root: int) -> list[Any]:

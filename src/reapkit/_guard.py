@@ -409,8 +409,8 @@ def cgroup_members(directory: str) -> Iterator[int]:
         if "cgroup.procs" not in files:
             continue
         try:
-            with open(os.path.join(dirpath, "cgroup.procs"), encoding="ascii") as f:
+            with open(os.path.join(dirpath, "cgroup.procs"), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             continue  # removed while walking
-        yield from (int(line) for line in data.split())
+        yield from map(int, data.split())

@@ -17,12 +17,12 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import attrs
 
 from ._errors import NoSuchProcess, ReapkitError
-from ._procfs import MemInfo, ProcessInfo, ProcFS
+from ._procfs import PF_KTHREAD, MemInfo, ProcessInfo, ProcFS
 from ._records import Victim
 
 log = logging.getLogger("reapkit.plugins")
@@ -46,17 +46,37 @@ class PluginError(ReapkitError, ValueError):
 # -- what selectors see ------------------------------------------------------------------------
 
 
-@attrs.frozen
 class Candidate:
-    """A process that may be chosen: what two small reads (``stat``, ``oom_score``) say."""
+    """A process that may be chosen.
 
-    pid: int
-    start_time: int
-    comm: str
-    ppid: int
-    state: str
-    rss: int
-    oom_score: int
+    ``pid`` and ``oom_score`` are read for every process in scope (one small read each). The
+    fields of ``/proc/<pid>/stat`` — ``start_time``, ``comm``, ``ppid``, ``state``, ``rss`` —
+    are read together on first use of any of them, so a decision reads ``stat`` only for the
+    candidates its selectors look at (earlyoom reads lazily the same way). Once read, nothing
+    changes: a candidate is a snapshot, read-only, hashable and compared by value.
+
+    A process that exited (or whose PID was taken by a process born after the scan began)
+    before its ``stat`` was read reads as ``state == "X"``, ``rss == 0``, ``start_time == 0``:
+    the kill guard never lets it be chosen. Built with all its fields (as tests and
+    :meth:`from_info` do), a candidate reads nothing.
+    """
+
+    __slots__ = ("_born_after", "_oom_score", "_pid", "_procfs", "_stat")
+
+    _pid: int
+    _oom_score: int
+    _stat: _StatFields | None
+    _procfs: ProcFS | None
+    _born_after: int
+
+    def __init__(  # noqa: PLR0917 - the record's fields, positional as attrs made them
+        self, pid: int, start_time: int, comm: str, ppid: int, state: str, rss: int, oom_score: int
+    ) -> None:
+        self._pid = pid
+        self._oom_score = oom_score
+        self._stat = _StatFields(start_time, comm, ppid, state, rss, 0)
+        self._procfs = None
+        self._born_after = 0
 
     @classmethod
     def from_info(cls, info: ProcessInfo) -> Candidate:
@@ -64,14 +84,173 @@ class Candidate:
             info.pid, info.start_time, info.comm, info.ppid, info.state, info.rss, info.oom_score
         )
 
+    @classmethod
+    def lazy(cls, pid: int, oom_score: int, procfs: ProcFS, *, born_after: int) -> Candidate:
+        """A candidate whose ``stat`` fields are read from ``procfs`` on first use.
 
-@attrs.frozen
+        ``born_after`` is the clock tick (``CLOCK_BOOTTIME`` times ``SC_CLK_TCK``, as
+        ``start_time``) in which ``oom_score`` was read: a ``stat`` that shows a later start
+        belongs to a process that took the PID afterwards, and reads as gone."""
+        self = cls.__new__(cls)
+        self._pid = pid
+        self._oom_score = oom_score
+        self._stat = None
+        self._procfs = procfs
+        self._born_after = born_after
+        return self
+
+    def _fields(self) -> _StatFields:
+        fields = self._stat
+        if fields is None:
+            assert self._procfs is not None
+            try:
+                fields = _StatFields(*self._procfs.selection_stat(self._pid))
+            except (NoSuchProcess, ReapkitError):
+                fields = _GONE
+            if fields.start_time > self._born_after:
+                fields = _GONE  # another process, born after the score was read
+            self._stat = fields
+        return fields
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def oom_score(self) -> int:
+        """``/proc/<pid>/oom_score``: the kernel's badness, 0 to 2000."""
+        return self._oom_score
+
+    @property
+    def start_time(self) -> int:
+        """Clock ticks since boot: with the pid, the process's identity."""
+        return self._fields().start_time
+
+    @property
+    def comm(self) -> str:
+        return self._fields().comm
+
+    @property
+    def ppid(self) -> int:
+        return self._fields().ppid
+
+    @property
+    def state(self) -> str:
+        return self._fields().state
+
+    @property
+    def rss(self) -> int:
+        """Resident memory in bytes."""
+        return self._fields().rss
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self._fields().flags & PF_KTHREAD)
+
+    def _key(self) -> tuple[int, int, int, str, int, str, int]:
+        f = self._fields()
+        return (self._pid, f.start_time, self._oom_score, f.comm, f.ppid, f.state, f.rss)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Candidate)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        f = self._fields()
+        return (
+            f"Candidate(pid={self._pid}, start_time={f.start_time}, comm={f.comm!r},"
+            f" ppid={f.ppid}, state={f.state!r}, rss={f.rss}, oom_score={self._oom_score})"
+        )
+
+
+class _StatFields(NamedTuple):
+    start_time: int
+    comm: str
+    ppid: int
+    state: str
+    rss: int
+    flags: int
+
+
+_GONE = _StatFields(0, "", 0, "X", 0, 0)
+
+
 class Ranked:
-    """A candidate with the score and reason the last selector gave it (higher: kill first)."""
+    """A candidate with the score and reason the last selector gave it (higher: kill first).
 
-    candidate: Candidate
-    score: float = 0.0
-    reason: str = ""
+    Read-only, hashable, compared by value. A selector that ranks thousands of candidates
+    may give the reason as a function (:meth:`explained`): it is then written only for the
+    few entries anyone reads (the victim, the top of ``reapkit check``)."""
+
+    __slots__ = ("_candidate", "_reason", "_score", "_why", "_why_arg")
+
+    _candidate: Candidate
+    _score: float
+    _reason: str | None
+    _why: Callable[[Ranked, int], str] | None
+    _why_arg: int
+
+    def __init__(self, candidate: Candidate, score: float = 0.0, reason: str = "") -> None:
+        self._candidate = candidate
+        self._score = score
+        self._reason = reason
+        self._why = None
+        self._why_arg = 0
+
+    @classmethod
+    def explained(
+        cls, candidate: Candidate, score: float, why: Callable[[Ranked, int], str], arg: int = 0
+    ) -> Ranked:
+        """A ranked candidate whose reason is ``why(it, arg)``, written on first use (for
+        instance ``arg``: its place in the ranking, ``why``: one function for all places)."""
+        self = cls.__new__(cls)
+        self._candidate = candidate
+        self._score = score
+        self._reason = None
+        self._why = why
+        self._why_arg = arg
+        return self
+
+    @property
+    def candidate(self) -> Candidate:
+        return self._candidate
+
+    @property
+    def score(self) -> float:
+        return self._score
+
+    @property
+    def reason(self) -> str:
+        """One line: why this score (and place)."""
+        reason = self._reason
+        if reason is None:
+            assert self._why is not None
+            reason = self._why(self, self._why_arg)
+            self._reason = reason
+        return reason
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Ranked)
+        return (self._candidate, self._score, self.reason) == (
+            other._candidate,
+            other._score,
+            other.reason,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._candidate, self._score, self.reason))
+
+    def __repr__(self) -> str:
+        return (
+            f"Ranked(candidate={self._candidate!r}, score={self._score!r}, reason={self.reason!r})"
+        )
 
 
 @attrs.define

@@ -10,6 +10,7 @@ A policy with no file is the embedded default (:data:`DEFAULT_POLICY`).
 from __future__ import annotations
 
 import os
+import resource
 import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -31,7 +32,7 @@ from ._plugins import (
     default_registry,
     make_options,
 )
-from ._procfs import ProcFS
+from ._procfs import FILES_SPARE, ProcFS
 from ._reap import ReapSettings, SchedPolicy
 from ._units import parse_duration
 from .builtin import ensure_registered
@@ -119,6 +120,8 @@ class Policy:
     observers: tuple[Observer, ...] = ()
     #: Trigger plugins: extra sources of reasons to act (they send ManualTrigger events).
     triggers: tuple[Trigger, ...] = ()
+    #: ``[reaper] keep_score_files``: ``oom_score`` files kept open between decisions.
+    keep_score_files: int = 0
 
     @property
     def needs_reaper(self) -> bool:
@@ -209,10 +212,20 @@ def _build(
         )
     reaper = _table(data.get("reaper", {}), "reaper", fail)
     for key in reaper:
-        if key not in ("dry_run", "reap"):
+        if key not in ("dry_run", "keep_score_files", "reap"):
             # A typo here must not pass silently: 'dry-run = true' would otherwise kill.
-            raise fail(f"reaper.{key}", "unknown key (keys: dry_run, reap)")
+            raise fail(f"reaper.{key}", "unknown key (keys: dry_run, keep_score_files, reap)")
     dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
+    keep = _typed(reaper.get("keep_score_files", 0), int, "reaper.keep_score_files", fail)
+    if keep < 0:
+        raise fail("reaper.keep_score_files", f"must be 0 (off) or more, not {keep}")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and keep + FILES_SPARE > hard:
+        raise fail(
+            "reaper.keep_score_files",
+            f"{keep} files (+{FILES_SPARE} spare) exceed the open-file limit (RLIMIT_NOFILE"
+            f" hard limit {hard}; systemd: LimitNOFILE=)",
+        )
     if force_dry_run:
         dry_run = True
     reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
@@ -257,7 +270,7 @@ def _build(
         _plugin(t, f"trigger[{i}]", "trigger", registry, fail)
         for i, t in enumerate(_list(data.get("trigger", []), "trigger", fail))
     )
-    return Policy(source, tuple(rules), reap, dry_run, observers, triggers)
+    return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep)
 
 
 def _rule(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -34,8 +34,10 @@ import attrs
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
 
 __all__ = [
+    "FILES_SPARE",
     "PF_KTHREAD",
     "CgroupEntry",
+    "KeptScoreFiles",
     "MemInfo",
     "ProcFS",
     "ProcStat",
@@ -640,6 +642,33 @@ class ProcFS:
         path, data = self._read_pid(pid, "comm")
         return parse_comm(data, path=path)
 
+    def selection_stat(self, pid: int) -> tuple[int, str, int, str, int, int]:
+        """From one read of ``stat``: (start_time, comm, ppid, state, rss in bytes, flags) —
+        what a :class:`~reapkit.Candidate` holds beside its ``oom_score``."""
+        path, data = self._read_pid(pid, "stat")
+        # Built straight from the split fields: no intermediate ProcStat on this hot path.
+        _, comm, f = _split_stat(data, path, pid)
+        return (
+            _uint(f[19], path, "starttime (field 22)"),
+            _decode(comm),
+            _uint(f[1], path, "ppid (field 4)"),
+            _stat_state(f[0], path),
+            _uint(f[21], path, "rss (field 24)") * self.page_size,
+            _uint(f[6], path, "flags (field 9)"),
+        )
+
+    def oom_scores(
+        self, pids: Iterable[int], kept: KeptScoreFiles | None = None
+    ) -> list[tuple[int, int]]:
+        """``(pid, oom_score)`` of each of ``pids`` that still exists and can be read, in
+        order: one small read per process (one ``pread`` with ``kept`` files), the cheapest
+        view of a whole scope. A process that vanished or is unreadable is left out."""
+        if kept is not None:
+            return kept.read(pids)
+        out: list[tuple[int, int]] = []
+        _read_scores(self.root, pids, out)
+        return out
+
     def process_info(self, pid: int) -> ProcessInfo:
         """The victim-selection view of *pid*, from exactly two reads: ``stat``, ``oom_score``.
 
@@ -647,18 +676,11 @@ class ProcFS:
         in theory its pid could be reused in between. The ``start_time`` returned is the one to
         check against when the victim's pidfd is opened.
         """
-        path, data = self._read_pid(pid, "stat")
-        # Built straight from the split fields: no intermediate ProcStat on this hot path.
-        file_pid, comm, f = _split_stat(data, path, pid)
-        state = _stat_state(f[0], path)
-        ppid = _uint(f[1], path, "ppid (field 4)")
-        flags = _uint(f[6], path, "flags (field 9)")
-        start_time = _uint(f[19], path, "starttime (field 22)")
-        rss = _uint(f[21], path, "rss (field 24)") * self.page_size
+        start_time, comm, ppid, state, rss, flags = self.selection_stat(pid)
         score_path, score = self._read_pid(pid, "oom_score")
         return ProcessInfo(
-            pid=file_pid,
-            comm=_decode(comm),
+            pid=pid,
+            comm=comm,
             state=state,
             ppid=ppid,
             flags=flags,
@@ -666,3 +688,89 @@ class ProcFS:
             rss=rss,
             oom_score=parse_oom_score(score, path=score_path),
         )
+
+
+def _read_scores(root: str, pids: Iterable[int], out: list[tuple[int, int]]) -> None:
+    for pid in pids:
+        path = f"{root}/{pid}/oom_score"
+        try:
+            data = _read(path, _SMALL_READ)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        out.append((pid, _score(data, root, pid)))
+
+
+def _score(data: bytes, root: str, pid: int) -> int:
+    """``parse_oom_score``, with a fast path for what the kernel writes: digits, newline."""
+    digits = data[:-1]
+    if data[-1:] == b"\n" and digits.isdigit() and len(digits) <= _MAX_DIGITS:
+        return int(digits)
+    return parse_oom_score(data, path=f"{root}/{pid}/oom_score")
+
+
+#: Open files left for everything else when ``oom_score`` files are kept open.
+FILES_SPARE = 256
+
+
+class KeptScoreFiles:
+    """``/proc/<pid>/oom_score`` files kept open between decisions, so that reading a
+    scope's scores costs one ``pread`` per process instead of ``open`` + ``read`` +
+    ``close`` (about 2.5x faster here).
+
+    The price is kernel memory: procfs allocates a 4 KiB buffer for an open file at its first
+    read and keeps it until the file is closed — about 4.3 KiB of unreclaimable memory per
+    process kept (43 MiB for 10,000). Hence a limit on the files kept (``limit``; past it the
+    rest is read the plain way) and :meth:`retain`, which closes the files of processes no
+    longer in any scope.
+
+    An open file stays bound to the process it was opened for (procfs holds its ``struct
+    pid``): once that process is gone, a read fails with ``ESRCH`` rather than reading a
+    process that reused the PID, and the file is reopened for the new one.
+    """
+
+    __slots__ = ("_fds", "_procfs", "limit")
+
+    def __init__(self, procfs: ProcFS, limit: int) -> None:
+        self._procfs = procfs
+        self._fds: dict[int, int] = {}
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def _open(self, pid: int) -> int | None:
+        try:
+            fd = os.open(f"{self._procfs.root}/{pid}/oom_score", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        self._fds[pid] = fd
+        return fd
+
+    def read(self, pids: Iterable[int]) -> list[tuple[int, int]]:
+        """``(pid, oom_score)`` for each of ``pids`` that can be read, as
+        :meth:`ProcFS.oom_scores`."""
+        fds, pread, root = self._fds, os.pread, self._procfs.root
+        out: list[tuple[int, int]] = []
+        for pid in pids:
+            fd = fds.get(pid)
+            if fd is None and len(fds) < self.limit:
+                fd = self._open(pid)
+            if fd is not None:
+                try:
+                    out.append((pid, _score(pread(fd, _SMALL_READ, 0), root, pid)))
+                    continue
+                except ProcessLookupError:
+                    # Opened for a process that is gone; the PID may be another's by now:
+                    # read it afresh (its own file is opened at the next decision).
+                    os.close(fds.pop(pid))
+            _read_scores(root, (pid,), out)
+        return out
+
+    def retain(self, pids: Container[int]) -> None:
+        """Close the files of processes not in ``pids``."""
+        for pid in [p for p in self._fds if p not in pids]:
+            os.close(self._fds.pop(pid))
+
+    def close(self) -> None:
+        """Close every file kept."""
+        self.retain(())

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import resource
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from ._engine import Engine, EngineStatistics, ManualTrigger
 from ._guard import CgroupScope
 from ._plugins import Trigger
 from ._policy import Policy
-from ._procfs import ProcFS
+from ._procfs import FILES_SPARE, ProcFS
 from ._reap import ReapStage
 from ._records import KillRecord
 from ._sources._base import SourceStatistics
@@ -115,6 +116,8 @@ class Reaper:
         with: restart it to change them."""
         if [o.name for o in policy.observers] != [o.name for o in self._observers]:
             log.warning("reload: observers are not reloaded; restart to change them")
+        if policy.keep_score_files != self._engine.keep_score_files:
+            log.warning("reload: reaper.keep_score_files is not reloaded; restart to change it")
         self._policy = policy
         self._engine.replace_rules(policy.rules)
         self._restart_sources.set()
@@ -211,7 +214,11 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         if policy.needs_reaper:
             stage = ReapStage(policy.reap.settings(), shutdown_timeout=stop_timeout)
             reap = await nursery.start(stage.serve)
-        engine = Engine(policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap)
+        _files_for(policy.keep_score_files)
+        engine = Engine(
+            policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
+            keep_score_files=policy.keep_score_files,
+        )  # fmt: skip
         reaper = Reaper(
             policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
             observers=policy.observers,
@@ -226,7 +233,19 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         await nursery.start(_run_sources, reaper, procfs, send.clone())
         nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
         task_status.started(reaper)
-        await trio.sleep_forever()
+        try:
+            await trio.sleep_forever()
+        finally:
+            engine.close()
+
+
+def _files_for(kept: int) -> None:
+    """Raise the soft open-file limit (up to the hard one, which the policy was checked
+    against) to hold ``kept`` files and the spare."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = kept + FILES_SPARE
+    if kept and soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
 
 
 async def _noop_emit(record: KillRecord) -> None:  # pragma: no cover - replaced at once

@@ -36,7 +36,7 @@ from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import pidfd_send_signal, process_mrelease
 
 SCALES = (1_000, 5_000, 10_000)
-SELECTION_REPEATS = 7
+SELECTION_REPEATS = 9
 STUCK_SIZES = (256 * MiB, 1024 * MiB, 4096 * MiB)
 STUCK_REPEATS = {256 * MiB: 7, 1024 * MiB: 7, 4096 * MiB: 5}
 #: How long earlyoom runs in dry-run mode per scale, collecting its "selecting victim took".
@@ -51,8 +51,9 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def _rule_text(cgroup: str, select: str, actions: str = '"kill"') -> str:
+def _rule_text(cgroup: str, select: str, actions: str = '"kill"', keep: int = 0) -> str:
     return (
+        f"[reaper]\nkeep_score_files = {keep}\n\n"
         f'[reaper.reap]\nthreads = 1\n\n[[rule]]\nname = "bench"\n'
         f'scope = {{ cgroup = "{cgroup}" }}\nselect = [{select}]\nactions = [{actions}]\n'
         'victim_timeout = "2s"\ncooldown = "0s"\n'
@@ -70,20 +71,46 @@ async def _selection(n: int) -> dict[str, list[float]]:
         while len(cgroup.pids()) < n:
             await trio.sleep(0.1)
         results: dict[str, list[float]] = {}
-        for label, select in (("oom-score", '"oom-score"'), ("largest-rss", '"largest-rss"')):
-            policy = load_policy(text=_rule_text(cgroup.directory, select), dry_run=True)
-            engine = Engine(policy.rules, emit=_ignore)
-            times = []
-            for _ in range(SELECTION_REPEATS):
-                started = time.perf_counter()
-                chosen, _ranked, _steps = await engine.preview(policy.rules[0])
-                times.append((time.perf_counter() - started) * 1000)
-                assert chosen is not None
-            results[label] = times
+        engines = []
+        for label, select, keep in (
+            ("oom-score", '"oom-score"', 0),
+            ("oom-score-kept", '"oom-score"', n + 1000),
+            ("largest-rss", '"largest-rss"', 0),
+        ):
+            policy = load_policy(text=_rule_text(cgroup.directory, select, keep=keep), dry_run=True)
+            engine = Engine(policy.rules, emit=_ignore, keep_score_files=policy.keep_score_files)
+            engines.append((label, policy.rules[0], engine))
+            results[label] = []
         pids = cgroup.pids()
-        results["psutil"] = [_psutil_scan(pids) for _ in range(SELECTION_REPEATS)]
+        results["psutil"], results["floor"] = [], []
+        try:
+            await engines[1][2].preview(engines[1][1])  # open the kept files once, untimed
+            for _ in range(SELECTION_REPEATS):  # interleaved: drift hits every column alike
+                for label, rule, engine in engines:
+                    started = time.perf_counter()
+                    chosen, _ranked, _steps = await engine.preview(rule)
+                    results[label].append((time.perf_counter() - started) * 1000)
+                    assert chosen is not None
+                results["psutil"].append(_psutil_scan(pids))
+                results["floor"].append(_floor_scan(cgroup.directory))
+        finally:
+            for _label, _rule, engine in engines:
+                engine.close()
         results["earlyoom"] = await trio.to_thread.run_sync(_earlyoom_selection)
         return results
+
+
+def _floor_scan(directory: str) -> float:
+    """The reads a choice cannot do without, in a bare loop: list the cgroup's PIDs, then one
+    ``open`` + ``read`` + ``close`` of ``oom_score`` per process. Milliseconds."""
+    started = time.perf_counter()
+    with open(f"{directory}/cgroup.procs", "rb") as f:
+        pids = f.read().split()
+    for pid in pids:
+        fd = os.open(b"/proc/" + pid + b"/oom_score", os.O_RDONLY)
+        os.read(fd, 64)
+        os.close(fd)
+    return (time.perf_counter() - started) * 1000
 
 
 def _psutil_scan(pids: list[int]) -> float:
@@ -240,8 +267,9 @@ async def _main() -> str:
         "earlyoom's own figure: its `selecting victim took` lines from `earlyoom -d --dryrun`"
         f" running for {EARLYOOM_SECONDS:.0f} s beside the sleepers (one selection per 100 ms"
         " poll; the first, its start-up self test, dropped). earlyoom scans the whole machine"
-        " (the N sleepers plus the ~100 other processes) and reads `oom_score` and `stat`-like"
-        " data per process; with `-d` it also prints one line per process inside the timed"
+        " (the N sleepers plus the ~100 other processes) and reads `oom_score` and `statm` of"
+        " every process, `comm` and `oom_score_adj` only of the best so far (strace of"
+        " earlyoom 1.7); with `-d` it also prints one line per process inside the timed"
         " loop, so its figure is an upper bound on its plain selection."
         if have_earlyoom
         else "earlyoom: not measured (the `earlyoom` binary is not installed)."
@@ -249,21 +277,29 @@ async def _main() -> str:
     lines = [
         "## Pipeline: choosing a victim",
         "",
-        "N sleeping processes in a sandbox cgroup; a rule scoped to it; `Engine.preview` —"
-        " candidates read from /proc (two reads each), the selector, the guard's check of the"
-        f" one chosen. Milliseconds, median (min-max) of {SELECTION_REPEATS}. psutil: a plain"
-        " loop over the same PIDs, `psutil.Process(pid).memory_info().rss`, keeping the"
-        f" largest (x{SELECTION_REPEATS}). {eo} Target: reapkit ≤ 0.5x earlyoom at 10,000.",
+        "N sleeping processes in a sandbox cgroup; a rule scoped to it; `Engine.preview` — the"
+        " cgroup's PIDs, one `oom_score` read per process (`stat` only for the candidates a"
+        " selector looks at: for `oom-score`, the one chosen), the selector, the guard's check"
+        " of the one chosen. *kept files*: the same with `[reaper] keep_score_files` (one"
+        " `pread` per process on files kept open; about 4.3 KiB of kernel memory per process)."
+        " `largest-rss` reads `stat` and `status` (VmSwap) of every candidate. *floor*: the"
+        " reads no choice can skip, in a bare Python loop — `cgroup.procs`, then `open` +"
+        " `read` + `close` of each `oom_score`. Milliseconds, median (min-max) of"
+        f" {SELECTION_REPEATS}, the columns interleaved. psutil: a plain loop over the same PIDs,"
+        " `psutil.Process(pid).memory_info().rss`, keeping the largest."
+        f" {eo} Target: reapkit ≤ 0.5x earlyoom at 10,000.",
         "",
-        "| processes | reapkit oom-score | reapkit largest-rss (reads VmSwap too) |"
-        " per process (oom-score) | psutil scan | earlyoom -d | oom-score / earlyoom |"
-        " oom-score / psutil |",
-        "|---:|---|---|---:|---|---|---:|---:|",
+        "| processes | reapkit oom-score | oom-score, kept files | largest-rss | floor |"
+        " psutil scan | earlyoom -d | oom-score / earlyoom | kept files / earlyoom |"
+        " oom-score / floor |",
+        "|---:|---|---|---|---|---|---|---:|---:|---:|",
         *(
-            f"| {n:,} | {_fmt(r['oom-score'])} | {_fmt(r['largest-rss'])} |"
-            f" {_med(r['oom-score']) * 1000 / n:.1f} µs | {_fmt(r['psutil'])} |"
+            f"| {n:,} | {_fmt(r['oom-score'])} | {_fmt(r['oom-score-kept'])} |"
+            f" {_fmt(r['largest-rss'])} | {_fmt(r['floor'])} | {_fmt(r['psutil'])} |"
             f" {_fmt(r['earlyoom']) if r['earlyoom'] else 'not measured'} |"
-            f" {_ratio(r['oom-score'], r['earlyoom'])} | {_ratio(r['oom-score'], r['psutil'])} |"
+            f" {_ratio(r['oom-score'], r['earlyoom'])} |"
+            f" {_ratio(r['oom-score-kept'], r['earlyoom'])} |"
+            f" {_ratio(r['oom-score'], r['floor'])} |"
             for n, r in selection.items()
         ),
         "",

@@ -96,7 +96,9 @@ def _plot_selection(plt: Any) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (
         ("oom-score", "reapkit oom-score"),
+        ("oom-score-kept", "reapkit oom-score, kept files"),
         ("largest-rss", "reapkit largest-rss"),
+        ("floor", "floor: list + one oom_score read each"),
         ("psutil", "psutil scan (largest RSS)"),
         ("earlyoom", "earlyoom -d --dryrun (whole machine)"),
     ):

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -15,7 +11,7 @@ import trio
 from reapkit import NoSuchProcess, ProcessChanged, ProcessRef
 from reapkit.lowlevel import ProcFS
 
-from ..conftest import Spawn, need, require_root
+from ..conftest import PID_REUSE, Spawn, run_in_pid_namespace
 
 pytestmark = pytest.mark.kernel
 
@@ -89,7 +85,9 @@ async def test_close_wakes_a_waiter_with_closed_resource_error(spawn: Spawn) -> 
 
 # The PID-reuse scenario runs inside a private PID namespace, where writing N-1 to
 # ns_last_pid makes the next fork get PID N (shared/KERNEL_NOTES.md).
-_REUSE = r"""
+_REUSE = (
+    PID_REUSE
+    + r"""
 import json, signal, subprocess, time
 from reapkit import KillGuard, ProcessChanged, ProcessRef, SystemScope
 from reapkit.lowlevel import ProcFS
@@ -99,12 +97,7 @@ first = subprocess.Popen(["sleep", "600"])
 pid = first.pid
 chosen_start = procfs.stat(pid).start_time     # what a selector saw
 old_ref = ProcessRef.open(pid)                  # a pidfd opened before the process died
-first.kill()
-first.wait()
-time.sleep(0.05)                                # more than one clock tick
-with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-    f.write(str(pid - 1))
-second = subprocess.Popen(["sleep", "600"])
+second = take_pid_of(first)
 result = {"reused": second.pid == pid}
 try:
     ProcessRef.open(pid, start_time=chosen_start).close()
@@ -125,25 +118,11 @@ second.kill()
 second.wait()
 print(json.dumps(result))
 """
+)
 
 
 def test_pid_reuse_is_caught_in_a_private_pid_namespace() -> None:
-    require_root()
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        need("unshare(1) (util-linux) for a private PID namespace")
-    done = subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", _REUSE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0 and "unshare failed" in done.stderr:
-        need("PID namespaces", done.stderr.strip())
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert result == {
+    assert run_in_pid_namespace(_REUSE) == {
         "reused": True,
         "open": "ProcessChanged",
         "found_start_differs": True,

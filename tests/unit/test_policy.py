@@ -74,6 +74,9 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
         (('"memory some 100ms/2s"', '"memory some 150ms/1s"'), "rule[0].when[0]", "2s"),
         (("cooldown", "colldown"), "rule[0].colldown", "unknown key"),
         (("comm = [", "cmd = ["), "rule[0].select[0].cmd", "unknown option 'cmd'"),
+        (("[[rule]]", "[reaper]\nkeep_score_files = -1\n\n[[rule]]"), "reaper.keep_score_files", "0 (off) or more"),  # noqa: E501
+        (("[[rule]]", "[reaper]\nkeep_score_files = true\n\n[[rule]]"), "reaper.keep_score_files", "expected int"),  # noqa: E501
+        (("[[rule]]", "[reaper]\nkeep_score_files = 1_000_000_000\n\n[[rule]]"), "reaper.keep_score_files", "RLIMIT_NOFILE hard limit"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_key_path(

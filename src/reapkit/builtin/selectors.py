@@ -176,20 +176,28 @@ def _rank(
     *,
     descending: bool = True,
 ) -> list[Ranked]:
-    """Order by ``key`` (stable), score = key, reason = ``describe`` + the place."""
-    keyed = [(r, key(r)) for r in ranked]
-    # sorted(reverse=True) keeps equal elements in their original order: ties stay stable.
-    keyed.sort(key=lambda item: item[1], reverse=descending)
+    """Order by ``key`` (stable), score = key, reason = ``describe`` + the place.
+
+    ``describe`` sees the ranked entry (its candidate, its score) and is called only when a
+    reason is read: a ranking of 10,000 processes writes the one or two reasons shown."""
+    keyed = [(key(r), r.candidate) for r in ranked]
+    # sort() on the key alone, reverse=True: stable, equal keys keep their incoming order.
+    keyed.sort(key=_first, reverse=descending)
     n = len(keyed)
-    out = []
-    for i, (r, value) in enumerate(keyed):
+
+    def why(r: Ranked, i: int) -> str:
         place = _place(i, n, best)
-        if i == 0 and n > 1:
-            tied = sum(1 for _, other in keyed[1:] if other == value)
-            if tied:
-                place += f", tied with {tied} other{'s' if tied > 1 else ''}: kept incoming order"
-        out.append(Ranked(r.candidate, float(value), f"{describe(r, value)} ({place})"))
-    return out
+        tied = sum(1 for value, _ in keyed[1:] if value == keyed[0][0]) if i == 0 else 0
+        if tied:
+            place += f", tied with {tied} other{'s' if tied > 1 else ''}: kept incoming order"
+        return f"{describe(r, r.score)} ({place})"
+
+    explained = Ranked.explained
+    return [explained(c, float(value), why, i) for i, (value, c) in enumerate(keyed)]
+
+
+def _first(item: tuple[float, Candidate]) -> float:
+    return item[0]
 
 
 def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from reapkit._sandbox import SandboxCgroup
+from reapkit.cli import _main
 
 from .conftest import MiB, Spawn
 
@@ -177,3 +178,33 @@ def test_bad_arguments_and_policies_exit_2_with_one_line(
     )
     assert done.returncode == status
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+#: In a fresh interpreter: ``reapkit run`` up to where it would start serving (``--stop-timeout
+#: 0`` is refused after parsing, before anything starts), then the default policy loaded as the
+#: daemon loads it; prints every module imported by then.
+_RUN_IMPORTS = """
+import sys
+from reapkit._policy import load_policy
+from reapkit.cli import main
+assert main(["run", "--stop-timeout", "0"]) == 2
+load_policy(dry_run=True)
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_run_imports_neither_the_other_commands_nor_rich() -> None:
+    # The daemon locks every page it touches (mlockall): the other commands' code and their
+    # libraries would sit in its memory for nothing (issue 7: footprint).
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_IMPORTS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules = set(done.stdout.split())
+    assert "reapkit.cli._run" in modules
+    others = {f"reapkit.cli{module}" for name, module in _main.COMMANDS.items() if name != "run"}
+    assert not modules & others
+    assert not {m for m in modules if m.partition(".")[0] == "rich"}

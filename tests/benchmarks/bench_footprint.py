@@ -3,10 +3,10 @@
 The daemon runs as a subprocess (dry run: its kill guard signals nothing, whatever the policy
 says; the default policy is used). After a warm-up, two snapshots ``WINDOW`` seconds apart of
 its ``/proc/<pid>/stat`` (utime + stime) and of every thread's ``/proc/<pid>/task/*/status``
-(voluntary + nonvoluntary context switches: wakeups), and its VmRSS / VmLck (it calls
-``mlockall``). Beside it, in this process and over the same window, the same default policy
-through ``open_reaper`` (dry run) gives each event source's own wakeup count: the part of the
-wakeups that comes from the event sources.
+(voluntary + nonvoluntary context switches: wakeups), and its VmRSS (RssAnon + RssFile) and
+VmLck (it calls ``mlockall``). Beside it, in this process and over the same window, the same
+default policy through ``open_reaper`` (dry run) gives each event source's own wakeup count:
+the part of the wakeups that comes from the event sources.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 
 WARMUP = 5.0
-#: The issue asks for 60 s; 30 s keeps ``make bench`` within its time budget.
-WINDOW = 30.0
+#: The idle window the issue asks for.
+WINDOW = 60.0
 _TICK = os.sysconf("SC_CLK_TCK")
 
 #: Filled by run().
@@ -67,6 +67,8 @@ def _snapshot(pid: int) -> dict[str, float]:
         "switches": switches,
         "threads": threads,
         "rss_kib": _kib(st, "VmRSS"),
+        "anon_kib": _kib(st, "RssAnon"),
+        "file_kib": _kib(st, "RssFile"),
         "lck_kib": _kib(st, "VmLck"),
         "hwm_kib": _kib(st, "VmHWM"),
     }
@@ -133,8 +135,7 @@ def run() -> str:
             "",
             "The daemon with the embedded default policy, in dry run (nothing can be signalled),"
             f" measured over {seconds:.0f} s after a {WARMUP:.0f} s warm-up on an otherwise idle"
-            " machine (the issue asks for 60 s; shortened to 30 s to keep `make bench` within"
-            " its time budget). One window, so no min-max: CPU and wakeups are totals over the"
+            " machine. One window, so no min-max: CPU and wakeups are totals over the"
             " window. Wakeups: voluntary + nonvoluntary context switches summed over the"
             " threads alive at each snapshot (`/proc/<pid>/task/*/status`); threads that ended"
             " inside the window are not counted. Event-source wakeups: the same default policy"
@@ -146,6 +147,8 @@ def run() -> str:
             "|---|---:|---|---|",
             f"| VmRSS | {rss_mib:.1f} MiB | ≤ 40 MiB |"
             f" {'met' if rss_mib <= 40 else f'missed by {rss_mib - 40:.1f} MiB'} |",
+            f"| &nbsp;&nbsp;RssAnon (heap, stacks) | {last['anon_kib'] / 1024:.1f} MiB | | |",
+            f"| &nbsp;&nbsp;RssFile (mapped files) | {last['file_kib'] / 1024:.1f} MiB | | |",
             f"| VmLck (mlockall) | {last['lck_kib'] / 1024:.1f} MiB | | |",
             f"| VmHWM (peak RSS) | {last['hwm_kib'] / 1024:.1f} MiB | | |",
             f"| threads | {last['threads']} | | |",

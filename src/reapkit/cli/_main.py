@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from .._errors import AccessDenied, ReapkitError, Unsupported
 from .._policy import PolicyError
 from .._signals import interrupt_on_termination
 from .._version import __version__
-from . import _check, _demo, _doctor, _plugins, _run, _top
 from ._status import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -23,6 +23,18 @@ from ._status import (
     EXIT_USAGE,
     UsageError,
 )
+
+#: Each command's module in this package, in the order ``reapkit --help`` lists them. A command
+#: imports only its own module: the daemon (``run``) must not carry the other commands' code and
+#: libraries (rich) in its locked memory.
+COMMANDS: Final = {
+    "run": "._run",
+    "check": "._check",
+    "demo": "._demo",
+    "top": "._top",
+    "plugins": "._plugins",
+    "doctor": "._doctor",
+}
 
 EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
@@ -36,7 +48,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone when it is one of ours."""
     parser = _Parser(
         prog="reapkit",
         description="A user-space OOM reaper framework: pidfds, PSI, the proc connector and"
@@ -47,9 +60,22 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (_run, _check, _demo, _top, _plugins, _doctor):
-        module.add_parser(commands)
+    for name, module in COMMANDS.items():
+        if command in COMMANDS and name != command:
+            continue
+        importlib.import_module(module, __package__).add_parser(commands)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv``: its first word that is not an option (``reapkit``'s own
+    options take no value); ``None`` when help is asked for before it (every command listed)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = False
     try:
         interrupt_on_termination()
-        parser = _build_parser()
+        if argv is None:
+            argv = sys.argv[1:]
+        parser = _build_parser(_command_in(argv))
         args = parser.parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(

@@ -195,7 +195,8 @@ print(" ".join(sorted(sys.modules)))
 
 def test_run_imports_neither_the_other_commands_nor_rich() -> None:
     # The daemon locks every page it touches (mlockall): the other commands' code and their
-    # libraries would sit in its memory for nothing (issue 7: footprint).
+    # libraries — and installed plugins its policy does not name — would sit in its memory
+    # for nothing (issue 7: footprint).
     done = subprocess.run(
         [sys.executable, "-c", _RUN_IMPORTS],
         capture_output=True,
@@ -208,3 +209,9 @@ def test_run_imports_neither_the_other_commands_nor_rich() -> None:
     others = {f"reapkit.cli{module}" for name, module in _main.COMMANDS.items() if name != "run"}
     assert not modules & others
     assert not {m for m in modules if m.partition(".")[0] == "rich"}
+    # The first-party plugins are installed here (make test installs them) and unused by the
+    # default policy: discovered, not imported.
+    assert not {m for m in modules if m.partition(".")[0] in _PLUGIN_PACKAGES}
+
+
+_PLUGIN_PACKAGES = {"reapkit_prometheus", "reapkit_notify", "reapkit_kubernetes", "hypercorn"}

@@ -532,6 +532,8 @@ class PluginRegistry:
     _plugins: dict[tuple[str, str], type[Plugin]] = attrs.field(factory=dict)
     _sources: dict[tuple[str, str], str] = attrs.field(factory=dict)
     _failed: list[PluginInfo] = attrs.field(factory=list)
+    #: Entry points found by :meth:`discover_entry_points`, not imported yet.
+    _pending: list[Any] = attrs.field(factory=list)
 
     def register(self, cls: type[Plugin], *, source: str = "code") -> type[Plugin]:
         """Validate and add ``cls``; usable as a class decorator. A name is registered once."""
@@ -544,18 +546,36 @@ class PluginRegistry:
         return cls
 
     def get(self, kind: Kind, name: str) -> type[Plugin]:
+        key = (kind, name)
+        if key not in self._plugins and self._pending:
+            # The entry point of that name first; failing that, all (one may list several).
+            self._load([ep for ep in self._pending if ep.name == name])
+            if key not in self._plugins:
+                self._load(self._pending)
         try:
-            return self._plugins[(kind, name)]
+            return self._plugins[key]
         except KeyError:
             known = ", ".join(sorted(n for k, n in self._plugins if k == kind))
             raise PluginError(name, f"no {kind} of this name (known: {known})") from None
+
+    def discover_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Note the plugins advertised in ``group`` without importing them. Each is imported,
+        validated and registered when first asked for by name (:meth:`get`, i.e. when a
+        policy that names it loads), and all of them when they are listed: a daemon carries
+        only the plugins its policy uses."""
+        self._pending.extend(importlib.metadata.entry_points(group=group))
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[PluginInfo]:
         """Register every plugin advertised in ``group`` (each entry point names a plugin
         class, or a list of them). A plugin that fails to load is remembered with its error;
         the others still load (pluggy's ``load_setuptools_entrypoints``). Returns failures."""
+        return self._load(importlib.metadata.entry_points(group=group))
+
+    def _load(self, eps: Iterable[Any]) -> list[PluginInfo]:
+        eps = list(eps)
+        self._pending = [ep for ep in self._pending if ep not in eps]
         failures = []
-        for ep in importlib.metadata.entry_points(group=group):
+        for ep in eps:
             dist = ep.dist.name if ep.dist is not None else "?"
             try:
                 loaded = ep.load()
@@ -569,6 +589,7 @@ class PluginRegistry:
         return failures
 
     def plugins(self) -> list[PluginInfo]:
+        self._load(self._pending)
         infos = [
             PluginInfo(
                 cls.name,
@@ -582,6 +603,7 @@ class PluginRegistry:
         return infos + list(self._failed)
 
     def names(self, kind: Kind) -> Iterable[str]:
+        self._load(self._pending)
         return sorted(n for k, n in self._plugins if k == kind)
 
 

@@ -167,6 +167,37 @@ def test_entry_points_load_and_a_broken_one_is_listed(monkeypatch: pytest.Monkey
     assert infos["broken"].error == "ImportError: no module named kaboom"
 
 
+class AlsoFromEntryPoint(FromEntryPoint):
+    name: ClassVar[str] = "also-from-entry-point"
+
+
+def test_a_policy_imports_only_the_entry_point_plugins_it_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded: list[str] = []
+
+    class Recording(FakeEntryPoint):
+        def load(self) -> object:
+            loaded.append(self.name)
+            return super().load()
+
+    eps = [
+        Recording("from-entry-point", FromEntryPoint, "reapkit-good"),
+        Recording("a-bundle", [AlsoFromEntryPoint], "reapkit-bundle"),
+        Recording("broken", ImportError("no module named kaboom"), "reapkit-broken"),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps)
+    registry = PluginRegistry()
+    registry.discover_entry_points()
+    assert loaded == []
+    assert registry.get("selector", "from-entry-point") is FromEntryPoint
+    assert loaded == ["from-entry-point"]  # by its name, nothing else
+    # A name no entry point carries: all the rest load (an entry point may list several).
+    assert registry.get("selector", "also-from-entry-point") is AlsoFromEntryPoint
+    assert sorted(loaded) == ["a-bundle", "broken", "from-entry-point"]
+    assert {i.name for i in registry.plugins() if i.error} == {"broken"}
+
+
 def test_scope_and_when_overrides(tmp_path: Path) -> None:
     from reapkit import SubtreeScope
 

@@ -39,10 +39,11 @@ _ENTRY_POINTS_LOADED: set[int] = set()
 def ensure_registered(registry: PluginRegistry | None = None) -> None:
     """Make sure the built-ins are in ``registry`` (the default registry when ``None``) and,
     for the default registry, the installed plugins of the ``reapkit.plugins`` entry-point
-    group (once per process; one that fails to load is logged and listed by
-    ``reapkit plugins``, the others still load)."""
+    group (once per process). Those are imported when a policy first names them, or when
+    they are listed; one that fails to load is logged and listed by ``reapkit plugins``, the
+    others still load."""
     target = default_registry if registry is None else registry
     register_builtins(target)
     if target is default_registry and id(target) not in _ENTRY_POINTS_LOADED:
         _ENTRY_POINTS_LOADED.add(id(target))
-        target.load_entry_points()
+        target.discover_entry_points()

@@ -479,6 +479,18 @@ class Engine:
             kept.retain(set().union(*self._scope_pids.values()))
         return ranked
 
+    async def prepare(self) -> None:
+        """Open the ``oom_score`` files to keep (``keep_score_files``) for every rule's scope
+        now, so that the first decision already reads each with one ``pread``. Processes
+        that start later get theirs at the decision that first reads them."""
+        if self._kept is None:
+            return
+        self._event_serial += 1
+        with _collector_paused():
+            for rule in self.rules:
+                await self._candidates(rule)
+        self._event_serial += 1  # what was read here is not a decision's snapshot
+
     def close(self) -> None:
         """Close the ``oom_score`` files kept open (``keep_score_files``)."""
         if self._kept is not None:

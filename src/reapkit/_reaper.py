@@ -225,6 +225,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         )  # fmt: skip
         engine.emit = reaper._emit
         engine.notify = reaper._warn
+        nursery.start_soon(engine.prepare)
         for observer in policy.observers:
             if observer.attach is not None:
                 observer.attach(reaper)

@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
 from reapkit._engine import Engine
 from reapkit._policy import load_policy
 from reapkit._procfs import KeptScoreFiles
+from reapkit._reaper import open_reaper
 from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import ProcFS
 
@@ -157,3 +159,26 @@ def test_after_pid_reuse_a_kept_file_and_a_lazy_candidate_never_read_the_newcome
         "lazy_state": "X",
         "fresh_comm": "sleep",
     }
+
+
+async def test_a_reaper_opens_the_kept_files_at_start_and_closes_them_at_exit(
+    three: list[subprocess.Popen[bytes]], memory_cgroup: SandboxCgroup
+) -> None:
+    policy = load_policy(
+        text=(
+            "[reaper]\nkeep_score_files = 100\n[[rule]]\nname = 'r'\n"
+            f"scope = {{ cgroup = '{memory_cgroup.directory}' }}\n"
+            "when = ['mem_available < 1%']\nselect = ['oom-score']\nactions = ['kill']\n"
+        ),
+        dry_run=True,
+    )
+    before = _open_fds()
+    async with open_reaper(policy) as reaper:
+        kept = reaper._engine._kept
+        assert kept is not None
+        with trio.fail_after(10):
+            while len(kept) < len(three):
+                await trio.sleep(0.01)
+        assert len(kept) == len(three)
+    assert len(kept) == 0
+    assert _open_fds() == before

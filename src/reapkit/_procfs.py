@@ -24,7 +24,10 @@ memory, not a text record.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import resource
 import types
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
@@ -32,6 +35,8 @@ from typing import Any
 import attrs
 
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
+
+log = logging.getLogger("reapkit.procfs")
 
 __all__ = [
     "FILES_SPARE",
@@ -710,6 +715,8 @@ def _score(data: bytes, root: str, pid: int) -> int:
 
 #: Open files left for everything else when ``oom_score`` files are kept open.
 FILES_SPARE = 256
+#: Kept files given back when the descriptors run out all the same.
+_SPARE_ON_EMFILE = 64
 
 
 class KeptScoreFiles:
@@ -742,6 +749,20 @@ class KeptScoreFiles:
         try:
             fd = os.open(f"{self._procfs.root}/{pid}/oom_score", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # Out of file descriptors (a lower soft limit than planned, or the whole system):
+            # give back a spare for the program and the plain reads, keep the rest, say so.
+            self.limit = max(0, len(self._fds) - _SPARE_ON_EMFILE)
+            for kept in list(self._fds)[self.limit :]:
+                os.close(self._fds.pop(kept))
+            log.warning(
+                "keeping %d oom_score files open, not more: %s (RLIMIT_NOFILE soft limit"
+                " %d); the others are read afresh",
+                self.limit, os.strerror(exc.errno), resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )  # fmt: skip
             return None
         self._fds[pid] = fd
         return fd

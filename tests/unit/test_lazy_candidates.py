@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import gc
+import os
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +20,7 @@ from reapkit import KillGuard, SystemScope
 from reapkit._engine import Engine, Rule
 from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Candidate, Ranked, Selector, Situation
+from reapkit._procfs import KeptScoreFiles
 from reapkit.builtin.selectors import LargestRss, OomScore
 from reapkit.lowlevel import ProcFS
 
@@ -220,3 +223,22 @@ async def test_the_collector_pauses_for_a_choice_and_comes_back(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_kept_files_give_way_when_descriptors_run_out(
+    fake: FakeProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    fs = ProcFS(fake.root)
+    pids = list(range(100, 200))
+    kept = KeptScoreFiles(fs, limit=1000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 80, hard))
+    try:
+        scores = kept.read(pids)
+        assert scores == [(pid, pid) for pid in pids]  # every process read all the same
+        assert kept.limit == len(kept) < 80
+        assert "oom_score files open, not more" in caplog.text
+        assert kept.read(pids) == scores
+    finally:
+        kept.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

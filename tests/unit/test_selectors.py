@@ -296,6 +296,7 @@ def test_scorers_on_an_empty_list(fake: FakeProc) -> None:
 
 
 def test_largest_rss_counts_swap_by_default(fake: FakeProc) -> None:
+    fake.set_meminfo(total=16 * GiB, available=8 * GiB, swap_total=4 * GiB, swap_free=3 * GiB)
     fake.add_process(10, rss=300 * MiB, swap=0)
     fake.add_process(11, rss=200 * MiB, swap=200 * MiB)
     fake.add_process(12, rss=100 * MiB)
@@ -312,7 +313,21 @@ def test_largest_rss_counts_swap_by_default(fake: FakeProc) -> None:
     assert rss_only[0].reason == "RSS 300.0 MiB (largest of 3)"
 
 
+def test_largest_rss_without_swap_reads_no_status(fake: FakeProc) -> None:
+    """SwapTotal 0: no process has swap, so no status read per candidate."""
+    fake.set_meminfo(total=16 * GiB, available=8 * GiB)
+    fake.add_process(10, rss=300 * MiB)
+    fake.add_process(11, rss=200 * MiB)
+    candidates = ranked(fake, 10, 11)
+    for pid in (10, 11):
+        os.remove(f"{fake.root}/{pid}/status")  # a read would now fail
+    result = run(LargestRss(), fake, candidates)
+    assert pids(result) == [10, 11]
+    assert result[0].reason == "RSS 300.0 MiB (largest of 2)"
+
+
 def test_largest_rss_with_a_vanished_process_counts_no_swap(fake: FakeProc) -> None:
+    fake.set_meminfo(total=16 * GiB, available=8 * GiB, swap_total=4 * GiB, swap_free=3 * GiB)
     fake.add_process(10, rss=100 * MiB, swap=500 * MiB)
     fake.add_process(11, rss=200 * MiB)
     candidates = ranked(fake, 10, 11)

@@ -420,7 +420,8 @@ class LargestRss(Selector):
     options: LargestRssOptions
 
     def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
-        if not self.options.include_swap:
+        # Without swap (SwapTotal 0) no process has any: skip a status read per candidate.
+        if not self.options.include_swap or situation.meminfo.swap_total == 0:
             return _rank(
                 candidates,
                 lambda r: r.candidate.rss,

@@ -11,7 +11,6 @@ deadline; one that raises or overruns is logged, counted and isolated by the eng
 from __future__ import annotations
 
 import abc
-import importlib.metadata
 import inspect
 import logging
 import os
@@ -532,7 +531,9 @@ class PluginRegistry:
     _plugins: dict[tuple[str, str], type[Plugin]] = attrs.field(factory=dict)
     _sources: dict[tuple[str, str], str] = attrs.field(factory=dict)
     _failed: list[PluginInfo] = attrs.field(factory=list)
-    #: Entry points found by :meth:`discover_entry_points`, not imported yet.
+    #: Entry-point groups to look up when a plugin name is not otherwise known.
+    _groups: list[str] = attrs.field(factory=list)
+    #: Entry points found, not imported yet.
     _pending: list[Any] = attrs.field(factory=list)
 
     def register(self, cls: type[Plugin], *, source: str = "code") -> type[Plugin]:
@@ -547,6 +548,8 @@ class PluginRegistry:
 
     def get(self, kind: Kind, name: str) -> type[Plugin]:
         key = (kind, name)
+        if key not in self._plugins:
+            self._find()
         if key not in self._plugins and self._pending:
             # The entry point of that name first; failing that, all (one may list several).
             self._load([ep for ep in self._pending if ep.name == name])
@@ -559,17 +562,25 @@ class PluginRegistry:
             raise PluginError(name, f"no {kind} of this name (known: {known})") from None
 
     def discover_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Note the plugins advertised in ``group`` without importing them. Each is imported,
-        validated and registered when first asked for by name (:meth:`get`, i.e. when a
-        policy that names it loads), and all of them when they are listed: a daemon carries
-        only the plugins its policy uses."""
-        self._pending.extend(importlib.metadata.entry_points(group=group))
+        """Use the plugins advertised in ``group``, without importing them now. The group is
+        looked up when a name is not otherwise known, or when plugins are listed; each
+        plugin is imported, validated and registered when first asked for by name
+        (:meth:`get`, i.e. when a policy that names it loads), and all of them when they are
+        listed. A daemon carries only the plugins its policy uses (and, with only built-in
+        ones, not even the packaging metadata machinery)."""
+        self._groups.append(group)
+
+    def _find(self) -> None:
+        if self._groups:
+            for group in self._groups:
+                self._pending.extend(_entry_points(group))
+            self._groups.clear()
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[PluginInfo]:
         """Register every plugin advertised in ``group`` (each entry point names a plugin
         class, or a list of them). A plugin that fails to load is remembered with its error;
         the others still load (pluggy's ``load_setuptools_entrypoints``). Returns failures."""
-        return self._load(importlib.metadata.entry_points(group=group))
+        return self._load(_entry_points(group))
 
     def _load(self, eps: Iterable[Any]) -> list[PluginInfo]:
         eps = list(eps)
@@ -589,6 +600,7 @@ class PluginRegistry:
         return failures
 
     def plugins(self) -> list[PluginInfo]:
+        self._find()
         self._load(self._pending)
         infos = [
             PluginInfo(
@@ -603,8 +615,15 @@ class PluginRegistry:
         return infos + list(self._failed)
 
     def names(self, kind: Kind) -> Iterable[str]:
+        self._find()
         self._load(self._pending)
         return sorted(n for k, n in self._plugins if k == kind)
+
+
+def _entry_points(group: str) -> Iterable[Any]:
+    import importlib.metadata  # noqa: PLC0415 - 1.4 MiB the daemon needs only for plugins
+
+    return importlib.metadata.entry_points(group=group)
 
 
 default_registry = PluginRegistry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from reapkit import NotDying, ProcessRef, Unsupported
 from reapkit._demo import stuck_victim
+from reapkit._kernel._syscalls import release_free_heap
 from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import (
     MreleaseOutcome,
@@ -208,3 +210,13 @@ def test_probe_matches_this_host(kernel: Probe) -> None:
         mounts = [line.split() for line in f]
     mounted_v1 = {m[3].split(",")[-1] for m in mounts if m[2] == "cgroup"}
     assert mounted_v1 <= set(kernel.cgroup_v1_controllers) | {"rw"}
+
+
+def test_release_free_heap_gives_freed_memory_back() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        need("glibc (malloc_trim)")
+    junk = [bytes(2048) for _ in range(20_000)]  # 40 MiB in malloc'd blocks, not pymalloc's
+    pin = [bytes(2048) for _ in range(10)]  # above them: free() alone cannot trim the top
+    del junk
+    assert release_free_heap() is True  # pages in the middle of the heap went back
+    del pin

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import gc
 import os
 import signal
 from typing import Final
@@ -147,6 +148,18 @@ def mlockall(*, current: bool = True, future: bool = True, on_fault: bool = True
             )
         raise OSError(err, f"mlockall: {os.strerror(err)}")
     return used_on_fault
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free memory back to the kernel (glibc ``malloc_trim(0)``, after a
+    full garbage collection). Call it before :func:`mlockall`: import-time temporaries the
+    allocator keeps would otherwise stay resident, and locked, for the process's life.
+    Returns whether anything was given back; ``False`` without glibc."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    gc.collect()
+    return bool(trim(0))
 
 
 def munlockall() -> None:

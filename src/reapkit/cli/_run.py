@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import trio
 
 from .._errors import AccessDenied
-from .._kernel._syscalls import mlockall, set_oom_score_adj
+from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import Reaper, serve_reaper
@@ -91,6 +91,7 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
 
 def _prepare_process(args: argparse.Namespace) -> None:
     """Lock memory, protect ourselves, set priority; say what could not be done, and go on."""
+    release_free_heap()  # before the lock: what is free now is not locked for good
     try:
         on_fault = mlockall()
         log.info("memory locked (mlockall%s)", ", on fault" if on_fault else "")

@@ -68,14 +68,15 @@ def require_root() -> None:
 
 
 #: For scripts run by :func:`run_in_pid_namespace`: ``take_pid_of(popen)`` kills that child
-#: and starts ``sleep 600`` with the same PID, more than one clock tick later.
+#: and starts ``sleep 600`` with the same PID, ``settle`` seconds later (by default more
+#: than one clock tick; 0: at once, most often in the same tick).
 PID_REUSE = r"""
 import subprocess, time
 
-def take_pid_of(first):
+def take_pid_of(first, settle=0.05):
     first.kill()
     first.wait()
-    time.sleep(0.05)
+    time.sleep(settle)
     with open("/proc/sys/kernel/ns_last_pid", "w") as f:
         f.write(str(first.pid - 1))
     return subprocess.Popen(["sleep", "600"])

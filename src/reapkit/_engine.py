@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -52,6 +53,8 @@ log = logging.getLogger("reapkit.engine")
 CHECKPOINT_EVERY = 256
 _DEAD = frozenset({"Z", "X"})
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: ``born_from`` for a fake /proc tree, whose start times are not this boot's ticks.
+_NEVER = sys.maxsize
 #: Memory counts as back when the victim's anonymous memory + swap fell below this share.
 MEMORY_BACK_FRACTION = 0.1
 
@@ -209,7 +212,9 @@ class Engine:
     _scope_pids: dict[object, set[int]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.keep_score_files > 0:
+        # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
+        # file kept open would go on reading the old content.
+        if self.keep_score_files > 0 and self.procfs.root == "/proc":
             self._kept = KeptScoreFiles(self.procfs, self.keep_score_files)
 
     def statistics(self) -> EngineStatistics:
@@ -223,6 +228,7 @@ class Engine:
     def replace_rules(self, rules: Sequence[Rule]) -> None:
         """Swap in a new policy's rules between two decisions (``reload``)."""
         self.rules = tuple(rules)
+        self._scope_pids.clear()  # the old scopes' kept files close at the next decision
 
     async def handle(self, event: object, nursery: trio.Nursery) -> None:
         """Handle one event; confirmation of kills continues in ``nursery``."""
@@ -283,8 +289,8 @@ class Engine:
         self, rule: Rule, situation: Situation
     ) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
         """Candidates → selectors → the first the guard allows."""
+        ranked, steps = await self._select(rule, situation, await self._candidates(rule))
         with _collector_paused():
-            ranked, steps = await self._select(rule, situation, await self._candidates(rule))
             chosen, refusals = self._first_allowed(rule, ranked)
         if refusals:
             top = chosen.candidate.pid if chosen else None
@@ -443,15 +449,17 @@ class Engine:
 
         One small read per process: its ``oom_score``. The rest (``stat``) is read lazily,
         only for the candidates the selectors look at (see :class:`Candidate`). A score above
-        0 proves a process with memory, not a kernel thread nor exited (the kernel's
-        ``oom_badness``); only a score of 0 needs a look at ``stat`` to tell.
+        0 proves a process with memory that is not a kernel thread (the kernel's
+        ``oom_badness``); only a score of 0 needs a look at ``stat`` to tell. (A process whose
+        leader exited while other threads live on scores above 0 and reads as state ``Z``:
+        the guard refuses it if it is chosen.)
 
         Rules with the same scope share one read per event. The read yields to the loop every
         ``CHECKPOINT_EVERY`` processes: other tasks — the connector, reap results, an
         embedding service — must not wait for a whole scan of 10,000 processes."""
-        scope = rule.guard.scope
+        scope, serial = rule.guard.scope, self._event_serial
         cached = self._scan_cache.get(scope)
-        if cached is not None and cached[0] == self._event_serial:
+        if cached is not None and cached[0] == serial:
             return cached[1]
         if isinstance(scope, CgroupScope):
             pids: list[int] = list(cgroup_members(scope.directory))
@@ -459,21 +467,25 @@ class Engine:
             pids = list(self.table.pids())
         else:
             pids = self.procfs.pids()
-        procfs, kept = self.procfs, self._kept
-        born_after = _boot_tick()
+        procfs, kept, real = self.procfs, self._kept, self.procfs.root == "/proc"
         candidates = []
         for start in range(0, len(pids), CHECKPOINT_EVERY):
             if start:
                 await trio.lowlevel.checkpoint()
-            for pid, score in procfs.oom_scores(pids[start : start + CHECKPOINT_EVERY], kept):
-                c = Candidate.lazy(pid, score, procfs, born_after=born_after)
-                if score == 0 and (c.is_kernel_thread or c.state in _DEAD):
-                    continue
-                candidates.append(c)
-        if isinstance(scope, SubtreeScope):
-            candidates = _descendants(candidates, scope.root_pid)
-        ranked = [Ranked(c) for c in candidates]
-        self._scan_cache = {scope: (self._event_serial, ranked)}
+            with _collector_paused():
+                # Taken before the chunk's reads: a process whose stat shows a start in this
+                # tick or later may have taken the PID after its score was read.
+                born = _boot_tick() if real else _NEVER
+                for pid, score in procfs.oom_scores(pids[start : start + CHECKPOINT_EVERY], kept):
+                    c = Candidate.lazy(pid, score, procfs, born_from=born)
+                    if score == 0 and (c.is_kernel_thread or c.state in _DEAD):
+                        continue
+                    candidates.append(c)
+        with _collector_paused():
+            if isinstance(scope, SubtreeScope):
+                candidates = _descendants(candidates, scope.root_pid)
+            ranked = [Ranked(c) for c in candidates]
+        self._scan_cache = {scope: (serial, ranked)}
         if kept is not None:
             self._scope_pids[scope] = set(pids)
             kept.retain(set().union(*self._scope_pids.values()))
@@ -481,14 +493,14 @@ class Engine:
 
     async def prepare(self) -> None:
         """Open the ``oom_score`` files to keep (``keep_score_files``) for every rule's scope
-        now, so that the first decision already reads each with one ``pread``. Processes
-        that start later get theirs at the decision that first reads them."""
+        now, so that the first decision reads each with one ``pread``. Processes that start
+        later get theirs at the decision that first reads them. The reaper awaits it before
+        its first decision."""
         if self._kept is None:
             return
         self._event_serial += 1
-        with _collector_paused():
-            for rule in self.rules:
-                await self._candidates(rule)
+        for rule in self.rules:
+            await self._candidates(rule)
         self._event_serial += 1  # what was read here is not a decision's snapshot
 
     def close(self) -> None:
@@ -664,7 +676,8 @@ async def _call_selector(
         if inspect.iscoroutinefunction(sel.select):
             result: Any = await sel.select(situation, ranked)
         elif sel.inline:
-            result = sel.select(situation, ranked)
+            with _collector_paused():  # runs in the loop's thread, to the end: no await inside
+                result = sel.select(situation, ranked)
         else:
             # A third-party sync selector may block: run it on a thread so the deadline holds
             # (an abandoned call finishes on its own; its result is dropped).
@@ -691,13 +704,15 @@ def _limiter(sel: Selector) -> trio.CapacityLimiter:
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for one choice (candidates, selectors, guard).
+    """Pause Python's cyclic garbage collector for a synchronous part of a choice (a chunk of
+    the candidate scan, an inline selector, the guard's pass) — never across an await, so
+    the rest of the program never runs without it.
 
     A choice among 10,000 processes allocates some 40,000 objects that live until it ends,
     which sets off collections of the older generations — of every object the program has —
     for nothing: the choice makes no garbage cycles. Measured here, they cost a quarter to a
     third of the choice. Reference counting still frees everything at once; the collector
-    is switched back on (if it was on) when the choice ends, also on an error."""
+    is switched back on (if it was on) at the end of the part, also on an error."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

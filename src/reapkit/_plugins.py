@@ -54,19 +54,24 @@ class Candidate:
     candidates its selectors look at (earlyoom reads lazily the same way). Once read, nothing
     changes: a candidate is a snapshot, read-only, hashable and compared by value.
 
-    A process that exited (or whose PID was taken by a process born after the scan began)
-    before its ``stat`` was read reads as ``state == "X"``, ``rss == 0``, ``start_time == 0``:
-    the kill guard never lets it be chosen. Built with all its fields (as tests and
-    :meth:`from_info` do), a candidate reads nothing.
+    A process that exited before its ``stat`` was read reads as gone: ``state == "X"``,
+    ``rss == 0``, ``start_time == -1``; the kill guard never lets it be chosen. So does one
+    whose ``stat`` shows a start in or after the clock tick in which its score was read: its
+    PID may have been taken by a newcomer after the score was read, and the score is not the
+    newcomer's (a process younger than one tick, 10 ms, is not chosen in that decision).
+    Built with all its fields (as tests and :meth:`from_info` do), a candidate reads nothing.
+
+    Not an attrs class (it reads lazily): ``attrs.evolve`` and ``attrs.asdict`` do not apply.
     """
 
-    __slots__ = ("_born_after", "_oom_score", "_pid", "_procfs", "_stat")
+    __slots__ = ("_born_from", "_oom_score", "_pid", "_procfs", "_stat")
+    __match_args__ = ("pid", "start_time", "comm", "ppid", "state", "rss", "oom_score")
 
     _pid: int
     _oom_score: int
     _stat: _StatFields | None
     _procfs: ProcFS | None
-    _born_after: int
+    _born_from: int
 
     def __init__(  # noqa: PLR0917 - the record's fields, positional as attrs made them
         self, pid: int, start_time: int, comm: str, ppid: int, state: str, rss: int, oom_score: int
@@ -75,7 +80,7 @@ class Candidate:
         self._oom_score = oom_score
         self._stat = _StatFields(start_time, comm, ppid, state, rss, 0)
         self._procfs = None
-        self._born_after = 0
+        self._born_from = 0
 
     @classmethod
     def from_info(cls, info: ProcessInfo) -> Candidate:
@@ -84,18 +89,20 @@ class Candidate:
         )
 
     @classmethod
-    def lazy(cls, pid: int, oom_score: int, procfs: ProcFS, *, born_after: int) -> Candidate:
+    def lazy(cls, pid: int, oom_score: int, procfs: ProcFS, *, born_from: int) -> Candidate:
         """A candidate whose ``stat`` fields are read from ``procfs`` on first use.
 
-        ``born_after`` is the clock tick (``CLOCK_BOOTTIME`` times ``SC_CLK_TCK``, as
-        ``start_time``) in which ``oom_score`` was read: a ``stat`` that shows a later start
-        belongs to a process that took the PID afterwards, and reads as gone."""
+        ``born_from`` is a clock tick (``CLOCK_BOOTTIME`` times ``SC_CLK_TCK``, the unit of
+        ``start_time``) taken before ``oom_score`` was read. A ``stat`` showing a start at
+        or after it may belong to a process that took the PID after the score was read: it
+        reads as gone. (A start before it proves the process existed when its score was
+        read, so the score is its own.)"""
         self = cls.__new__(cls)
         self._pid = pid
         self._oom_score = oom_score
         self._stat = None
         self._procfs = procfs
-        self._born_after = born_after
+        self._born_from = born_from
         return self
 
     def _fields(self) -> _StatFields:
@@ -106,9 +113,11 @@ class Candidate:
                 fields = _StatFields(*self._procfs.selection_stat(self._pid))
             except (NoSuchProcess, ReapkitError):
                 fields = _GONE
-            if fields.start_time > self._born_after:
-                fields = _GONE  # another process, born after the score was read
-            self._stat = fields
+            if fields.start_time >= self._born_from:
+                fields = _GONE  # maybe a newcomer on the PID, not the process scored
+            if self._stat is None:  # a selector on a thread may have read it meanwhile
+                self._stat = fields
+            fields = self._stat
         return fields
 
     @property
@@ -176,7 +185,7 @@ class _StatFields(NamedTuple):
     flags: int
 
 
-_GONE = _StatFields(0, "", 0, "X", 0, 0)
+_GONE = _StatFields(-1, "", 0, "X", 0, 0)
 
 
 class Ranked:
@@ -184,9 +193,13 @@ class Ranked:
 
     Read-only, hashable, compared by value. A selector that ranks thousands of candidates
     may give the reason as a function (:meth:`explained`): it is then written only for the
-    few entries anyone reads (the victim, the top of ``reapkit check``)."""
+    few entries anyone reads (the victim, the top of ``reapkit check``). A reason function
+    that raises gives a reason saying so, logged; it never fails a decision. Not an attrs
+    class: ``attrs.evolve`` does not apply, and a ``Ranked`` with a reason function does not
+    pickle."""
 
     __slots__ = ("_candidate", "_reason", "_score", "_why", "_why_arg")
+    __match_args__ = ("candidate", "score", "reason")
 
     _candidate: Candidate
     _score: float
@@ -229,7 +242,11 @@ class Ranked:
         reason = self._reason
         if reason is None:
             assert self._why is not None
-            reason = self._why(self, self._why_arg)
+            try:
+                reason = str(self._why(self, self._why_arg))
+            except Exception as exc:  # a plugin's reason must not break a decision
+                log.warning("a selector's reason failed: %r", exc)
+                reason = f"(its reason failed: {type(exc).__name__}: {exc})"
             self._reason = reason
         return reason
 
@@ -558,6 +575,11 @@ class PluginRegistry:
         try:
             return self._plugins[key]
         except KeyError:
+            for failed in self._failed:
+                if failed.name == name:
+                    raise PluginError(
+                        name, f"installed by {failed.source} but failed to load: {failed.error}"
+                    ) from None
             known = ", ".join(sorted(n for k, n in self._plugins if k == kind))
             raise PluginError(name, f"no {kind} of this name (known: {known})") from None
 

@@ -697,12 +697,12 @@ class ProcFS:
 
 def _read_scores(root: str, pids: Iterable[int], out: list[tuple[int, int]]) -> None:
     for pid in pids:
-        path = f"{root}/{pid}/oom_score"
         try:
-            data = _read(path, _SMALL_READ)
+            out.append((pid, _score(_read(f"{root}/{pid}/oom_score", _SMALL_READ), root, pid)))
         except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        out.append((pid, _score(data, root, pid)))
+            continue  # gone, or not ours to read
+        except ProcFormatError as exc:  # not from a kernel; a broken fake tree
+            log.debug("%s", exc)
 
 
 def _score(data: bytes, root: str, pid: int) -> int:
@@ -780,10 +780,14 @@ class KeptScoreFiles:
                 try:
                     out.append((pid, _score(pread(fd, _SMALL_READ, 0), root, pid)))
                     continue
-                except ProcessLookupError:
-                    # Opened for a process that is gone; the PID may be another's by now:
-                    # read it afresh (its own file is opened at the next decision).
+                except OSError:
+                    # ESRCH: opened for a process that is gone, and the PID may be another's
+                    # by now; or any other failure of this file. Read the PID afresh (its own
+                    # file is opened at the next decision).
                     os.close(fds.pop(pid))
+                except ProcFormatError as exc:
+                    log.debug("%s", exc)
+                    continue
             _read_scores(root, (pid,), out)
         return out
 

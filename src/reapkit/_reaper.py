@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import resource
 from collections.abc import AsyncIterator
 from typing import Any
@@ -219,22 +220,25 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
             policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
             keep_score_files=policy.keep_score_files,
         )  # fmt: skip
-        reaper = Reaper(
-            policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
-            observers=policy.observers,
-        )  # fmt: skip
-        engine.emit = reaper._emit
-        engine.notify = reaper._warn
-        nursery.start_soon(engine.prepare)
-        for observer in policy.observers:
-            if observer.attach is not None:
-                observer.attach(reaper)
-            if observer.serve is not None:
-                await _start_isolated(nursery, observer, reaper)
-        await nursery.start(_run_sources, reaper, procfs, send.clone())
-        nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
-        task_status.started(reaper)
-        try:
+        try:  # from here on the engine may hold kept files: close them however this ends
+            reaper = Reaper(
+                policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
+                observers=policy.observers,
+            )  # fmt: skip
+            engine.emit = reaper._emit
+            engine.notify = reaper._warn
+            try:  # before the first decision, not beside it
+                await engine.prepare()
+            except Exception as exc:  # kept files are an optimisation: never fatal
+                log.warning("could not open the oom_score files to keep: %r", exc)
+            for observer in policy.observers:
+                if observer.attach is not None:
+                    observer.attach(reaper)
+                if observer.serve is not None:
+                    await _start_isolated(nursery, observer, reaper)
+            await nursery.start(_run_sources, reaper, procfs, send.clone())
+            nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
+            task_status.started(reaper)
             await trio.sleep_forever()
         finally:
             engine.close()
@@ -242,9 +246,9 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
 
 def _files_for(kept: int) -> None:
     """Raise the soft open-file limit (up to the hard one, which the policy was checked
-    against) to hold ``kept`` files and the spare."""
+    against) to hold ``kept`` files beside those open now and the spare."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = kept + FILES_SPARE
+    want = kept + FILES_SPARE + len(os.listdir("/proc/self/fd"))
     if kept and soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
 

@@ -121,10 +121,10 @@ procfs = ProcFS()
 first = subprocess.Popen(["sleep", "600"])
 pid = first.pid
 kept = KeptScoreFiles(procfs, limit=10)
+scanned_from = _boot_tick()                # taken before the score is read, as the engine does
 kept.read([pid])
 old_fd = kept._fds[pid]
-scanned_in = _boot_tick()                  # the tick in which the score was read
-second = take_pid_of(first)
+second = take_pid_of(first, settle=SETTLE)
 result = {"reused": second.pid == pid}
 try:
     os.pread(old_fd, 64, 0)
@@ -135,8 +135,8 @@ result["kept_read"] = [p for p, _ in kept.read([pid])] == [pid]
 result["closed"] = pid not in kept._fds
 kept.read([pid])
 result["reopened"] = pid in kept._fds
-result["lazy_state"] = Candidate.lazy(pid, 666, procfs, born_after=scanned_in).state
-result["fresh_comm"] = Candidate.lazy(pid, 666, procfs, born_after=10**12).comm
+result["lazy_state"] = Candidate.lazy(pid, 666, procfs, born_from=scanned_from).state
+result["fresh_comm"] = Candidate.lazy(pid, 666, procfs, born_from=10**12).comm
 kept.close()
 second.kill()
 second.wait()
@@ -145,8 +145,11 @@ print(json.dumps(result))
 )
 
 
-def test_after_pid_reuse_a_kept_file_and_a_lazy_candidate_never_read_the_newcomer() -> None:
-    assert run_in_pid_namespace(_REUSE) == {
+@pytest.mark.parametrize("settle", [0.05, 0.0], ids=["next-tick", "same-tick"])
+def test_after_pid_reuse_a_kept_file_and_a_lazy_candidate_never_read_the_newcomer(
+    settle: float,
+) -> None:
+    assert run_in_pid_namespace(_REUSE.replace("SETTLE", repr(settle))) == {
         "reused": True,
         # The file opened for the first process fails once it is gone, also after reuse.
         "old_file": "ESRCH",
@@ -155,7 +158,9 @@ def test_after_pid_reuse_a_kept_file_and_a_lazy_candidate_never_read_the_newcome
         "kept_read": True,
         "closed": True,
         "reopened": True,
-        # A stat read after the reuse shows a start after the scan's tick: not the scored one.
+        # A stat read after the reuse shows a start in or after the tick taken before the
+        # score was read (the same tick, when the PID changed hands at once): not the one
+        # scored.
         "lazy_state": "X",
         "fresh_comm": "sleep",
     }
@@ -181,4 +186,30 @@ async def test_a_reaper_opens_the_kept_files_at_start_and_closes_them_at_exit(
                 await trio.sleep(0.01)
         assert len(kept) == len(three)
     assert len(kept) == 0
+    assert _open_fds() == before
+
+
+async def test_a_reaper_that_fails_to_start_closes_its_kept_files(
+    three: list[subprocess.Popen[bytes]],
+    memory_cgroup: SandboxCgroup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def sources_fail(*args: object, task_status: object) -> None:
+        raise RuntimeError("a source failed to start")
+
+    monkeypatch.setattr("reapkit._reaper._run_sources", sources_fail)
+    policy = load_policy(
+        text=(
+            "[reaper]\nkeep_score_files = 100\n[[rule]]\nname = 'r'\n"
+            f"scope = {{ cgroup = '{memory_cgroup.directory}' }}\n"
+            "when = ['mem_available < 1%']\nselect = ['oom-score']\nactions = ['kill']\n"
+        ),
+        dry_run=True,
+    )
+    before = _open_fds()
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, match="failed to start"), flatten_subgroups=True
+    ):
+        async with open_reaper(policy):
+            raise AssertionError("started")
     assert _open_fds() == before

@@ -134,7 +134,7 @@ def test_candidate_and_ranked_are_read_only() -> None:
 
 def test_a_lazy_candidate_reads_stat_once(fake: FakeProc) -> None:
     fs = CountingProcFS(fake.root)
-    c = Candidate.lazy(150, 150, fs, born_after=10**9)
+    c = Candidate.lazy(150, 150, fs, born_from=10**9)
     assert fs.reads["stat"] == 0
     assert (c.comm, c.rss, c.ppid, c.state, c.start_time) == ("worker150", 150 * MiB, 1, "S", 1000)
     assert fs.reads["stat"] == 1
@@ -143,21 +143,66 @@ def test_a_lazy_candidate_reads_stat_once(fake: FakeProc) -> None:
 
 def test_a_candidate_gone_before_its_stat_was_read_reads_as_exited(fake: FakeProc) -> None:
     fs = ProcFS(fake.root)
-    c = Candidate.lazy(150, 150, fs, born_after=10**9)
+    c = Candidate.lazy(150, 150, fs, born_from=10**9)
     fake.remove_process(150)
-    assert (c.state, c.rss, c.start_time, c.comm) == ("X", 0, 0, "")
+    assert (c.state, c.rss, c.start_time, c.comm) == ("X", 0, -1, "")
     assert c.oom_score == 150  # what was read stays
 
 
-def test_a_pid_taken_by_a_process_born_after_the_scan_reads_as_exited(fake: FakeProc) -> None:
-    """The score was read in tick 5000; a stat that says 'started at 5001' is another
-    process's, which took the PID after the score was read: never the one scored."""
+def test_a_pid_that_may_have_changed_hands_reads_as_exited(fake: FakeProc) -> None:
+    """The tick 5000 was taken before the score was read. A stat that says 'started at 5000'
+    or later may be a newcomer's, which took the PID after the score was read: never taken
+    for the one scored. One that started before existed when its score was read."""
     fs = ProcFS(fake.root)
     fake.add_process(300, comm="newcomer", start_time=5001, rss=MiB, oom_score=700)
-    assert Candidate.lazy(300, 700, fs, born_after=5000).state == "X"
-    # Born in the tick the scan began (or before): the same process.
     fake.add_process(301, comm="same-tick", start_time=5000, rss=MiB, oom_score=700)
-    assert Candidate.lazy(301, 700, fs, born_after=5000).comm == "same-tick"
+    fake.add_process(302, comm="older", start_time=4999, rss=MiB, oom_score=700)
+    for pid in (300, 301):
+        gone = Candidate.lazy(pid, 700, fs, born_from=5000)
+        assert (gone.state, gone.start_time, gone.rss) == ("X", -1, 0)
+    assert Candidate.lazy(302, 700, fs, born_from=5000).comm == "older"
+
+
+def test_a_reason_that_fails_says_so_and_fails_nothing(fake: FakeProc) -> None:
+    def why(r: Ranked, place: int) -> str:
+        raise KeyError("oops")
+
+    c = Candidate(pid=5, start_time=1, comm="x", ppid=1, state="S", rss=0, oom_score=9)
+    assert Ranked.explained(c, 1.0, why).reason == "(its reason failed: KeyError: 'oops')"
+
+
+class BadReasons(Selector):
+    name: ClassVar[str] = "test-bad-reasons"
+    inline: ClassVar[bool] = True
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        def why(r: Ranked, place: int) -> str:
+            raise RuntimeError("plugin bug")
+
+        ordered = sorted(candidates, key=lambda r: -r.candidate.oom_score)
+        return [Ranked.explained(r.candidate, r.candidate.oom_score, why) for r in ordered]
+
+
+async def test_a_selector_whose_reasons_fail_still_chooses(fake: FakeProc) -> None:
+    engine, rule = _engine(ProcFS(fake.root), BadReasons())
+    chosen, _ranked, steps = await engine.preview(rule)
+    assert chosen is not None and chosen.candidate.pid == 199
+    assert steps[0].reason == "(its reason failed: RuntimeError: plugin bug)"
+
+
+async def test_a_malformed_score_leaves_that_process_out(fake: FakeProc) -> None:
+    fake.write("150/oom_score", "garbage\n")
+    engine, rule = _engine(ProcFS(fake.root), OomScore(OomScore.Options()))
+    chosen, ranked, _steps = await engine.preview(rule)
+    assert chosen is not None and chosen.candidate.pid == 199
+    assert 150 not in {r.candidate.pid for r in ranked}
+
+
+def test_an_engine_keeps_no_files_of_a_fake_tree(fake: FakeProc) -> None:
+    """A fake tree's files are replaced, not regenerated: a kept file would read stale."""
+    rule = _engine(ProcFS(fake.root), OomScore(OomScore.Options()))[1]
+    engine = Engine((rule,), emit=_ignore, procfs=ProcFS(fake.root), keep_score_files=100)
+    assert engine._kept is None
 
 
 class EqualCopy(Selector):

@@ -196,6 +196,8 @@ def test_a_policy_imports_only_the_entry_point_plugins_it_names(
     assert registry.get("selector", "also-from-entry-point") is AlsoFromEntryPoint
     assert sorted(loaded) == ["a-bundle", "broken", "from-entry-point"]
     assert {i.name for i in registry.plugins() if i.error} == {"broken"}
+    with pytest.raises(PluginError, match=r"installed by reapkit-broken but failed to load: Imp"):
+        registry.get("selector", "broken")
 
 
 def test_scope_and_when_overrides(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from reapkit._engine import Engine
-from reapkit._policy import load_policy
+from reapkit._policy import Policy, load_policy
 from reapkit._procfs import KeptScoreFiles
 from reapkit._reaper import open_reaper
 from reapkit._sandbox import SandboxCgroup
@@ -166,17 +166,22 @@ def test_after_pid_reuse_a_kept_file_and_a_lazy_candidate_never_read_the_newcome
     }
 
 
-async def test_a_reaper_opens_the_kept_files_at_start_and_closes_them_at_exit(
-    three: list[subprocess.Popen[bytes]], memory_cgroup: SandboxCgroup
-) -> None:
-    policy = load_policy(
+def _keeping_policy(cgroup: SandboxCgroup) -> Policy:
+    """Dry run, kept files, one rule scoped to ``cgroup`` that waits for memory to run out."""
+    return load_policy(
         text=(
             "[reaper]\nkeep_score_files = 100\n[[rule]]\nname = 'r'\n"
-            f"scope = {{ cgroup = '{memory_cgroup.directory}' }}\n"
+            f"scope = {{ cgroup = '{cgroup.directory}' }}\n"
             "when = ['mem_available < 1%']\nselect = ['oom-score']\nactions = ['kill']\n"
         ),
         dry_run=True,
     )
+
+
+async def test_a_reaper_opens_the_kept_files_at_start_and_closes_them_at_exit(
+    three: list[subprocess.Popen[bytes]], memory_cgroup: SandboxCgroup
+) -> None:
+    policy = _keeping_policy(memory_cgroup)
     before = _open_fds()
     async with open_reaper(policy) as reaper:
         kept = reaper._engine._kept
@@ -198,14 +203,7 @@ async def test_a_reaper_that_fails_to_start_closes_its_kept_files(
         raise RuntimeError("a source failed to start")
 
     monkeypatch.setattr("reapkit._reaper._run_sources", sources_fail)
-    policy = load_policy(
-        text=(
-            "[reaper]\nkeep_score_files = 100\n[[rule]]\nname = 'r'\n"
-            f"scope = {{ cgroup = '{memory_cgroup.directory}' }}\n"
-            "when = ['mem_available < 1%']\nselect = ['oom-score']\nactions = ['kill']\n"
-        ),
-        dry_run=True,
-    )
+    policy = _keeping_policy(memory_cgroup)
     before = _open_fds()
     with pytest.RaisesGroup(
         pytest.RaisesExc(RuntimeError, match="failed to start"), flatten_subgroups=True

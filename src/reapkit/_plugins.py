@@ -332,8 +332,11 @@ class Situation:
         return None if status is None else int(status.uids[0])
 
     def swap(self, c: Candidate) -> int | None:
-        status = self._status(c)
-        return None if status is None else status.vm_swap
+        status = self._cache.get((c.pid, "status"))
+        if status is not None:  # read already (uid): no second read
+            return int(status.vm_swap) if status.vm_swap is not None else None
+        value: int | None = self._cached(c.pid, "swap", self.procfs.vm_swap, None)
+        return value
 
     def victim(self, c: Candidate) -> Victim:
         return Victim(

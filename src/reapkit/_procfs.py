@@ -623,6 +623,17 @@ class ProcFS:
         path, data = self._read_pid(pid, "status", _BIG_READ)
         return parse_status(data, path=path)
 
+    def vm_swap(self, pid: int) -> int | None:
+        """``VmSwap`` of ``<root>/<pid>/status`` in bytes, without parsing the rest; ``None``
+        for a task without memory (kernel thread, zombie). The ``Name`` line cannot fake the
+        line: the kernel escapes a newline in it."""
+        path, data = self._read_pid(pid, "status", _BIG_READ)
+        start = data.find(b"\nVmSwap:")
+        if start < 0:
+            return None
+        end = data.find(b"\n", start + 1)
+        return _kb(data[start + 8 : end if end >= 0 else None].strip(), path, "VmSwap")
+
     def oom_score(self, pid: int) -> int:
         """``<root>/<pid>/oom_score``: the kernel's badness, 0 to 2000."""
         path, data = self._read_pid(pid, "oom_score")

@@ -1035,3 +1035,20 @@ def test_real_every_process_parses() -> None:
             continue  # exited while we read: normal
         seen += 1
     assert seen > 1
+
+
+@settings(max_examples=60)
+@given(name=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=15))
+def test_vm_swap_reads_what_status_says(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> None:
+    """The quick VmSwap reader agrees with the full parser, whatever the process is named
+    (a name such as 'x\\nVmSwap:\\t1 kB' cannot fake the line: the kernel escapes it)."""
+    fake = FakeProc(tmp_path_factory.mktemp("proc"))
+    fake.add_process(10, comm=name, rss=8 << 20, swap=3 << 20)
+    fake.add_process(11, comm="x\nVmSwap:\t1 kB", rss=8 << 20, swap=5 << 20)
+    fake.add_process(12, comm="kworker/0:1", flags=PF_KTHREAD)
+    fs = ProcFS(fake.root)
+    for pid in (10, 11, 12):
+        assert fs.vm_swap(pid) == fs.status(pid).vm_swap
+    assert (fs.vm_swap(10), fs.vm_swap(11), fs.vm_swap(12)) == (3 << 20, 5 << 20, None)

@@ -215,7 +215,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         if policy.needs_reaper:
             stage = ReapStage(policy.reap.settings(), shutdown_timeout=stop_timeout)
             reap = await nursery.start(stage.serve)
-        _files_for(policy.keep_score_files)
+        raised_from = _files_for(policy.keep_score_files)
         engine = Engine(
             policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
             keep_score_files=policy.keep_score_files,
@@ -242,15 +242,21 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
             await trio.sleep_forever()
         finally:
             engine.close()
+            if raised_from is not None:  # the embedding program gets its own limit back
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised_from, hard))
 
 
-def _files_for(kept: int) -> None:
+def _files_for(kept: int) -> int | None:
     """Raise the soft open-file limit (up to the hard one, which the policy was checked
-    against) to hold ``kept`` files beside those open now and the spare."""
+    against) to hold ``kept`` files beside those open now and the spare; return the soft
+    limit it replaced, if it did."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = kept + FILES_SPARE + len(os.listdir("/proc/self/fd"))
     if kept and soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+        return soft
+    return None
 
 
 async def _noop_emit(record: KillRecord) -> None:  # pragma: no cover - replaced at once

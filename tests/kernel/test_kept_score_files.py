@@ -7,6 +7,7 @@ nothing is signalled except through its own ``Popen``.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -192,6 +193,20 @@ async def test_a_reaper_opens_the_kept_files_at_start_and_closes_them_at_exit(
         assert len(kept) == len(three)
     assert len(kept) == 0
     assert _open_fds() == before
+
+
+async def test_a_reaper_raises_its_file_limit_to_fit_and_gives_it_back(
+    three: list[subprocess.Popen[bytes]], memory_cgroup: SandboxCgroup
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = _open_fds() + 20
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        async with open_reaper(_keeping_policy(memory_cgroup)):
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= low + 100
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_reaper_that_fails_to_start_closes_its_kept_files(

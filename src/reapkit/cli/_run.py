@@ -162,7 +162,13 @@ async def _serve(policy: Policy, args: argparse.Namespace, records: TextIO | Non
 async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
     notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        policy = load_policy(args.policy, dry_run=args.dry_run, scope=scope_from(args))
+        # Off the loop: reading the file, and importing a plugin it names for the first
+        # time, must not hold up the sources and a decision in progress.
+        policy = await trio.to_thread.run_sync(
+            functools.partial(
+                load_policy, args.policy, dry_run=args.dry_run, scope=scope_from(args)
+            )
+        )
     except PolicyError as exc:
         log.error("SIGHUP: keeping the current policy: %s", exc)  # noqa: TRY400 - a user error: no traceback
         notifier.notify("READY=1", _status(reaper.policy))

@@ -214,7 +214,7 @@ class Engine:
     def __attrs_post_init__(self) -> None:
         # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
         # file kept open would go on reading the old content.
-        if self.keep_score_files > 0 and self.procfs.root == "/proc":
+        if self.keep_score_files > 0 and self.procfs.root == REAL_PROC:
             self._kept = KeptScoreFiles(self.procfs, self.keep_score_files)
 
     def statistics(self) -> EngineStatistics:
@@ -467,7 +467,7 @@ class Engine:
             pids = list(self.table.pids())
         else:
             pids = self.procfs.pids()
-        procfs, kept, real = self.procfs, self._kept, self.procfs.root == "/proc"
+        procfs, kept, real = self.procfs, self._kept, self.procfs.root == REAL_PROC
         candidates = []
         for start in range(0, len(pids), CHECKPOINT_EVERY):
             if start:

@@ -743,7 +743,8 @@ class KeptScoreFiles:
 
     An open file stays bound to the process it was opened for (procfs holds its ``struct
     pid``): once that process is gone, a read fails with ``ESRCH`` rather than reading a
-    process that reused the PID, and the file is reopened for the new one.
+    process that reused the PID. The file is closed and the PID read afresh; a newcomer's own
+    file is opened at the next read.
     """
 
     __slots__ = ("_fds", "_procfs", "limit")

@@ -251,12 +251,14 @@ def _files_for(kept: int) -> int | None:
     """Raise the soft open-file limit (up to the hard one, which the policy was checked
     against) to hold ``kept`` files beside those open now and the spare; return the soft
     limit it replaced, if it did."""
+    if not kept:
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = kept + FILES_SPARE + len(os.listdir("/proc/self/fd"))
-    if kept and soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-        return soft
-    return None
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    return soft
 
 
 async def _noop_emit(record: KillRecord) -> None:  # pragma: no cover - replaced at once

@@ -33,7 +33,7 @@ def register_builtins(registry: PluginRegistry) -> tuple[type[Plugin], ...]:
     return plugins
 
 
-_ENTRY_POINTS_LOADED: set[int] = set()
+_ENTRY_POINTS_FOUND: set[int] = set()
 
 
 def ensure_registered(registry: PluginRegistry | None = None) -> None:
@@ -44,6 +44,6 @@ def ensure_registered(registry: PluginRegistry | None = None) -> None:
     others still load."""
     target = default_registry if registry is None else registry
     register_builtins(target)
-    if target is default_registry and id(target) not in _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED.add(id(target))
+    if target is default_registry and id(target) not in _ENTRY_POINTS_FOUND:
+        _ENTRY_POINTS_FOUND.add(id(target))
         target.discover_entry_points()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -182,7 +183,7 @@ def _rank(
     reason is read: a ranking of 10,000 processes writes the one or two reasons shown."""
     keyed = [(key(r), r.candidate) for r in ranked]
     # sort() on the key alone, reverse=True: stable, equal keys keep their incoming order.
-    keyed.sort(key=_first, reverse=descending)
+    keyed.sort(key=operator.itemgetter(0), reverse=descending)
     n = len(keyed)
 
     def why(r: Ranked, i: int) -> str:
@@ -194,10 +195,6 @@ def _rank(
 
     explained = Ranked.explained
     return [explained(c, float(value), why, i) for i, (value, c) in enumerate(keyed)]
-
-
-def _first(item: tuple[float, Candidate]) -> float:
-    return item[0]
 
 
 def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test test-vm lint bench docs clean
 
 # First-party plugins: each directory under plugins/ is its own distribution, installed
 # (editable) beside reapkit so its entry points register and make test runs its tests.
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests examples $(addsuffix /tests,$(PLUGINS))
+
+# The cgroup v2 subset, in a guest kernel (tests/vmlab/guest.py): pure cgroup v2, PSI, every
+# capability. Software emulation here: a targeted subset, a hard timeout, no timing asserts.
+VM_TESTS := tests/kernel/test_cgroup_v2.py
+test-vm: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[vm]'
+	$(BIN)/python -m tests.vmlab.guest --timeout 1700 -- \
+		$(BIN)/python -m pytest -p no:cacheprovider -m vm $(PYTEST_ARGS) $(VM_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples plugins

@@ -48,7 +48,26 @@ def kernel() -> Probe:
 
 
 #: Missing features that may skip even in CI (this project's machines lack them by design).
-MAY_BE_MISSING = frozenset({"CAP_SYS_RESOURCE", "the cgroup v2 memory controller"})
+#: In the guest-kernel lab (``make test-vm``) nothing may be missing: that is what it is for.
+MAY_BE_MISSING = (
+    frozenset()
+    if os.environ.get("REAPKIT_IN_GUEST") == "1"
+    else frozenset({"CAP_SYS_RESOURCE", "the cgroup v2 memory controller"})
+)
+
+
+def pytest_report_header() -> str:
+    """Which cgroup hierarchy the kernel tests meet (``make test-vm`` must say v2)."""
+    from reapkit._kernel._cgroups import cgroup_mounts, mount_for
+
+    mounts = cgroup_mounts()
+    memory = mount_for("memory", mounts)
+    where = "in the guest-kernel lab" if os.environ.get("REAPKIT_IN_GUEST") == "1" else "host"
+    if memory is None:
+        return f"cgroups ({where}): no memory controller"
+    only_v2 = all(m.version == 2 for m in mounts)
+    kind = "pure cgroup v2" if only_v2 else f"memory on cgroup v{memory.version}"
+    return f"cgroups ({where}): {kind}, memory controller at {memory.mountpoint}"
 
 
 def need(feature: str, why: str = "") -> NoReturn:

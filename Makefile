@@ -25,11 +25,18 @@ test: $(STAMP)
 
 # The cgroup v2 subset, in a guest kernel (tests/vmlab/guest.py): pure cgroup v2, PSI, every
 # capability. Software emulation here: a targeted subset, a hard timeout, no timing asserts.
-VM_TESTS := tests/kernel/test_cgroup_v2.py
+VM_TESTS := tests/kernel/test_cgroup_v2.py tests/kernel/test_privileged.py \
+	tests/kernel/test_guard.py::test_oom_score_adj_min_on_the_real_kernel \
+	tests/kernel/test_guard.py::test_kill_cgroup_v2 \
+	tests/kernel/test_syscalls.py::test_oom_score_adj_raise_and_lower \
+	tests/kernel/test_syscalls.py::test_cgroup_kill_on_v2_kills_every_member \
+	tests/kernel/test_psi.py::test_removing_the_cgroup_ends_the_watch \
+	tests/kernel/test_memory_source.py::test_a_real_crossing_fires_once_and_recovery_once \
+	tests/test_cli.py::test_doctor_json_has_the_documented_keys
 test-vm: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[vm]'
 	$(BIN)/python -m tests.vmlab.guest --timeout 1700 -- \
-		$(BIN)/python -m pytest -p no:cacheprovider -m vm $(PYTEST_ARGS) $(VM_TESTS)
+		$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples plugins

@@ -8,6 +8,7 @@ test-vm``) and on any v2-only host; this project's hosts (v1 memory) skip them.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -29,6 +30,9 @@ from reapkit.builtin.selectors import CgroupVictims, CgroupVictimsOptions
 from ..conftest import MiB, Spawn, need
 
 pytestmark = [pytest.mark.kernel, pytest.mark.vm]
+
+#: Seconds a hog may take to start: a guest under software emulation is slow.
+SLOW = 300.0
 
 
 def _v2(cgroup: SandboxCgroup) -> SandboxCgroup:
@@ -71,10 +75,10 @@ def test_the_sandbox_limits_memory_and_the_kernel_enforces_it(v2_memory: Sandbox
     swap_max = Path(v2_memory.directory, "memory.swap.max")
     if swap_max.exists():
         assert swap_max.read_text().strip() == "0"
-    with start_hog(32 * MiB, [v2_memory.directory]):
+    with start_hog(32 * MiB, [v2_memory.directory], timeout=SLOW):
         assert v2_memory.memory_usage() >= 32 * MiB
     with pytest.raises(RuntimeError, match="failed to start"):
-        start_hog(96 * MiB, [v2_memory.directory])  # past memory.max: the kernel ends it
+        start_hog(96 * MiB, [v2_memory.directory], timeout=SLOW)  # past memory.max: OOM-killed
     assert _events(v2_memory)["oom_kill"] >= 1
 
 
@@ -87,8 +91,10 @@ async def test_a_usage_line_on_memory_current_crosses_and_recovers(
     send, receive = trio.open_memory_channel[MemoryEvent](16)
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, send)
-        with trio.fail_after(120):
-            hog = await trio.to_thread.run_sync(start_hog, 80 * MiB, [v2_memory.directory])
+        with trio.fail_after(2 * SLOW):
+            hog = await trio.to_thread.run_sync(
+                functools.partial(start_hog, 80 * MiB, [v2_memory.directory], timeout=SLOW)
+            )
             with hog:
                 crossed = await receive.receive()
             recovered = await receive.receive()
@@ -108,9 +114,11 @@ async def test_memory_events_wake_the_sampler(v2_memory: SandboxCgroup) -> None:
     send, _receive = trio.open_memory_channel[MemoryEvent](16)
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, send)
-        with trio.fail_after(120):
+        with trio.fail_after(2 * SLOW):
             with pytest.raises(RuntimeError, match="failed to start"):  # past memory.max
-                await trio.to_thread.run_sync(start_hog, 48 * MiB, [v2_memory.directory])
+                await trio.to_thread.run_sync(
+                    functools.partial(start_hog, 48 * MiB, [v2_memory.directory], timeout=SLOW)
+                )
             while source.statistics().notifications == 0:
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
@@ -126,9 +134,9 @@ async def test_a_cgroup_pressure_trigger_fires_on_its_own_cgroup(
     send, receive = trio.open_memory_channel[object](16)
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run, send)
-        with trio.fail_after(120):
+        with trio.fail_after(2 * SLOW):
             thrasher = await trio.to_thread.run_sync(
-                start_thrasher, thrash_file, [v2_memory.directory]
+                functools.partial(start_thrasher, thrash_file, [v2_memory.directory], timeout=SLOW)
             )
             with thrasher:
                 event = await receive.receive()
@@ -154,8 +162,8 @@ def test_cgroup_victims_honours_oomd_xattrs_and_pressure(
     procfs = ProcFS()
     v2_memory.set_memory_limit(48 * MiB)
     with (
-        start_hog(64 * MiB, [v2_other.directory]) as big,
-        start_thrasher(thrash_file, [v2_memory.directory]) as thrasher,
+        start_hog(64 * MiB, [v2_other.directory], timeout=SLOW) as big,
+        start_thrasher(thrash_file, [v2_memory.directory], timeout=SLOW) as thrasher,
     ):
         candidates = [
             Ranked(Candidate.from_info(procfs.process_info(p.pid))) for p in (big, thrasher)

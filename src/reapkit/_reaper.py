@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import resource
@@ -23,7 +22,7 @@ import trio
 from ._conditions import MemoryCondition, PressureCondition
 from ._engine import Engine, EngineStatistics, ManualTrigger
 from ._guard import CgroupScope
-from ._plugins import Trigger
+from ._plugins import Plugin, PluginCalls, Trigger, describe, isolated
 from ._policy import Policy
 from ._procfs import FILES_SPARE, ProcFS
 from ._reap import ReapStage
@@ -58,6 +57,8 @@ class ReaperStatistics:
     #: Events whose handling raised (logged with the traceback; the reaper went on).
     event_failures: int
     policy: str
+    #: Observers switched off for overrunning their deadline again and again.
+    observers_disabled: int = 0
 
 
 @attrs.define(eq=False)
@@ -78,6 +79,8 @@ class Reaper:
     _restart_sources: trio.Event = attrs.field(factory=trio.Event)
     #: Observers of the policy the reaper started with (not reloaded).
     _observers: tuple[Any, ...] = attrs.field(default=())
+    #: Calls the observers (deadlines, worker threads, switching off).
+    _observer_calls: PluginCalls = attrs.field(factory=PluginCalls)
 
     @property
     def policy(self) -> Policy:
@@ -104,6 +107,7 @@ class Reaper:
             observer_failures=self._observer_failures,
             event_failures=self._event_failures,
             policy=self._policy.source,
+            observers_disabled=self._observer_calls.switched_off,
         )
 
     async def trigger(self, reason: str) -> None:
@@ -140,17 +144,21 @@ class Reaper:
         await self._tell_observers("on_warning", warning)
 
     async def _tell_observers(self, method: str, item: object) -> None:
-        """Call every observer under a deadline; one that raises or overruns is logged and
-        counted, and the others still hear."""
+        """Call every observer (not switched off); the others still hear when one fails."""
         for observer in self._observers:
-            try:
-                with trio.fail_after(OBSERVER_DEADLINE):
-                    result = getattr(observer, method)(item)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception as exc:
-                self._observer_failures += 1
-                log.warning("observer %s.%s failed: %r", observer.name, method, exc)
+            if self._observer_calls.is_on(observer):
+                await self._call_observer(observer, method, item, OBSERVER_DEADLINE)
+
+    async def _call_observer(
+        self, observer: Plugin, method: str, arg: object, deadline: float
+    ) -> None:
+        """``observer.<method>(arg)`` under ``deadline``, sync code on a worker thread of its
+        own; whatever it raises, or an overrun, is logged and counted."""
+        with isolated() as failed:
+            await self._observer_calls.call(observer, method, arg, deadline=deadline)
+        if failed.error is not None:
+            self._observer_failures += 1
+            log.warning("observer %s.%s failed: %s", observer.name, method, describe(failed.error))
 
 
 def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
@@ -233,7 +241,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
                 log.warning("could not open the oom_score files to keep: %r", exc)
             for observer in policy.observers:
                 if observer.attach is not None:
-                    observer.attach(reaper)
+                    await reaper._call_observer(observer, "attach", reaper, TRIGGER_START_DEADLINE)
                 if observer.serve is not None:
                     await _start_isolated(nursery, observer, reaper)
             await nursery.start(_run_sources, reaper, procfs, send.clone())
@@ -302,7 +310,7 @@ async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
 
     async def guarded(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        try:
+        with isolated() as failed:  # TooSlowError, or whatever the plugin raised (SystemExit)
             async with trio.open_nursery() as inner:
                 with trio.fail_after(TRIGGER_START_DEADLINE):  # only the start is bounded
                     if isinstance(plugin, Trigger):
@@ -311,8 +319,9 @@ async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
                         await inner.start(plugin.serve)
                 started = True
                 task_status.started()
-        except Exception as exc:  # TooSlowError, or whatever the plugin raised
-            log.warning("%s plugin %s failed and was dropped: %r", plugin.kind, plugin.name, exc)
+        if failed.error is not None:
+            why = describe(failed.error)
+            log.warning("%s plugin %s failed and was dropped: %s", plugin.kind, plugin.name, why)
             if not started:
                 task_status.started()
 
@@ -327,11 +336,11 @@ async def _decide(
 ) -> None:
     async with receive:
         async for event in receive:
-            try:
+            with isolated() as failed:  # one bad event (a bug, a plugin) must not end the reaper
                 await engine.handle(event, nursery)
-            except Exception:  # one bad event (a bug, a plugin) must not end the reaper
+            if failed.error is not None:
                 reaper._event_failures += 1
-                log.exception("handling %r failed; the reaper goes on", event)
+                log.error("handling %r failed; the reaper goes on", event, exc_info=failed.error)
 
 
 @contextlib.asynccontextmanager

@@ -165,18 +165,26 @@ class TerminateOptions:
     grace: float = attrs.field(default=2.0, converter=_duration)
 
 
+#: ``terminate`` sends SIGKILL this long before its deadline when the grace would outlast it.
+KILL_MARGIN = 0.05
+
+
 class Terminate(Action):
-    """SIGTERM, wait for the exit on the pidfd for ``grace``, then SIGKILL."""
+    """SIGTERM, wait for the exit on the pidfd for ``grace`` (cut to end just before the
+    action's deadline), then SIGKILL."""
 
     name: ClassVar[str] = "terminate"
     Options: ClassVar[type[Any]] = TerminateOptions
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         context.send_signal(signal.SIGTERM)
         if context.dry_run:
             return "dry-run: would send SIGTERM, then SIGKILL after the grace period"
-        if await context.wait_exit(self.options.grace):
+        left = trio.current_effective_deadline() - trio.current_time() - KILL_MARGIN
+        grace = max(0.0, min(self.options.grace, left))
+        if await context.wait_exit(grace):
             return "exited after SIGTERM"
         try:
             context.send_signal(signal.SIGKILL)
@@ -184,7 +192,8 @@ class Terminate(Action):
             if exc.refusal.reason is RefusalReason.GONE:  # it began to exit at the last moment
                 return "exiting at the end of the grace period: no SIGKILL needed"
             raise
-        return f"no exit within {self.options.grace:g} s of SIGTERM: sent SIGKILL"
+        cut = "" if grace == self.options.grace else " (the grace cut to the action's deadline)"
+        return f"no exit within {grace:g} s of SIGTERM{cut}: sent SIGKILL"
 
 
 class Kill(Action):
@@ -192,6 +201,7 @@ class Kill(Action):
 
     name: ClassVar[str] = "kill"
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         outcome = context.send_signal(signal.SIGKILL)
@@ -204,6 +214,7 @@ class CgroupKill(Action):
 
     name: ClassVar[str] = "cgroup-kill"
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         path = context.situation.cgroup(context.candidate)

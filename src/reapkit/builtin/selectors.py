@@ -245,6 +245,7 @@ class Scope(Selector):
     name: ClassVar[str] = "scope"
     Options: ClassVar[type[Any]] = ScopeOptions
     inline: ClassVar[bool] = True
+    protective: ClassVar[bool] = True
     options: ScopeOptions
 
     def __init__(self, options: ScopeOptions | None = None) -> None:
@@ -329,6 +330,7 @@ class Protect(Selector):
     name: ClassVar[str] = "protect"
     Options: ClassVar[type[Any]] = ProtectOptions
     inline: ClassVar[bool] = True
+    protective: ClassVar[bool] = True
     options: ProtectOptions
 
     def __init__(self, options: ProtectOptions | None = None) -> None:

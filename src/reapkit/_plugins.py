@@ -610,7 +610,7 @@ class PluginCalls:
                         result = func(*args)
                 else:  # an abandoned call finishes on its thread; its result is dropped
                     result = await trio.to_thread.run_sync(
-                        func, *args, abandon_on_cancel=True, limiter=state.limiter
+                        _drained, func, *args, abandon_on_cancel=True, limiter=state.limiter
                     )
                 if inspect.isawaitable(result):
                     result = await result
@@ -630,6 +630,13 @@ class PluginCalls:
                 "%s %s overran its deadline (%g s) %d times in a row: switched off",
                 plugin.kind, plugin.name, deadline, state.overruns,
             )  # fmt: skip
+
+
+def _drained(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)``; an iterator it returns (a generator) is run to its end here too, on the
+    worker thread, not later on the trio thread."""
+    result = func(*args)
+    return tuple(result) if isinstance(result, Iterator) else result
 
 
 # -- the registry --------------------------------------------------------------------------------

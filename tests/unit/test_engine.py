@@ -270,7 +270,20 @@ class BlocksSync(Selector):
         return list(candidates)
 
 
-async def test_a_blocking_sync_selector_cannot_stall_the_loop(fake: FakeProc) -> None:
+class BlocksInGenerator(Selector):
+    """Blocks only once its result is iterated: that too happens on the worker thread."""
+
+    name: ClassVar[str] = "test-blocks-in-generator"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Any:
+        time.sleep(5)
+        yield from candidates
+
+
+@pytest.mark.parametrize("blocking", [BlocksSync, BlocksInGenerator])
+async def test_a_blocking_sync_selector_cannot_stall_the_loop(
+    fake: FakeProc, blocking: type[Selector]
+) -> None:
     # Real clock (a worker thread is involved). The loop keeps ticking meanwhile.
     ticks = 0
 
@@ -280,7 +293,7 @@ async def test_a_blocking_sync_selector_cannot_stall_the_loop(fake: FakeProc) ->
             await trio.sleep(0.01)
             ticks += 1
 
-    rule = _rule(fake, BlocksSync(), plugin_deadline=0.3)
+    rule = _rule(fake, blocking(), plugin_deadline=0.3)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(heartbeat)
         started = trio.current_time()

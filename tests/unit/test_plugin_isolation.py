@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import reapkit._reaper
-from reapkit._engine import ManualTrigger
+from reapkit._engine import Engine, ManualTrigger
 from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     OVERRUNS_TO_SWITCH_OFF,
@@ -30,6 +30,8 @@ from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
 from reapkit.builtin import register_builtins
 from reapkit.lowlevel import ProcFS
+
+from .test_engine import ticking
 
 MiB = 1 << 20
 
@@ -193,22 +195,38 @@ async def test_a_blocking_sync_observer_neither_stalls_the_loop_nor_stays_on(
 ) -> None:
     monkeypatch.setattr(reapkit._reaper, "OBSERVER_DEADLINE", 0.2)
     policy = _policy(fake, '[[observer]]\nname = "test-blocking-observer"')
-    ticks = 0
-
-    async def heartbeat() -> None:
-        nonlocal ticks
-        while True:
-            await trio.sleep(0.01)
-            ticks += 1
-
     with caplog.at_level(logging.ERROR, "reapkit"):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat)
+        async with ticking() as ticks:
             records, stats = await _ask(fake, policy, asks=OVERRUNS_TO_SWITCH_OFF + 2)
-            nursery.cancel_scope.cancel()
     assert len(records) == OVERRUNS_TO_SWITCH_OFF + 2
     # The loop ran on while the observer blocked (in its worker thread) for its deadline.
-    assert ticks >= OVERRUNS_TO_SWITCH_OFF * 5
+    assert ticks[0] >= OVERRUNS_TO_SWITCH_OFF * 5
     assert stats.observer_failures == OVERRUNS_TO_SWITCH_OFF
     assert stats.observers_disabled == 1
     assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1
+
+
+async def test_the_decision_task_survives_anything(
+    fake: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = Engine.handle
+    first = True
+
+    async def exits_once(self: Engine, event: object, nursery: trio.Nursery) -> None:
+        nonlocal first
+        if first:
+            first = False
+            raise SystemExit(0)
+        await handle(self, event, nursery)
+
+    monkeypatch.setattr(Engine, "handle", exits_once)
+    with trio.fail_after(20):
+        async with (
+            open_reaper(_policy(fake), procfs=ProcFS(fake.root), live_table=False) as reaper,
+            reaper.records() as records,
+        ):
+            await reaper.trigger("ends the daemon, once")
+            await reaper.trigger("test")
+            record = await records.receive()
+            stats = reaper.statistics()
+    assert record.condition == "manual: test" and stats.event_failures == 1

@@ -5,6 +5,8 @@ Popen) at teardown whatever happens."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -216,3 +218,152 @@ def test_run_imports_neither_the_other_commands_nor_rich() -> None:
 
 
 _PLUGIN_PACKAGES = {"reapkit_prometheus", "reapkit_notify", "reapkit_kubernetes", "hypercorn"}
+
+
+# -- records and logs that last and never block (issue 11) -----------------------------------------
+
+
+def _lines(path: Path, at_least: int, timeout: float = 30) -> list[bytes]:
+    """The records file's lines, once it has ``at_least`` of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = path.read_bytes() if path.exists() else b""
+        if data.count(b"\n") >= at_least:
+            return data.splitlines()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} records in {path}: {data!r}")
+
+
+def test_the_first_decision_is_recorded(
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    # One decision only (the cooldown is an hour), made as soon as the sources are armed,
+    # with its only process protected: its record (no-candidate) is emitted at once, before
+    # the daemon went on. The writer must be subscribed by then (missing in 4 of 6 runs).
+    spawn(cgroups=[memory_cgroup])
+    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    policy.write_text(
+        policy.read_text()
+        .replace('cooldown = "1s"', 'cooldown = "1h"')
+        .replace('"largest-rss"', '{ name = "protect", comm = ["^sleep$"] }, "largest-rss"')
+    )
+    records = tmp_path / "records.jsonl"
+    p = _start(commands, str(policy), "--dry-run", "--records", str(records))
+    _wait_for_line(p, "kill record:")  # the reaper's own line, whoever subscribed
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    (line,) = records.read_bytes().splitlines()
+    assert json.loads(line)["outcome"] == "no-candidate"
+
+
+def test_a_kill_unconfirmed_at_the_stop_reaches_the_records_file(
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    freezer_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    victim = spawn(cgroups=[memory_cgroup, freezer_cgroup])
+    freezer_cgroup.freeze()  # killed but stuck: it cannot exit until thawed
+    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    policy.write_text(policy.read_text().replace('victim_timeout = "3s"', 'victim_timeout = "60s"'))
+    records = tmp_path / "records.jsonl"
+    p = _start(commands, str(policy), "--records", str(records))
+    _wait_for_line(p, f"sent SIGKILL to process {victim.pid}")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    freezer_cgroup.thaw()
+    assert victim.wait(10) == -signal.SIGKILL
+    (line,) = records.read_bytes().splitlines()
+    record = json.loads(line)
+    assert record["outcome"] == "killed" and record["victim"]["pid"] == victim.pid
+    assert "stopped before the victim was confirmed gone" in record["reason"]
+
+
+def test_a_full_records_filesystem_does_not_stop_the_daemon(
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    p = None
+    try:
+        spawn(cgroups=[memory_cgroup])
+        policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+        records = small / "records.jsonl"
+        p = _start(commands, str(policy), "--dry-run", "--records", str(records))
+        _lines(records, 2)
+        filler = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(filler, b"x" * 1024)
+        finally:
+            os.close(filler)
+        assert os.statvfs(small).f_bavail == 0
+        _wait_for_line(p, "records: cannot write to")
+        for _ in range(3):  # it goes on deciding
+            _wait_for_line(p, "rule sandbox: dry-run")
+        assert p.poll() is None
+        (small / "filler").unlink()
+        _wait_for_line(p, "records: writing to")
+        lines = _lines(records, 6)
+        assert records.read_bytes().endswith(b"\n")
+        assert all(json.loads(line)["outcome"] == "dry-run" for line in lines)  # no torn line
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_stalled_stderr_does_not_stall_the_daemon(
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    spawn(cgroups=[memory_cgroup])
+    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    records = tmp_path / "records.jsonl"
+    read, write = os.pipe()
+    # A description of its own: O_NONBLOCK here must not reach the daemon's stderr.
+    filler = os.open(f"/proc/self/fd/{write}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(read, False)
+
+        def fill() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(filler, b"#" * 512)
+
+        fill()  # nobody reads: a stuck journal
+        p = subprocess.Popen(
+            [sys.executable, "-m", "reapkit.cli", "run", str(policy), "--dry-run",
+             "--records", str(records)],
+            stdout=subprocess.DEVNULL, stderr=write, text=True,
+        )  # fmt: skip
+        commands.append(p)
+        _lines(records, 3)  # it decides, with every log line dropped
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"rule sandbox" not in said and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                said += os.read(read, 65536)
+            time.sleep(0.01)
+        assert b"rule sandbox: dry-run" in said  # queued while stalled
+        fill()  # stuck again
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        for fd in (read, write, filler):
+            os.close(fd)

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import resource
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import attrs
@@ -43,6 +43,21 @@ RECORD_BUFFER = 256
 OBSERVER_DEADLINE = 2.0
 
 
+@attrs.define
+class OutputCounters:
+    """What a program's own records file and log lost, counted by their writers (those of
+    ``reapkit run``) and reported by :meth:`Reaper.statistics`. Pass one as ``output=``."""
+
+    #: Writes to the records file that failed (ENOSPC, EIO, ...); the records are retried.
+    records_write_errors: int = 0
+    #: Records never written: the retry buffer overflowed (oldest first), or the end came.
+    records_lost: int = 0
+    #: Records left out by the rate limit (a "suppressed" line counts them in the file).
+    records_suppressed: int = 0
+    #: Log lines dropped because stderr did not take them (a stalled journal).
+    log_lines_dropped: int = 0
+
+
 @attrs.frozen
 class ReaperStatistics:
     """A snapshot of the whole reaper."""
@@ -59,6 +74,11 @@ class ReaperStatistics:
     policy: str
     #: Observers switched off for overrunning their deadline again and again.
     observers_disabled: int = 0
+    #: From the ``output`` counters (zero without them): see :class:`OutputCounters`.
+    records_write_errors: int = 0
+    records_lost: int = 0
+    records_suppressed: int = 0
+    log_lines_dropped: int = 0
 
 
 @attrs.define(eq=False)
@@ -81,6 +101,7 @@ class Reaper:
     _observers: tuple[Any, ...] = attrs.field(default=())
     #: Calls the observers (deadlines, worker threads, switching off).
     _observer_calls: PluginCalls = attrs.field(factory=PluginCalls)
+    _output: OutputCounters = attrs.field(factory=OutputCounters)
 
     @property
     def policy(self) -> Policy:
@@ -91,6 +112,9 @@ class Reaper:
 
         async with reaper.records() as records:
             async for record in records: ...
+
+        For every record from the first decision on, pass a channel as ``serve_reaper(...,
+        records=[send])`` instead: this one is subscribed once the reaper already runs.
         """
         send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
         self._subscribers.append(send)
@@ -108,6 +132,7 @@ class Reaper:
             event_failures=self._event_failures,
             policy=self._policy.source,
             observers_disabled=self._observer_calls.switched_off,
+            **attrs.asdict(self._output),
         )
 
     async def trigger(self, reason: str) -> None:
@@ -183,21 +208,27 @@ async def serve_reaper(
     procfs: ProcFS | None = None,
     live_table: bool = True,
     stop_timeout: float = 5.0,
+    records: Iterable[trio.MemorySendChannel[KillRecord]] = (),
+    output: OutputCounters | None = None,
     task_status: trio.TaskStatus[Reaper] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a reaper until cancelled; ``task_status.started(reaper)`` once it is fully up.
 
     ``live_table=False`` skips the proc-connector process table (candidates then come from a
     ``/proc`` scan per decision, or from the rule's cgroup). ``stop_timeout`` bounds how long
-    cancellation waits for the reap threads.
+    cancellation waits for the reap threads. ``records``: channels subscribed before the
+    first event is handled, like :meth:`Reaper.records`; the reaper closes them when it has
+    stopped. ``output``: counters of the caller's own records file and log, for
+    :meth:`Reaper.statistics`.
     """
     procfs = procfs or ProcFS()
     send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
-    subscribers: list[trio.MemorySendChannel[KillRecord]] = []
+    subscribers = list(records)
     try:
         await _serve(
-            policy, procfs, live_table, stop_timeout, send, receive, subscribers, task_status
-        )
+            policy, procfs, live_table, stop_timeout, send, receive, subscribers, output,
+            task_status,
+        )  # fmt: skip
     finally:
         # After every task ended, so records emitted while stopping still reach them;
         # iterating records() then ends with the reaper.
@@ -213,6 +244,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
     send: trio.MemorySendChannel[object],
     receive: trio.MemoryReceiveChannel[object],
     subscribers: list[trio.MemorySendChannel[KillRecord]],
+    output: OutputCounters | None,
     task_status: trio.TaskStatus[Reaper],
 ) -> None:
     async with send, receive, trio.open_nursery() as nursery:
@@ -231,7 +263,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(
                 policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
-                observers=policy.observers,
+                observers=policy.observers, output=output or OutputCounters(),
             )  # fmt: skip
             engine.emit = reaper._emit
             engine.notify = reaper._warn

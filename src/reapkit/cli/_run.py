@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Final
 
 import trio
 
@@ -26,12 +25,16 @@ from .._errors import AccessDenied
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
-from .._reaper import Reaper, serve_reaper
+from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord
 from ._common import scope_from
+from ._output import RecordsFile, RecordsWriter, start_logging
 from ._status import EXIT_OK, UsageError
 
 log = logging.getLogger("reapkit")
+
+#: Seconds the exit waits for log lines still queued for stderr.
+LOG_STOP_TIMEOUT: Final = 2.0
 
 
 def add_parser(commands: Any) -> None:
@@ -78,15 +81,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def _configure_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
 def _prepare_process(args: argparse.Namespace) -> None:
@@ -116,15 +114,18 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(
         args.policy, dry_run=args.dry_run, scope=scope_from(args)
     )  # PolicyError: exit 2
-    records = open(args.records, "a", encoding="utf-8") if args.records else None  # noqa: SIM115
+    # RecordsFileError (a symbolic link, a FIFO, another user's file): exit 2
+    records = RecordsFile.open(args.records) if args.records else None
+    counters = OutputCounters()
+    listener = start_logging(
+        _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
+    )
     try:
-        _configure_logging(args.log_format, args.verbose)
         _prepare_process(args)
-        trio.run(_serve, policy, args, records)
+        trio.run(_serve, policy, args, RecordsWriter(records, counters), counters)
+        log.info("stopped")
     finally:
-        if records is not None:
-            records.close()
-    log.info("stopped")
+        listener.stop_within(LOG_STOP_TIMEOUT)
     return EXIT_OK
 
 
@@ -134,28 +135,38 @@ def _status(policy: Policy) -> str:
     return f"STATUS=watching {len(policy.rules)} rule(s) of {policy.source}{mode}: {names}"
 
 
-async def _serve(policy: Policy, args: argparse.Namespace, records: TextIO | None) -> None:
+async def _serve(
+    policy: Policy, args: argparse.Namespace, writer: RecordsWriter, counters: OutputCounters
+) -> None:
     notifier = Notifier.from_environment()
+    # Subscribed before the first decision; the writer ends when the reaper has stopped and
+    # closed the channel, after the records of the stop.
+    send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            reaper: Reaper = await nursery.start(
-                functools.partial(serve_reaper, policy, stop_timeout=args.stop_timeout)
-            )
-            nursery.start_soon(_write_records, reaper, records)
-            if notifier.watchdog_interval:
-                nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
-            notifier.notify("READY=1", _status(policy))
-            log.info("running: %s", _status(policy).removeprefix("STATUS="))
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(reaper, args, notifier)
-                    continue
-                log.info("%s: stopping", signal.Signals(signum).name)
-                notifier.notify("STOPPING=1", "STATUS=stopping")
-                break
-            # Sources close their fds at once; the reap stage joins its threads within
-            # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(writer.serve, receive)
+            async with trio.open_nursery() as nursery:
+                reaper: Reaper = await nursery.start(
+                    functools.partial(
+                        serve_reaper, policy, stop_timeout=args.stop_timeout, records=[send],
+                        output=counters,
+                    )
+                )  # fmt: skip
+                if notifier.watchdog_interval:
+                    nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
+                notifier.notify("READY=1", _status(policy))
+                log.info("running: %s", _status(policy).removeprefix("STATUS="))
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        writer.reopen()
+                        await _reload(reaper, args, notifier)
+                        continue
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    notifier.notify("STOPPING=1", "STATUS=stopping")
+                    break
+                # Sources close their fds at once; the reap stage joins its threads within
+                # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
+                nursery.cancel_scope.cancel()
     notifier.close()
 
 
@@ -176,22 +187,6 @@ async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) 
     await reaper.reload(policy)
     log.info("SIGHUP: reloaded %s", policy.source)
     notifier.notify("READY=1", _status(policy))
-
-
-async def _write_records(reaper: Reaper, out: TextIO | None) -> None:
-    async with reaper.records() as records:
-        async for record in records:
-            _log_record(record)
-            if out is not None:
-                out.write(record.to_json_line() + "\n")
-                out.flush()
-
-
-def _log_record(record: KillRecord) -> None:
-    v = record.victim
-    victim = f"{v.comm!r} (pid {v.pid})" if v else "nobody"
-    freed = f", {record.bytes_freed >> 20} MiB back" if record.bytes_freed else ""
-    log.warning("rule %s: %s %s: %s%s", record.rule, record.outcome, victim, record.reason, freed)
 
 
 async def _watchdog(notifier: Notifier, every: float) -> None:

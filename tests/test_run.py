@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -234,17 +235,21 @@ def _lines(path: Path, at_least: int, timeout: float = 30) -> list[bytes]:
     raise AssertionError(f"fewer than {at_least} records in {path}: {data!r}")
 
 
+@pytest.fixture
+def deciding_policy(memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path) -> Path:
+    """A policy whose rule holds all the time (a process in its cgroup), deciding again after
+    each cooldown."""
+    spawn(cgroups=[memory_cgroup])
+    return _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+
+
 def test_the_first_decision_is_recorded(
-    commands: list[subprocess.Popen[str]],
-    memory_cgroup: SandboxCgroup,
-    spawn: Spawn,
-    tmp_path: Path,
+    commands: list[subprocess.Popen[str]], deciding_policy: Path, tmp_path: Path
 ) -> None:
     # One decision only (the cooldown is an hour), made as soon as the sources are armed,
     # with its only process protected: its record (no-candidate) is emitted at once, before
     # the daemon went on. The writer must be subscribed by then (missing in 4 of 6 runs).
-    spawn(cgroups=[memory_cgroup])
-    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    policy = deciding_policy
     policy.write_text(
         policy.read_text()
         .replace('cooldown = "1s"', 'cooldown = "1h"')
@@ -284,18 +289,14 @@ def test_a_kill_unconfirmed_at_the_stop_reaches_the_records_file(
 
 
 def test_a_full_records_filesystem_does_not_stop_the_daemon(
-    commands: list[subprocess.Popen[str]],
-    memory_cgroup: SandboxCgroup,
-    spawn: Spawn,
-    tmp_path: Path,
+    commands: list[subprocess.Popen[str]], deciding_policy: Path, tmp_path: Path
 ) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
     p = None
     try:
-        spawn(cgroups=[memory_cgroup])
-        policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+        policy = deciding_policy
         records = small / "records.jsonl"
         p = _start(commands, str(policy), "--dry-run", "--records", str(records))
         _lines(records, 2)
@@ -326,13 +327,9 @@ def test_a_full_records_filesystem_does_not_stop_the_daemon(
 
 
 def test_a_stalled_stderr_does_not_stall_the_daemon(
-    commands: list[subprocess.Popen[str]],
-    memory_cgroup: SandboxCgroup,
-    spawn: Spawn,
-    tmp_path: Path,
+    commands: list[subprocess.Popen[str]], deciding_policy: Path, tmp_path: Path
 ) -> None:
-    spawn(cgroups=[memory_cgroup])
-    policy = _policy(tmp_path / "p.toml", memory_cgroup, when='"cgroup_usage > 0%"')
+    policy = deciding_policy
     records = tmp_path / "records.jsonl"
     read, write = os.pipe()
     # A description of its own: O_NONBLOCK here must not reach the daemon's stderr.
@@ -367,3 +364,35 @@ def test_a_stalled_stderr_does_not_stall_the_daemon(
     finally:
         for fd in (read, write, filler):
             os.close(fd)
+
+
+def test_sighup_reopens_the_records_file(
+    commands: list[subprocess.Popen[str]], deciding_policy: Path, tmp_path: Path
+) -> None:
+    policy = deciding_policy
+    records = tmp_path / "records.jsonl"
+    p = _start(commands, str(policy), "--dry-run", "--records", str(records))
+    _lines(records, 1)
+    records.rename(tmp_path / "records.jsonl.1")  # what logrotate does
+    p.send_signal(signal.SIGHUP)
+    _wait_for_line(p, f"SIGHUP: reopened {records}")
+    _lines(records, 1)
+    assert stat.S_IMODE(records.stat().st_mode) == 0o600
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+
+
+def test_an_unsafe_records_file_is_refused_with_status_2(
+    memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep\n")
+    link = tmp_path / "records.jsonl"
+    link.symlink_to(target)
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    done = subprocess.run(
+        [sys.executable, "-m", "reapkit.cli", "run", str(policy), "--records", str(link)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "symbolic link" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and target.read_text() == "keep\n"

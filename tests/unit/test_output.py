@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import queue
 import stat
@@ -33,16 +34,15 @@ from ..conftest import require_root
 
 @attrs.define
 class FakeFile:
-    """Collects lines; fails with ``errno`` while ``failing``."""
+    """Collects lines; fails with ``failing`` (an errno) until ``until`` on the trio clock."""
 
     path: str = "fake.jsonl"
     lines: list[bytes] = attrs.field(factory=list)
     failing: int | None = None
-    attempts: int = 0
+    until: float = math.inf
 
     def write_line(self, line: bytes) -> None:
-        self.attempts += 1
-        if self.failing is not None:
+        if self.failing is not None and trio.current_time() < self.until:
             raise OSError(self.failing, os.strerror(self.failing))
         self.lines.append(line)
 
@@ -107,19 +107,11 @@ async def test_kills_are_never_rate_limited_and_each_key_has_its_own_bucket(
 async def test_a_write_error_is_logged_once_counted_and_retried(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    file, counters = FakeFile(failing=errno.ENOSPC), OutputCounters()
+    file, counters = FakeFile(failing=errno.ENOSPC, until=10.5), OutputCounters()
     writer = RecordsWriter(file, counters)  # type: ignore[arg-type]
-    send, receive = trio.open_memory_channel[KillRecord](10)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.serve, receive)
-        async with send:
-            for n in range(3):
-                await send.send(_record("killed", n=n))
-            await trio.sleep(10)  # retried every second meanwhile
-            assert file.lines == [] and counters.records_write_errors >= 10
-            file.failing = None
-            await trio.sleep(1)
-            assert [r["reason"] for r in file.records()] == ["#0", "#1", "#2"]
+    await _write(writer, [_record("killed", n=n) for n in range(3)], then=12)
+    assert [r["reason"] for r in file.records()] == ["#0", "#1", "#2"]
+    assert counters.records_write_errors >= 10  # retried every second meanwhile
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "No space left on device" in errors[0].getMessage()
     assert any("again after" in r.getMessage() for r in caplog.records)
@@ -129,17 +121,9 @@ async def test_a_write_error_is_logged_once_counted_and_retried(
 async def test_the_retry_buffer_loses_the_oldest_and_counts_them(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    file, counters = FakeFile(failing=errno.EIO), OutputCounters()
+    file, counters = FakeFile(failing=errno.EIO, until=2), OutputCounters()
     writer = RecordsWriter(file, counters, pending_max=3)  # type: ignore[arg-type]
-    send, receive = trio.open_memory_channel[KillRecord](10)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.serve, receive)
-        async with send:
-            for n in range(5):
-                await send.send(_record("killed", n=n))
-            await trio.sleep(2)
-            file.failing = None
-            await trio.sleep(2)
+    await _write(writer, [_record("killed", n=n) for n in range(5)], then=4)
     assert [r["reason"] for r in file.records()] == ["#2", "#3", "#4"]
     assert counters.records_lost == 2
 
@@ -155,49 +139,39 @@ async def test_records_still_failing_at_the_end_are_counted_lost(
 # -- the file ------------------------------------------------------------------------------------
 
 
-def test_a_partial_write_is_taken_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("truncate", "left"),
+    [
+        (True, b'{"first":1}\n{"third":3}\n'),  # taken back
+        (False, b'{"first":1}\n{"se\n{"third":3}\n'),  # not: a malformed line, ended
+    ],
+)
+def test_a_line_cut_short_never_runs_into_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, truncate: bool, left: bytes
+) -> None:
     path = tmp_path / "records.jsonl"
     file = RecordsFile.open(str(path))
     file.write_line(b'{"first":1}\n')
-    real_write = os.write
+    real_write, calls = os.write, []
 
-    def half_then_full(fd: int, data: Any) -> int:
-        if len(data) > 4:
+    def cut_short(fd: int, data: Any) -> int:  # the disk fills up after 4 bytes
+        calls.append(data)
+        if len(calls) == 1:
             return real_write(fd, bytes(data)[:4])
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", half_then_full)
+    def no_truncate(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", cut_short)
+    if not truncate:
+        monkeypatch.setattr(os, "ftruncate", no_truncate)
     with pytest.raises(OSError, match="No space"):
         file.write_line(b'{"second":2}\n')
     monkeypatch.undo()
     file.write_line(b'{"third":3}\n')
     file.close()
-    assert path.read_bytes() == b'{"first":1}\n{"third":3}\n'
-
-
-def test_a_partial_line_that_cannot_be_taken_back_is_ended_by_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "records.jsonl"
-    file = RecordsFile.open(str(path))
-    real_write = os.write
-
-    def half_then_eio(fd: int, data: Any) -> int:
-        if len(data) > 4:
-            return real_write(fd, bytes(data)[:4])
-        raise OSError(errno.EIO, "Input/output error")
-
-    def no_truncate(fd: int, length: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "write", half_then_eio)
-    monkeypatch.setattr(os, "ftruncate", no_truncate)
-    with pytest.raises(OSError, match="Input/output"):
-        file.write_line(b'{"first":1}\n')
-    monkeypatch.undo()
-    file.write_line(b'{"second":2}\n')
-    file.close()
-    assert path.read_bytes().splitlines()[-1] == b'{"second":2}'
+    assert path.read_bytes() == left
 
 
 def test_created_0600(tmp_path: Path) -> None:

@@ -2,10 +2,11 @@
 
 It locks its memory (``mlockall``, on fault), protects itself with ``oom_score_adj -1000``
 (its hooks run with 0), optionally raises its main thread's priority, logs readable text or
-JSON lines to stderr, writes every KillRecord as a JSON line (``--records``), reloads the
-policy on SIGHUP (a broken policy keeps the old one and says why), stops on SIGTERM/SIGINT
-within ``--stop-timeout``, and speaks sd_notify (``READY=1``, ``STATUS=``, ``RELOADING=1``,
-``STOPPING=1``, ``WATCHDOG=1``) when started by systemd.
+JSON lines to stderr (through a queue: a stalled stderr drops lines, never the reaper), writes
+every KillRecord as a JSON line (``--records``; see ``_output``), reloads the policy and
+reopens the records file on SIGHUP (a broken policy keeps the old one and says why), stops on
+SIGTERM/SIGINT within ``--stop-timeout``, and speaks sd_notify (``READY=1``, ``STATUS=``,
+``RELOADING=1``, ``STOPPING=1``, ``WATCHDOG=1``) when started by systemd.
 """
 
 from __future__ import annotations

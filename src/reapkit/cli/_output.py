@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import stat
+import time
 from typing import Any, Final
 
 import attrs
@@ -351,13 +352,13 @@ class LogListener(logging.handlers.QueueListener):
     def stop_within(self, timeout: float) -> None:
         """Let the thread write what is queued, waiting at most ``timeout`` seconds: a stalled
         stderr must not hold up the exit."""
-        thread = self._thread
+        thread, deadline = self._thread, time.monotonic() + timeout
         try:
             self.lines.put(getattr(self, "_sentinel", None), timeout=timeout)
         except queue.Full:
             return
         if thread is not None:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def start_logging(
@@ -370,6 +371,7 @@ def start_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn writes sys.stderr itself, and would block
     listener = LogListener(lines)
     listener.start()
     return listener

@@ -44,6 +44,10 @@ DEFAULT_POLICY: Final = """\
 # is left (PSI alone kills with plenty free: nohang #25). Choose by the kernel's oom_score,
 # protecting what keeps the machine reachable; SIGTERM with a grace period, then SIGKILL,
 # then reap the victim's memory with process_mrelease.
+# A process chooses its own comm: a name protects only a process that also runs as a system
+# account (uid 0-999, SYS_UID_MAX in /etc/login.defs), which no user can take. The graphical
+# session is protected by executable path (reading another user's /proc/<pid>/exe needs
+# CAP_SYS_PTRACE: without it those processes are not protected).
 
 [reaper.reap]
 threads = 2
@@ -55,8 +59,11 @@ scope = "system"
 select = [
   { name = "protect", comm = [
       "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
-      "^(Xorg|Xwayland|gnome-shell|kwin_wayland|kwin_x11|sway|pipewire|wireplumber|pulseaudio)$",
       "^(apt|apt-get|dpkg|dnf|yum|rpm|pacman|zypper)$",
+  ], require = { uid = ["0-999"] } },
+  { name = "protect", exe = [
+      "^/usr/(bin|lib/xorg)/(Xorg|Xwayland|gnome-shell|kwin_wayland|kwin_x11|sway)$",
+      "^/usr/bin/(pipewire|wireplumber|pulseaudio)$",
   ] },
   "oom-score",
 ]
@@ -71,7 +78,7 @@ scope = "system"
 select = [
   { name = "protect", comm = [
       "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
-  ] },
+  ], require = { uid = ["0-999"] } },
   "oom-score",
 ]
 actions = ["kill", "reap"]

@@ -396,3 +396,115 @@ def test_an_unsafe_records_file_is_refused_with_status_2(
     )  # fmt: skip
     assert done.returncode == 2 and "symbolic link" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and target.read_text() == "keep\n"
+
+
+#: Broken in every way issue 11 found a reload or `check` to end on: each one keeps the policy.
+_BROKEN = {
+    "nan plugin_deadline": ('cooldown = "1s"', "plugin_deadline = nan"),
+    "nan victim_timeout": ('victim_timeout = "3s"', "victim_timeout = nan"),
+    "nan action_deadline": ('cooldown = "1s"', "action_deadline = nan"),
+    "negative cooldown": ('cooldown = "1s"', "cooldown = -5"),
+    "inf duration": ('cooldown = "1s"', "cooldown = inf"),
+    "grace beyond the deadline": (
+        'actions = ["kill"]',
+        'actions = [{ name = "terminate", grace = "60s" }]\naction_deadline = "3s"',
+    ),
+    "no such user": (
+        'actions = ["kill"]',
+        'actions = [{ name = "prekill-hook", command = ["/bin/true"], user = "nosuchuser" }]',
+    ),
+    "unknown message field": (
+        'actions = ["kill"]',
+        'actions = [{ name = "warn", message = "{nosuch}" }, "kill"]',
+    ),
+    "100000 threads": ("[[rule]]", "[reaper.reap]\nthreads = 100000\n[[rule]]"),
+    "cpus not a list": ("[[rule]]", "[reaper.reap]\ncpus = 5\n[[rule]]"),
+}
+
+
+def _broken_bytes(good: bytes) -> dict[str, bytes]:
+    return {
+        "non-UTF-8": good + b"\n# \xff\xfe\n",
+        "cut inside a µ": good + "\n# µ".encode()[:-1],
+        "deep nesting": good + b"\nx = " + b"[" * 50_000 + b"]" * 50_000 + b"\n",
+    }
+
+
+def test_sighup_with_any_broken_policy_keeps_the_daemon_running(
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    good = policy.read_bytes()
+    p = _start(commands, str(policy), "--dry-run")
+    _wait_for_line(p, "running:")
+    cases = {k: good.replace(a.encode(), b.encode(), 1) for k, (a, b) in _BROKEN.items()}
+    cases.update(_broken_bytes(good))
+    for name, data in cases.items():
+        assert data != good, name
+        policy.write_bytes(data)
+        check = subprocess.run(
+            [sys.executable, "-m", "reapkit.cli", "check", str(policy)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert check.returncode == 2, (name, check.stderr)
+        assert "invalid policy" in check.stderr and "Traceback" not in check.stderr, name
+        p.send_signal(signal.SIGHUP)
+        line = _wait_for_line(p, "keeping the current policy")[-1]
+        assert str(policy) in line, (name, line)
+        assert p.poll() is None, name
+    policy.write_bytes(good)
+    p.send_signal(signal.SIGHUP)
+    _wait_for_line(p, "SIGHUP: reloaded")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+
+
+def test_as_root_a_policy_other_users_can_change_is_refused(
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the trust check applies to a daemon running as root")
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    policy = _policy(directory / "p.toml", memory_cgroup)
+
+    def refused(why: str) -> None:
+        for command in ("run", "check"):
+            extra = ["--dry-run"] if command == "run" else []
+            done = subprocess.run(
+                [sys.executable, "-m", "reapkit.cli", command, str(policy), *extra],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert done.returncode == 2, (command, done.stderr)
+            assert "not trusted" in done.stderr and why in done.stderr, done.stderr
+
+    os.chown(policy, 65534, 65534)
+    refused("is owned by uid 65534, not root")
+    os.chown(policy, 0, 0)
+    policy.chmod(0o646)
+    refused("is writable by others (mode 0646)")
+    policy.chmod(0o644)
+    directory.chmod(0o775)
+    refused(f"{directory} is writable by its group")
+    directory.chmod(0o1777)  # sticky, like /tmp: others cannot replace root's file
+    link = tmp_path / "elsewhere"
+    link.mkdir(mode=0o777)
+    link.chmod(0o777)
+    (link / "p.toml").symlink_to(policy)
+    # The file is fine, but a symlink in a directory anyone can write: refused.
+    for name in ("run", "check"):
+        done = subprocess.run(
+            [sys.executable, "-m", "reapkit.cli", name, str(link / "p.toml")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2 and f"{link} is writable by group and others" in done.stderr, (
+            done.stderr
+        )
+    # Trusted again: the daemon runs, and a SIGHUP after the file became writable keeps it.
+    p = _start(commands, str(policy), "--dry-run")
+    _wait_for_line(p, "running:")
+    policy.chmod(0o666)
+    p.send_signal(signal.SIGHUP)
+    assert "not trusted" in _wait_for_line(p, "keeping the current policy")[-1]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0

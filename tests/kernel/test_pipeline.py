@@ -406,8 +406,9 @@ async def test_the_prekill_hook_runs_contained(
     victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
     out = tmp_path / "hook.out"
     command = f'["{sys.executable}", "-c", {_toml(_HOOK)}, "{out}"]'
-    # A generous timeout: a fresh interpreter can be slow to start on a loaded machine.
-    hook = f'{{ name = "prekill-hook", command = {command}, timeout = "60s" }}'
+    # A generous timeout (a fresh interpreter can be slow to start on a loaded machine), within
+    # the rule's action_deadline (30 s by default), as a policy must have it.
+    hook = f'{{ name = "prekill-hook", command = {command}, timeout = "25s" }}'
     policy = load_policy(
         text=_policy(memory_cgroup, when="", select='"largest-rss"', actions=f'{hook}, "kill"')
     )

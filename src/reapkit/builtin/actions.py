@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import inspect
 import logging
 import math
 import os
+import pwd
+import re
+import shutil
 import signal
+import string
 import subprocess
 from typing import Any, ClassVar
 
@@ -52,9 +57,44 @@ class LogAction(Action):
         return "logged"
 
 
+#: The fields a ``warn`` message may use, with a value of each one's type (to try a format).
+_WARN_FIELDS: dict[str, object] = {"name": "comm", "pid": 1, "rss_mib": 1, "rule": "rule"}
+#: The widest field a message may ask for (``{name:>40}``).
+_MAX_WIDTH = 256
+
+
+def _check_message(_inst: object, _attr: object, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"message: expected a string, got {value!r}")
+    known = ", ".join(f"{{{f}}}" for f in _WARN_FIELDS)
+    try:
+        fields = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"message: {exc} (write {{{{ and }}}} for braces)") from None
+    for _text, field, spec, _conversion in fields:
+        if field is None:
+            continue
+        if field not in _WARN_FIELDS:
+            raise ValueError(f"message: unknown field {{{field}}} (fields: {known})")
+        if "{" in (spec or "") or any(
+            int(n) > _MAX_WIDTH for n in re.findall(r"[0-9]+", spec or "")
+        ):
+            raise ValueError(
+                f"message: format spec {spec!r} of {{{field}}}: no nested fields, widths up to"
+                f" {_MAX_WIDTH}"
+            )
+    try:
+        value.format(**_WARN_FIELDS)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"message: {value!r} cannot be formatted: {exc}") from None
+
+
 @attrs.frozen
 class WarnOptions:
-    message: str = "memory is low: about to free memory by ending {name} ({pid})"
+    message: str = attrs.field(
+        default="memory is low: about to free memory by ending {name} ({pid})",
+        validator=_check_message,
+    )
 
 
 class Warn(Action):
@@ -81,12 +121,39 @@ class Warn(Action):
 
 
 def _argv(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):  # tuple("/bin/foo") would be its characters
+    if isinstance(value, str) or not isinstance(value, list | tuple):
         raise InvalidValue(
             f"command must be a list of strings (program and arguments), not {value!r}:"
             f" write [{value!r}]"
         )
     return tuple(value)
+
+
+#: The hook's PATH when the daemon has none.
+_HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_ID_MAX = 2**32 - 2
+
+
+def _account_id(kind: str, lookup: Any, value: object) -> int | None:
+    """A user or group name resolved now (``pwd``/``grp``) to its id; an id as it is."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _ID_MAX:
+        return value
+    if not isinstance(value, str):
+        raise InvalidValue(f"{kind}: expected a name or an id, not {value!r}")
+    try:
+        return int(lookup(value)[2])
+    except (KeyError, ValueError):
+        raise InvalidValue(f"{kind}: no {kind} named {value!r} on this host") from None
+
+
+def _user(value: object) -> int | None:
+    return _account_id("user", pwd.getpwnam, value)
+
+
+def _group(value: object) -> int | None:
+    return _account_id("group", grp.getgrnam, value)
 
 
 @attrs.frozen
@@ -95,16 +162,19 @@ class HookOptions:
     command: tuple[str, ...] = attrs.field(converter=_argv)
     #: After this long the hook's whole process group is killed.
     timeout: float = attrs.field(default=5.0, converter=_duration)
-    #: Run as this user and group (names or ids) instead of the daemon's (root's).
-    user: str | int | None = None
-    group: str | int | None = None
+    #: Run as this user and group (names, resolved when the policy loads, or ids) instead of
+    #: the daemon's (root's).
+    user: int | None = attrs.field(default=None, converter=_user)
+    group: int | None = attrs.field(default=None, converter=_group)
     #: Run it in dry-run too (with ``REAPKIT_DRY_RUN=1``). Off: a dry run changes nothing.
     run_in_dry_run: bool = False
 
     @command.validator
     def _non_empty(self, _attribute: object, value: tuple[str, ...]) -> None:
-        if not value or not all(isinstance(a, str) for a in value):
-            raise InvalidValue("command must be a non-empty list of strings")
+        if not value or not all(isinstance(a, str) and "\0" not in a for a in value):
+            raise InvalidValue("command must be a non-empty list of strings (without NUL)")
+        if shutil.which(value[0], path=os.environ.get("PATH", _HOOK_PATH)) is None:
+            raise InvalidValue(f"command: program {value[0]!r} not found or not executable")
 
 
 # The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
@@ -131,7 +201,7 @@ class PrekillHook(Action):
             return "dry-run: hook not run"
         c = context.candidate
         env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": os.environ.get("PATH", _HOOK_PATH),
             "REAPKIT_PID": str(c.pid),
             "REAPKIT_NAME": c.comm,
             "REAPKIT_RULE": context.rule.name,

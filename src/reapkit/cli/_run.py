@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
     policy = load_policy(
-        args.policy, dry_run=args.dry_run, scope=scope_from(args)
+        args.policy, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
     )  # PolicyError: exit 2
     # RecordsFileError (a symbolic link, a FIFO, another user's file): exit 2
     records = RecordsFile.open(args.records) if args.records else None
@@ -178,11 +178,16 @@ async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) 
         # time, must not hold up the sources and a decision in progress.
         policy = await trio.to_thread.run_sync(
             functools.partial(
-                load_policy, args.policy, dry_run=args.dry_run, scope=scope_from(args)
+                load_policy,
+                args.policy,
+                dry_run=args.dry_run,
+                scope=scope_from(args),
+                require_trusted=True,
             )
         )
-    except PolicyError as exc:
-        log.error("SIGHUP: keeping the current policy: %s", exc)  # noqa: TRY400 - a user error: no traceback
+    except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way
+        reason = exc if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
+        log.error("SIGHUP: keeping the current policy: %s", reason)  # noqa: TRY400 - a user error: no traceback
         notifier.notify("READY=1", _status(reaper.policy))
         return
     await reaper.reload(policy)

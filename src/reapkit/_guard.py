@@ -42,12 +42,11 @@ from ._errors import (
 from ._kernel._cgroups import CgroupMount, cgroup_mounts, entry_matches, mount_containing
 from ._kernel._syscalls import cgroup_kill
 from ._process import ProcessRef
-from ._procfs import ProcFS, frozen_mapping
+from ._procfs import PF_EXITING, ProcFS, frozen_mapping
 
 log = logging.getLogger("reapkit.guard")
 
 OOM_SCORE_ADJ_MIN = -1000
-PF_EXITING = 0x00000004  # include/linux/sched.h: set at the start of do_exit()
 REAL_PROC = "/proc"
 _MAX_ANCESTRY = 4096  # a deeper parent chain than any real tree: stop walking
 

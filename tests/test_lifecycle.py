@@ -19,7 +19,8 @@ REAPKIT = Path(sys.executable).with_name("reapkit")
 
 def _policy(path: Path, cgroup: SandboxCgroup, actions: str = '"kill"') -> Path:
     path.write_text(
-        f'[[rule]]\nname = "sandbox"\ncgroup = "{cgroup.directory}"\nwhen = ["cgroup_usage > 50%"]\n'
+        f'[[rule]]\nname = "sandbox"\ncgroup = "{cgroup.directory}"\n'
+        'when = ["cgroup_usage > 50%"]\n'
         f'scope = {{ cgroup = "{cgroup.directory}" }}\nselect = ["largest-rss"]\n'
         f"actions = [{actions}]\n"
     )

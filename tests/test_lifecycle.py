@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from reapkit._heartbeat import beat, heartbeat_age, serve_heartbeat
 from reapkit._hog import start_hog
 from reapkit._sandbox import SandboxCgroup
 
@@ -139,3 +141,57 @@ def test_a_running_hook_dies_with_the_daemon(
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _probe(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REAPKIT), "probe", str(path), *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_the_probe_passes_a_fresh_heartbeat_and_fails_a_stale_or_missing_one(
+    tmp_path: Path,
+) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    assert _probe(heartbeat).returncode == 1  # missing
+    heartbeat.write_text("garbage\n")
+    assert _probe(heartbeat).returncode == 1
+    beat(str(heartbeat))
+    fresh = _probe(heartbeat, "--max-age", "60")
+    assert (fresh.returncode, fresh.stdout.split(":")[0]) == (0, "alive")
+    heartbeat.write_text(f"{time.monotonic() - 100}\n")  # a loop stuck for 100 s
+    stale = _probe(heartbeat, "--max-age", "30")
+    assert (stale.returncode, stale.stdout.split(":")[0]) == (1, "stale")
+    assert _probe(heartbeat, "--max-age", "nan").returncode == 2
+
+
+async def test_the_heartbeat_stops_when_the_loop_is_stuck(tmp_path: Path) -> None:
+    heartbeat = str(tmp_path / "heartbeat")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_heartbeat, heartbeat, 0.01)
+        while not os.path.exists(heartbeat):
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        assert heartbeat_age(heartbeat) < 0.1
+        time.sleep(0.5)  # noqa: ASYNC251 - on purpose: a plugin blocking the trio thread
+        assert heartbeat_age(heartbeat) >= 0.5  # nobody beat meanwhile
+        await trio.sleep(0.1)
+        assert heartbeat_age(heartbeat) < 0.1  # the loop runs again
+        nursery.cancel_scope.cancel()
+
+
+def test_the_daemon_writes_its_heartbeat(
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    p = _start(commands, str(policy), "--dry-run", "--heartbeat", str(heartbeat))
+    _wait_for_line(p, "running:")
+    deadline = time.monotonic() + 30
+    while not heartbeat.exists():
+        assert time.monotonic() < deadline, "no heartbeat written"
+        time.sleep(0.01)
+    assert _probe(heartbeat, "--max-age", "30").returncode == 0
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0

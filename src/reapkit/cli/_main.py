@@ -34,6 +34,7 @@ COMMANDS: Final = {
     "top": "._top",
     "plugins": "._plugins",
     "doctor": "._doctor",
+    "probe": "._probe",
 }
 
 EPILOG = """\

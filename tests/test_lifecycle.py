@@ -21,6 +21,7 @@ from reapkit._hog import start_hog
 from reapkit._sandbox import SandboxCgroup
 
 from .conftest import MiB, need
+from .test_run import _wait_for_line
 
 #: The console script, as systemd and the DaemonSet start it.
 REAPKIT = Path(sys.executable).with_name("reapkit")
@@ -42,20 +43,6 @@ def _start(commands: list[subprocess.Popen[str]], *args: str) -> subprocess.Pope
     )
     commands.append(p)
     return p
-
-
-def _wait_for_line(p: subprocess.Popen[str], needle: str, timeout: float = 60) -> list[str]:
-    assert p.stderr is not None
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = p.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen in:\n{''.join(lines)}")
 
 
 def _ignores_sighup(pid: int) -> bool:

@@ -26,6 +26,7 @@ from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
 from .._kernel._cgroups import cgroup_mounts, mount_for, v2_mount
 from .._plugins import Action, Candidate, Ranked
 from .._records import KillWarning
+from .._sources._base import owned_fd
 from .._units import parse_duration
 
 log = logging.getLogger("reapkit.actions")
@@ -180,9 +181,25 @@ class HookOptions:
 # The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
 # Done by a tiny exec wrapper, not preexec_fn (not safe once the reaper's threads run).
 # renice -n sets the nice value (nice -n would add to the daemon's -20).
-_HOOK_WRAPPER = (
-    'renice -n 0 -p $$ >/dev/null 2>&1; echo 0 > /proc/self/oom_score_adj && exec "$0" "$@"'
-)
+# Then, where util-linux setpriv exists, the hook dies with the daemon, even SIGKILLed: a
+# supervising shell gets SIGTERM as its parent-death signal (armed after the switch of user,
+# which clears it) and kills the hook's whole group; if the daemon died before it was armed,
+# the parent is no longer the daemon and it kills the group at once.
+_HOOK_WRAPPER = """renice -n 0 -p $$ >/dev/null 2>&1; echo 0 > /proc/self/oom_score_adj || exit 126
+command -v setpriv >/dev/null 2>&1 || exec "$0" "$@"
+exec setpriv --pdeathsig TERM -- /bin/sh -c '
+trap "kill -KILL 0" TERM
+[ "$PPID" = "$1" ] || kill -KILL 0
+shift
+"$@" &
+wait $!' sh "$PPID" "$0" "$@"
+"""
+
+
+async def _wait(process: subprocess.Popen[bytes]) -> int:
+    with owned_fd(os.pidfd_open(process.pid)) as pidfd:  # our child: its PID stays until waited
+        await trio.lowlevel.wait_readable(pidfd)
+    return process.wait()
 
 
 class PrekillHook(Action):
@@ -208,7 +225,10 @@ class PrekillHook(Action):
             "REAPKIT_RSS": str(c.rss),
             "REAPKIT_DRY_RUN": "1" if dry else "0",
         }
-        process = await trio.lowlevel.open_process(
+        # Forked on the trio thread, which lives as long as the daemon: the parent-death
+        # signal follows the thread that forked (prctl(2)), and trio.lowlevel.open_process
+        # forks on a worker thread that ends when idle.
+        process = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, no waiting
             ["/bin/sh", "-c", _HOOK_WRAPPER, *self.options.command],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -218,14 +238,13 @@ class PrekillHook(Action):
         )
         try:
             with trio.move_on_after(self.options.timeout):
-                code = await process.wait()
-                return f"hook exited with {code}"
+                return f"hook exited with {await _wait(process)}"
         finally:
             if process.returncode is None:  # timed out or cancelled: the hook's whole group
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 with trio.CancelScope(shield=True):
-                    await process.wait()
+                    await _wait(process)
         return f"hook killed after {self.options.timeout:g} s"
 
 

@@ -23,6 +23,7 @@ from typing import Any, Final
 import trio
 
 from .._errors import AccessDenied
+from .._heartbeat import HEARTBEAT_EVERY, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
@@ -60,6 +61,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument(
         "--stop-timeout", type=float, default=5.0, metavar="SECONDS",
         help="how long a graceful stop may take (default 5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--heartbeat", metavar="PATH",
+        help=f"the event loop writes the time here every {HEARTBEAT_EVERY:g} s, for"
+        " `reapkit probe PATH` (a liveness probe)",
     )  # fmt: skip
     p.set_defaults(run=run)
 
@@ -155,6 +161,8 @@ async def _serve(
                 )  # fmt: skip
                 if notifier.watchdog_interval:
                     nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
+                if args.heartbeat:
+                    nursery.start_soon(serve_heartbeat, args.heartbeat)
                 notifier.notify("READY=1", _status(policy))
                 log.info("running: %s", _status(policy).removeprefix("STATUS="))
                 async for signum in signals:

@@ -88,7 +88,7 @@ async def test_terminate_with_a_grace_longer_than_its_deadline_still_sigkills(
     spawn: Spawn, memory_cgroup: SandboxCgroup
 ) -> None:
     stubborn, other = _stubborn_and_other(spawn, memory_cgroup)
-    policy = _load(memory_cgroup, '"terminate"', extra='action_deadline = "500ms"')
+    policy = _load(memory_cgroup, '"kill"', extra='action_deadline = "500ms"')
     # Built past the loader (which may refuse a grace longer than the deadline): the engine
     # must hold even so.
     rule = attrs.evolve(policy.rules[0], actions=(Terminate(TerminateOptions(grace=5.0)),))

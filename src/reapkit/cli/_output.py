@@ -188,8 +188,9 @@ class RecordsWriter:
             self.counters.records_suppressed += 1
             return
         self._say_suppressed(key)
-        log_record(record)
         self._queue(record.to_json_line())
+        self.flush()  # in the file before the log says so: readers follow the log
+        log_record(record)
 
     def tick(self) -> None:
         """Say what was suppressed where the key may write again; retry what is pending."""

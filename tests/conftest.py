@@ -102,16 +102,17 @@ def take_pid_of(first, settle=0.05):
 """
 
 
-def run_in_pid_namespace(script: str) -> Any:
+def run_in_pid_namespace(script: str, *, mount_proc: bool = True) -> Any:
     """Run a Python ``script`` as PID 1 of a private PID namespace (``unshare --pid --fork
     --mount-proc``), where writing N-1 to ``ns_last_pid`` makes the next fork get PID N;
-    return what it printed, as JSON."""
+    return what it printed, as JSON. ``mount_proc=False``: ``/proc`` stays the host's."""
     require_root()
     unshare = shutil.which("unshare")
     if unshare is None:
         need("unshare(1) (util-linux) for a private PID namespace")
+    mount = ["--mount-proc"] if mount_proc else []
     done = subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+        [unshare, "--pid", "--fork", *mount, sys.executable, "-c", script],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     if done.returncode != 0 and "unshare failed" in done.stderr:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from reapkit._heartbeat import HEARTBEAT_EVERY
 from reapkit._policy import load_policy
 from reapkit.builtin.selectors import Protect
 from reapkit.cli._main import _build_parser
@@ -337,7 +338,7 @@ def test_daemonset_scrape_annotations_and_probe(
     assert all(isinstance(v, str) for v in annotations.values())
     assert all(isinstance(e["value"], str) for e in container.get("env", []))
     probe = container["livenessProbe"]
-    assert probe["exec"]["command"][:2] == ["reapkit", "doctor"]
+    assert probe["exec"]["command"][:2] == ["reapkit", "probe"]
     assert probe["timeoutSeconds"] < probe["periodSeconds"]
 
 
@@ -408,5 +409,10 @@ def test_the_command_lines_parse(
     assert (check.command, check.policy) == ("check", "/etc/reapkit/policy.toml")
     pod_run = _parse_cli(container["command"])
     assert (pod_run.command, pod_run.log_format) == ("run", "json")
+    # The probe reads the heartbeat the daemon writes, on a writable mount, and allows more
+    # than a few beats (every HEARTBEAT_EVERY s) to be late: a stuck loop, not a slow one.
     probe = _parse_cli(container["livenessProbe"]["exec"]["command"])
-    assert (probe.command, probe.json) == ("doctor", True)
+    assert (probe.command, probe.heartbeat) == ("probe", pod_run.heartbeat)
+    assert probe.max_age >= 3 * HEARTBEAT_EVERY
+    mounts = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert str(Path(pod_run.heartbeat).parent) in mounts

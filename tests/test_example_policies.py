@@ -389,8 +389,10 @@ async def test_desktop_warns_then_ends_renderers_and_spares_the_session(
     async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
         [record] = await _round(reaper, records)
     _killed(record, "desktop-low-memory", firefox, signal.SIGTERM)
-    assert _selectors(record) == ["protect", "oom-score", "prefer-avoid"]
-    assert "protected 6 of 10" in record.selectors[0].reason
+    # System daemons (root: a system account) by the first protect, the session by the second.
+    assert _selectors(record) == ["protect", "protect", "oom-score", "prefer-avoid"]
+    assert "protected 2 of 10" in record.selectors[0].reason
+    assert "protected 4 of 8" in record.selectors[1].reason
     assert "prefer: comm 'Web Content' matches" in record.selectors[-1].reason
     assert _actions(record) == ["warn", "terminate", "reap"]
     assert record.actions[0].detail.startswith("warned: Memory is low: closing Web Content")
@@ -473,7 +475,7 @@ async def test_kubernetes_kills_besteffort_then_burstable_never_guaranteed(
         [record] = await _round(reaper, records)
         _killed(record, "besteffort-pods", besteffort, signal.SIGTERM)
         assert record.victim is not None and record.victim.cgroup.endswith(layout["besteffort"])
-        assert _selectors(record) == ["protect", "oom-score"]
+        assert _selectors(record) == ["scope", "protect", "oom-score"]
         assert _actions(record) == ["terminate", "reap"]
 
         # No BestEffort process left (the pause sandbox is protected): Burstable. The

@@ -40,6 +40,7 @@ from ._policy import Policy as Policy
 from ._policy import PolicyError as PolicyError
 from ._policy import load_policy as load_policy
 from ._process import ProcessRef as ProcessRef
+from ._reaper import OutputCounters as OutputCounters
 from ._reaper import Reaper as Reaper
 from ._reaper import ReaperStatistics as ReaperStatistics
 from ._reaper import open_reaper as open_reaper

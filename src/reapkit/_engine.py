@@ -5,9 +5,13 @@ takes no second one until the first has exited or ``victim_timeout`` passed, and
 are capped per window: no kill loops (earlyoom #121, #309). After choosing, memory conditions
 are sampled again and the kill is abandoned if memory recovered meanwhile.
 
-Every plugin call runs under a deadline. A selector that raises or overruns is logged, counted
-and skipped: the rule falls back to the safe default, the largest ``oom_score`` in scope. An
-action that fails ends the chain; what it did so far stays in the record.
+Every plugin call runs under a deadline, isolated (see ``_plugins.PluginCalls``). A selector
+that raises, overruns or is switched off is logged, counted and skipped: the rule falls back to
+the largest ``oom_score`` among what the selectors before it kept, and the protective
+selectors after it still filter. A protective selector (``protect``) that fails makes the
+decision fail safe: no victim. A failed action that does not signal is recorded and the chain
+goes on; a failed signalling action ends it, and a chain cut after a signal went out ends in
+SIGKILL for a victim that has not exited.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
-import inspect
 import logging
 import math
 import os
@@ -39,7 +42,16 @@ from ._guard import (
     SubtreeScope,
     cgroup_members,
 )
-from ._plugins import Action, Candidate, Ranked, Selector, Situation
+from ._plugins import (
+    Action,
+    Candidate,
+    PluginCalls,
+    Ranked,
+    Selector,
+    Situation,
+    describe,
+    isolated,
+)
 from ._process import ProcessRef
 from ._procfs import KeptScoreFiles, MemInfo, ProcFS
 from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
@@ -67,9 +79,26 @@ class ManualTrigger:
     reason: str
 
 
+def _seconds(*, zero_ok: bool = False) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator: a finite number of seconds, above 0 (or at least 0)."""
+
+    def check(rule: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            least = "at least 0" if zero_ok else "above 0"
+            raise ValueError(
+                f"rule {rule.name!r}: {attribute.name} must be a finite number of seconds"
+                f" {least}, not {value!r}"
+            )
+
+    return check
+
+
 @attrs.frozen
 class Rule:
-    """One rule of a policy, with its plugins instantiated and its guard built."""
+    """One rule of a policy, with its plugins instantiated and its guard built. Its durations
+    are finite (``cooldown`` at least 0, the others above 0): a rule cannot be built with
+    ``nan``, ``inf`` or negative ones."""
 
     name: str
     when: tuple[Condition, ...]
@@ -79,12 +108,14 @@ class Rule:
     #: The rule's memory cgroup directory, for ``cgroup_usage`` conditions (candidates come
     #: from the scope, not from this).
     cgroup: str | None = None
-    cooldown: float = 5.0
-    victim_timeout: float = 10.0
-    max_kills: int = 10
-    kill_window: float = 60.0
-    plugin_deadline: float = 1.0
-    action_deadline: float = 30.0
+    cooldown: float = attrs.field(default=5.0, validator=_seconds(zero_ok=True))
+    victim_timeout: float = attrs.field(default=10.0, validator=_seconds())
+    max_kills: int = attrs.field(
+        default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+    kill_window: float = attrs.field(default=60.0, validator=_seconds())
+    plugin_deadline: float = attrs.field(default=1.0, validator=_seconds())
+    action_deadline: float = attrs.field(default=30.0, validator=_seconds())
 
 
 @attrs.frozen
@@ -101,6 +132,10 @@ class EngineStatistics:
     skipped_busy: int
     skipped_cooldown: int
     skipped_cap: int
+    #: Selectors and non-signalling actions switched off for overrunning their deadline.
+    plugins_disabled: int = 0
+    #: Decisions that chose no victim because a protective selector failed.
+    fail_safe: int = 0
 
 
 @attrs.define
@@ -210,8 +245,11 @@ class Engine:
     keep_score_files: int = attrs.field(default=0, kw_only=True)
     _kept: KeptScoreFiles | None = attrs.field(default=None, init=False)
     _scope_pids: dict[object, set[int]] = attrs.field(factory=dict, init=False)
+    #: Calls the rules' selectors and actions (deadlines, worker threads, switching off).
+    _calls: PluginCalls = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._calls = PluginCalls(inline_context=_collector_paused)
         # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
         # file kept open would go on reading the old content.
         if self.keep_score_files > 0 and self.procfs.root == REAL_PROC:
@@ -222,12 +260,13 @@ class Engine:
         return EngineStatistics(
             c["events"], c["decisions"], c["kills"], c["dry_runs"], c["abandoned"], c["refused"],
             c["no_candidate"], c["plugin_failures"], c["skipped_busy"], c["skipped_cooldown"],
-            c["skipped_cap"],
+            c["skipped_cap"], plugins_disabled=self._calls.switched_off, fail_safe=c["fail_safe"],
         )  # fmt: skip
 
     def replace_rules(self, rules: Sequence[Rule]) -> None:
         """Swap in a new policy's rules between two decisions (``reload``)."""
         self.rules = tuple(rules)
+        self._calls.keep_only(p for r in self.rules for p in (*r.selectors, *r.actions))
         self._scope_pids.clear()  # the old scopes' kept files close at the next decision
 
     async def handle(self, event: object, nursery: trio.Nursery) -> None:
@@ -283,20 +322,22 @@ class Engine:
             rule.name, ManualTrigger(trio.current_time(), "preview"), self._meminfo(),
             self.procfs, trio.current_time(),
         )  # fmt: skip
-        return await self._choose(rule, situation)
+        chosen, ranked, steps, _halt = await self._choose(rule, situation)
+        return chosen, ranked, steps
 
     async def _choose(
         self, rule: Rule, situation: Situation
-    ) -> tuple[Ranked | None, list[Ranked], list[SelectorStep]]:
-        """Candidates → selectors → the first the guard allows."""
-        ranked, steps = await self._select(rule, situation, await self._candidates(rule))
+    ) -> tuple[Ranked | None, list[Ranked], list[SelectorStep], str | None]:
+        """Candidates → selectors → the first the guard allows; and why the selection failed
+        safe, if it did."""
+        ranked, steps, halt = await self._select(rule, situation, await self._candidates(rule))
         with _collector_paused():
             chosen, refusals = self._first_allowed(rule, ranked)
         if refusals:
             top = chosen.candidate.pid if chosen else None
             kept = len(ranked) - len(refusals)
             steps.append(SelectorStep("guard", len(ranked), kept, top, "; ".join(refusals[:5])))
-        return chosen, ranked, steps
+        return chosen, ranked, steps, halt
 
     # -- conditions --------------------------------------------------------------------------
 
@@ -362,14 +403,11 @@ class Engine:
                 **kw,
             )
 
-        chosen, _ranked, steps = await self._choose(rule, situation)
-        if chosen is None:
-            self._counts["no_candidate"] += 1
-            await self.emit(
-                record(
-                    "no-candidate", "no process in scope could be chosen", selectors=tuple(steps)
-                )
-            )
+        chosen, _ranked, steps, halt = await self._choose(rule, situation)
+        if chosen is None:  # none, or the selection failed safe (halt says why)
+            self._counts["no_candidate" if halt is None else "fail_safe"] += 1
+            nobody = ("no-candidate", "no process in scope could be chosen")
+            await self.emit(record(*(("failed", halt) if halt else nobody), selectors=tuple(steps)))
             return False
         victim = chosen.candidate
         timeline["victim_chosen"] = trio.current_time()
@@ -510,39 +548,47 @@ class Engine:
 
     async def _select(
         self, rule: Rule, situation: Situation, candidates: list[Ranked]
-    ) -> tuple[list[Ranked], list[SelectorStep]]:
-        """Run the selector chain. On a failure, fall back from the last good ranking — what
-        the filters before the failure kept stays kept — ordered by oom_score."""
+    ) -> tuple[list[Ranked], list[SelectorStep], str | None]:
+        """Run the selector chain: the ranking, its steps, and why it failed safe (or None).
+
+        Each selector gets a tuple (an immutable view) and its result is checked against that
+        very tuple, the engine's own copy. On a failure, fall back from the last good ranking
+        — what the filters before the failure dropped stays dropped — ordered by oom_score,
+        and still apply the protective selectors after it. A failing protective selector
+        fails safe: no victim."""
         steps: list[SelectorStep] = []
-        ranked = candidates
+        ranked = tuple(candidates)
+        fell_back = False
         for sel in rule.selectors:
+            if fell_back and not sel.protective:
+                continue
             before = len(ranked)
-            try:
-                result = await _call_selector(sel, situation, ranked, rule.plugin_deadline)
-                _check_selection(ranked, result)
-            except Exception as exc:  # isolate any plugin failure
-                self._counts["plugin_failures"] += 1
-                why = (
-                    "overran its deadline"
-                    if isinstance(exc, trio.TooSlowError)
-                    else f"failed: {type(exc).__name__}: {exc}"
+            with isolated() as failed:
+                result = await self._calls.call(
+                    sel, "select", situation, ranked, deadline=rule.plugin_deadline
                 )
-                log.warning(
-                    "rule %s: selector %s %s; falling back to the largest oom_score",
-                    rule.name,
-                    sel.name,
-                    why,
-                )
-                steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
-                ranked = [
-                    Ranked(r.candidate, r.candidate.oom_score, f"fallback: {_oom(r)}")
-                    for r in sorted(ranked, key=lambda r: -r.candidate.oom_score)
-                ]  # fmt: skip
-                steps.append(_step("fallback-oom-score", before, ranked))
-                return ranked, steps
-            ranked = list(result)
-            steps.append(_step(sel.name, before, ranked))
-        return ranked, steps
+                ranked_now = _validated(ranked, result)
+            if failed.error is None:
+                ranked = ranked_now
+                steps.append(_step(sel.name, before, ranked))
+                continue
+            self._counts["plugin_failures"] += 1
+            why = describe(failed.error)
+            steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
+            if sel.protective:
+                log.error("rule %s: protective selector %s %s; no victim", rule.name, sel.name, why)
+                return [], steps, f"failed safe: the protective selector {sel.name} {why}"
+            log.warning(
+                "rule %s: selector %s %s; falling back to the largest oom_score",
+                rule.name, sel.name, why,
+            )  # fmt: skip
+            ranked = tuple(
+                Ranked(r.candidate, r.candidate.oom_score, f"fallback: {_oom(r)}")
+                for r in sorted(ranked, key=lambda r: -r.candidate.oom_score)
+            )
+            steps.append(_step("fallback-oom-score", before, ranked))
+            fell_back = True
+        return list(ranked), steps, None
 
     def _first_allowed(self, rule: Rule, ranked: list[Ranked]) -> tuple[Ranked | None, list[str]]:
         refusals: list[str] = []
@@ -554,28 +600,43 @@ class Engine:
         return None, refusals
 
     async def _act(self, rule: Rule, context: ActionContext) -> BaseException | None:
+        """Run the action chain; the failure that ended it, or None. A chain cut after a
+        signal went out ends in SIGKILL (:func:`_kill_if_cut`)."""
+        try:
+            failure = await self._chain(rule, context)
+        except BaseException:  # cancelled mid-chain (the reaper stops)
+            _kill_if_cut(context, None)
+            context._ref.close()
+            raise
+        _kill_if_cut(context, failure)
+        return failure
+
+    async def _chain(self, rule: Rule, context: ActionContext) -> BaseException | None:
+        """The actions in turn; the failure that ended the chain, or None. A failed action that
+        does not signal is recorded and the chain goes on."""
         for action in rule.actions:
             at = trio.current_time()
-            try:
-                with trio.fail_after(rule.action_deadline):
-                    outcome = await action.act(context)
-                context.steps.append(ActionStep(action.name, "ok", outcome, at))
-            except KillRefused as exc:
+            with isolated() as failed:
+                outcome = await self._calls.call(
+                    action, "act", context,
+                    deadline=rule.action_deadline, may_switch_off=not action.signals,
+                )  # fmt: skip
+            exc = failed.error
+            if exc is None:
+                context.steps.append(ActionStep(action.name, "ok", str(outcome), at))
+            elif isinstance(exc, KillRefused):
                 context.steps.append(ActionStep(action.name, "refused", str(exc.refusal), at))
                 return exc
-            except NoSuchProcess as exc:  # it exited (or its PID was reused) meanwhile
+            elif isinstance(exc, NoSuchProcess):  # it exited (or its PID was reused) meanwhile
                 context.steps.append(ActionStep(action.name, "gone", str(exc), at))
                 return exc
-            except Exception as exc:
+            else:
                 self._counts["plugin_failures"] += 1
-                why = (
-                    "overran its deadline"
-                    if isinstance(exc, trio.TooSlowError)
-                    else f"{type(exc).__name__}: {exc}"
-                )
+                why = describe(exc)
                 log.warning("rule %s: action %s failed: %s", rule.name, action.name, why)
                 context.steps.append(ActionStep(action.name, "failed", why, at))
-                return exc
+                if action.signals:
+                    return exc
         return None
 
     async def _confirm(  # noqa: PLR0917 - one call site, the decision's state
@@ -645,61 +706,57 @@ def _oom(r: Ranked) -> str:
     return f"oom_score {r.candidate.oom_score}"
 
 
-def _step(name: str, before: int, ranked: list[Ranked]) -> SelectorStep:
+def _step(name: str, before: int, ranked: Sequence[Ranked]) -> SelectorStep:
     top = ranked[0] if ranked else None
     return SelectorStep(
         name, before, len(ranked), top.candidate.pid if top else None, top.reason if top else ""
     )
 
 
-def _check_selection(given: Sequence[Ranked], result: Sequence[Any]) -> None:
-    """A selector may drop and reorder what it was given, never invent: each item must be a
-    :class:`Ranked` of a candidate it received (the same object; an equal one will do)."""
+def _validated(given: tuple[Ranked, ...], result: Any) -> tuple[Ranked, ...]:
+    """A selector may drop and reorder what it was ``given`` (the engine's own tuple), never
+    invent: each item must be a :class:`Ranked` of a candidate in ``given`` — the same object,
+    or an equal one, which is then swapped for the engine's own."""
     known = {id(r.candidate) for r in given}
-    by_value: set[Candidate] | None = None
+    own: dict[Candidate, Candidate] | None = None
+    out = []
     for item in result:
-        if not isinstance(item, Ranked):
+        if type(item) is not Ranked:
             raise TypeError(f"a selector must return Ranked items, not {type(item).__name__}")
-        if id(item.candidate) not in known:
-            if by_value is None:
-                by_value = {r.candidate for r in given}
-            if item.candidate not in by_value:
-                raise ValueError(
-                    f"a selector returned process {item.candidate.pid}, not a candidate"
-                )
-
-
-async def _call_selector(
-    sel: Selector, situation: Situation, ranked: Sequence[Ranked], deadline: float
-) -> Sequence[Ranked]:
-    with trio.fail_after(deadline):
-        if inspect.iscoroutinefunction(sel.select):
-            result: Any = await sel.select(situation, ranked)
-        elif sel.inline:
-            with _collector_paused():  # runs in the loop's thread, to the end: no await inside
-                result = sel.select(situation, ranked)
+        candidate = item.candidate
+        if id(candidate) not in known:
+            if own is None:
+                own = {r.candidate: r.candidate for r in given}
+            found = own.get(candidate) if type(candidate) is Candidate else None
+            if found is None:
+                raise ValueError(f"a selector returned process {candidate.pid}, not a candidate")
+            out.append(Ranked(found, item.score, item.reason))
         else:
-            # A third-party sync selector may block: run it on a thread so the deadline holds
-            # (an abandoned call finishes on its own; its result is dropped).
-            result = await trio.to_thread.run_sync(
-                sel.select, situation, ranked, abandon_on_cancel=True, limiter=_limiter(sel)
-            )
-        if inspect.isawaitable(result):
-            result = await result
-    return list(result)
+            out.append(item)
+    return tuple(out)
 
 
-_LIMITERS: dict[int, trio.CapacityLimiter] = {}
+def _kill_if_cut(context: ActionContext, failure: BaseException | None) -> None:
+    """The safety net: a chain cut (an error, a deadline, the reaper stopping) after a signal
+    went out ends in SIGKILL, through the guard, for a victim that has not exited."""
+    if isinstance(failure, KillRefused | NoSuchProcess) or context.killed or context.dry_run:
+        return
+    if context.timeline.get("signal_sent") is None or context._ref.has_exited():
+        return
+    at = trio.current_time()
+    try:
+        outcome = context.send_signal(signal.SIGKILL).value
+        step = ActionStep(_NET, "ok", f"the chain was cut after a signal: SIGKILL {outcome}", at)
+    except KillRefused as exc:
+        step = ActionStep(_NET, "refused", str(exc.refusal), at)
+    except NoSuchProcess as exc:
+        step = ActionStep(_NET, "gone", str(exc), at)
+    context.steps.append(step)
+    log.warning("the action chain was cut after a signal: %s", step.detail)
 
 
-def _limiter(sel: Selector) -> trio.CapacityLimiter:
-    """One worker thread per plugin instance: a hung plugin cannot pile up threads (nor use
-    up trio's default limiter, which the embedding program shares); its next call waits for
-    the limiter and so overruns its deadline at once."""
-    limiter = _LIMITERS.get(id(sel))
-    if limiter is None:
-        limiter = _LIMITERS[id(sel)] = trio.CapacityLimiter(1)
-    return limiter
+#: The step of the safety net in a record's actions.
+_NET = "sigkill-after-cut"
 
 
 @contextlib.contextmanager

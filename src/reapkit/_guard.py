@@ -4,9 +4,13 @@ Safety is not a plugin. Every signal reapkit sends goes through :meth:`KillGuard
 (or :meth:`KillGuard.kill_cgroup`), which refuses, with a reason that reaches the logs and the
 kill records:
 
-* PID 1 and non-positive PIDs;
+* PID 1 and non-positive PIDs (PID 1 of the PID namespace ``/proc`` shows: the host's init,
+  or a container's, whose death ends every process in the container, the reaper included);
 * reapkit's own process and its threads;
-* kernel threads (no memory to free, and not ours to kill);
+* kernel threads, told by ``PF_KTHREAD`` in ``stat``'s flags, never by a PID number (in a PID
+  namespace PID 2 and its children are ordinary processes);
+* every process, when ``/proc`` shows another PID namespace than the reaper's: PIDs there do
+  not name what a pidfd would reach;
 * ``oom_score_adj == -1000`` (the kernel's own "never kill"), unless explicitly allowed;
 * anything outside the configured scope (a cgroup sub-tree, a process sub-tree, or the whole
   system when an operator says so);
@@ -42,12 +46,11 @@ from ._errors import (
 from ._kernel._cgroups import CgroupMount, cgroup_mounts, entry_matches, mount_containing
 from ._kernel._syscalls import cgroup_kill
 from ._process import ProcessRef
-from ._procfs import ProcFS, frozen_mapping
+from ._procfs import PF_EXITING, ProcFS, frozen_mapping
 
 log = logging.getLogger("reapkit.guard")
 
 OOM_SCORE_ADJ_MIN = -1000
-PF_EXITING = 0x00000004  # include/linux/sched.h: set at the start of do_exit()
 REAL_PROC = "/proc"
 _MAX_ANCESTRY = 4096  # a deeper parent chain than any real tree: stop walking
 
@@ -59,6 +62,8 @@ class RefusalReason(enum.Enum):
     PID_ONE = "pid-1"
     REAPER_ITSELF = "reaper-itself"
     KERNEL_THREAD = "kernel-thread"
+    #: ``/proc`` shows another PID namespace than the reaper's (``/proc/self`` is not getpid()).
+    FOREIGN_PID_NAMESPACE = "foreign-pid-namespace"
     OOM_SCORE_ADJ_MIN = "oom-score-adj-min"
     OUT_OF_SCOPE = "out-of-scope"
     IDENTITY_CHANGED = "identity-changed"
@@ -205,9 +210,26 @@ class SystemScope(Scope):
 
 def _own_thread_ids() -> frozenset[int]:
     try:
-        return frozenset(int(t) for t in os.listdir(f"/proc/{os.getpid()}/task"))
+        return frozenset(int(t) for t in os.listdir(f"{REAL_PROC}/self/task"))
     except OSError:
         return frozenset({os.getpid()})
+
+
+def _foreign_pid_namespace(procfs: ProcFS) -> str | None:
+    """Why ``procfs`` (the real ``/proc``) does not show the reaper's own PID namespace, or
+    ``None`` if it does. ``/proc/self`` names the reaper as that procfs's namespace sees it."""
+    if procfs.root != REAL_PROC:
+        return None  # a fake tree: never signalled through anyway
+    try:
+        seen = os.readlink(f"{REAL_PROC}/self")
+    except OSError:
+        seen = "absent"  # a procfs of a namespace the reaper is not in
+    if seen == str(os.getpid()):
+        return None
+    return (
+        f"{REAL_PROC} shows another PID namespace than the reaper's ({REAL_PROC}/self is"
+        f" {seen}, getpid() {os.getpid()}): mount the reaper's own procfs"
+    )
 
 
 def _is_scope(_guard: object, _attribute: object, value: Any) -> None:
@@ -240,6 +262,10 @@ class KillGuard:
         factory=collections.Counter, init=False
     )
     _counts: list[int] = attrs.field(factory=lambda: [0, 0], init=False)  # sent, dry runs
+    _foreign: str | None = attrs.field(
+        default=attrs.Factory(lambda guard: _foreign_pid_namespace(guard.procfs), takes_self=True),
+        init=False,
+    )
 
     @property
     def signals_enabled(self) -> bool:
@@ -271,8 +297,12 @@ class KillGuard:
 
         if pid <= 0:
             return refuse(RefusalReason.INVALID_PID, "not a process ID")
+        if self._foreign is not None:
+            return refuse(RefusalReason.FOREIGN_PID_NAMESPACE, self._foreign)
         if pid == 1:
-            return refuse(RefusalReason.PID_ONE, "init: killing it panics the kernel")
+            return refuse(
+                RefusalReason.PID_ONE, "init: killing it panics the kernel or ends the container"
+            )
         if pid == os.getpid() or pid in _own_thread_ids():
             return refuse(RefusalReason.REAPER_ITSELF, "the reaper's own process or thread")
         try:
@@ -287,7 +317,7 @@ class KillGuard:
                 # Already on its way out; past cgroup_exit() it even reads as being in the
                 # root cgroup, so a scope check would misjudge it.
                 return refuse(RefusalReason.GONE, f"{stat.comm!r} is already exiting")
-            if stat.is_kernel_thread or pid == 2 or stat.ppid == 2:
+            if stat.is_kernel_thread:
                 return refuse(RefusalReason.KERNEL_THREAD, f"kernel thread {stat.comm!r}")
             if not self.allow_oom_score_adj_min:
                 adj = self.procfs.oom_score_adj(pid)
@@ -335,6 +365,8 @@ class KillGuard:
         only a scope that contains every possible member may use it. Otherwise each member is
         pinned and signalled through its pidfd, round after round until no new one appears.
         """
+        if self._foreign is not None:
+            raise self._refuse(Refusal(0, RefusalReason.FOREIGN_PID_NAMESPACE, self._foreign))
         for pid in cgroup_members(directory):
             refusal = self._check(pid, None)
             if refusal is not None and refusal.reason is not RefusalReason.GONE:

@@ -8,6 +8,11 @@ and then sleeps until killed.
 ``python -m reapkit._hog grow STEP INTERVAL LIMIT [CGROUP_DIR ...]``: a leak, growing by
 ``STEP`` bytes every ``INTERVAL`` seconds up to ``LIMIT``.
 
+``python -m reapkit._hog pulse [CGROUP_DIR ...]``: holds memory on orders from stdin, ``N``
+bytes touched at once for a line ``N`` (``0``: none), answering each with ``ok``: a cgroup's
+usage that falls (as after a kill) and rises again when the test says, without a process start
+in between.
+
 ``python -m reapkit._hog thrash FILE [CGROUP_DIR ...]``: real memory pressure without swap
 (``shared/KERNEL_NOTES.md``). It reads a file larger than its memory cgroup's limit through
 ``mmap``, page by page, in a loop: the page cache thrashes and tasks stall on reclaim and I/O,
@@ -62,6 +67,27 @@ def _grow(step: int, interval: float, limit: int) -> None:
         time.sleep(3600)
 
 
+def _touch(size: int) -> mmap.mmap:
+    """``size`` bytes of private anonymous memory, every page written."""
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    chunk = b"\x5a" * _CHUNK
+    for _ in range(size // _CHUNK):
+        memory.write(chunk)
+    memory.write(chunk[: size % _CHUNK])
+    return memory
+
+
+def _pulse() -> None:
+    held = _touch(0)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        held.close()
+        held = _touch(int(line))
+        sys.stdout.write("ok\n")
+        sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[0] == "thrash":
@@ -72,16 +98,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         _join(args[4:])
         _grow(int(args[1]), float(args[2]), int(args[3]))
         return
-    size = int(args[0])
+    if args[0] == "pulse":
+        _join(args[1:])
+        _pulse()
+        return
     _join(args[1:])
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    chunk = b"\x5a" * _CHUNK
-    for _ in range(size // _CHUNK):
-        memory.write(chunk)
-    memory.write(chunk[: size % _CHUNK])
+    memory = _touch(int(args[0]))
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    while True:
+    while memory:  # holds the mapping until killed
         time.sleep(3600)
 
 
@@ -96,6 +121,16 @@ class Hog:
     def pid(self) -> int:
         return self.process.pid
 
+    def hold(self, size: int) -> None:
+        """A hog of :func:`start_pulser`: free what it holds, then hold ``size`` bytes."""
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(b"%d\n" % size)
+        stdin.flush()
+        if stdout.readline() != b"ok\n":
+            raise RuntimeError(f"memory hog {self.pid} died (exit status {self.process.wait()})")
+
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGKILL (through ``Popen``, which holds our child's PID until we wait) and reap.
         Interrupts are held meanwhile, so a second Ctrl-C cannot leave the hog behind."""
@@ -103,8 +138,9 @@ class Hog:
             if self.process.poll() is None:
                 self.process.kill()
             self.process.wait(timeout)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None:
+                    stream.close()
 
     def __enter__(self) -> Hog:
         return self
@@ -128,6 +164,11 @@ def start_grower(
 ) -> Hog:
     """Start a hog that grows by ``step`` bytes every ``interval`` s up to ``limit`` bytes."""
     return _start(["grow", str(step), str(interval), str(limit)], limit, cgroup_dirs, timeout)
+
+
+def start_pulser(cgroup_dirs: Sequence[str], *, timeout: float = 30.0) -> Hog:
+    """Start a hog that holds nothing until told: :meth:`Hog.hold`."""
+    return _start(["pulse"], 0, cgroup_dirs, timeout, stdin=subprocess.PIPE)
 
 
 def filesystem_type(path: str) -> str:
@@ -171,12 +212,18 @@ def start_thrasher(path: str, cgroup_dirs: Sequence[str], *, timeout: float = 30
     return _start(["thrash", path], 0, cgroup_dirs, timeout)
 
 
-def _start(args: list[str], size: int, cgroup_dirs: Sequence[str], timeout: float) -> Hog:
+def _start(
+    args: list[str],
+    size: int,
+    cgroup_dirs: Sequence[str],
+    timeout: float,
+    stdin: int = subprocess.DEVNULL,
+) -> Hog:
     if not cgroup_dirs:
         raise ValueError("a hog must run inside a memory cgroup with a hard limit")
     process = subprocess.Popen(
         [sys.executable, "-m", "reapkit._hog", *args, *cgroup_dirs],
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
     )
     hog = Hog(process, size)

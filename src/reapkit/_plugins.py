@@ -5,20 +5,24 @@ class. It is registered in code (:func:`register`) or through the ``reapkit.plug
 point group, and validated when it registers and again when a policy builds its options —
 never first at the moment of a kill. Selectors may also be plain functions of
 ``(situation, candidates)`` (:func:`selector`). Sync or async, every plugin call runs under a
-deadline; one that raises or overruns is logged, counted and isolated by the engine.
+deadline through :class:`PluginCalls`, isolated by :func:`isolated`: whatever it raises
+(``SystemExit`` too), except trio's cancellation and ``KeyboardInterrupt``, is logged and
+counted by the caller, and the reaper goes on.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import attrs
+import trio
 
 from ._errors import NoSuchProcess, ReapkitError
 from ._procfs import PF_KTHREAD, MemInfo, ProcessInfo, ProcFS
@@ -242,11 +246,11 @@ class Ranked:
         reason = self._reason
         if reason is None:
             assert self._why is not None
-            try:
+            with isolated() as failed:  # a plugin's reason must not break a decision
                 reason = str(self._why(self, self._why_arg))
-            except Exception as exc:  # a plugin's reason must not break a decision
-                log.warning("a selector's reason failed: %r", exc)
-                reason = f"(its reason failed: {type(exc).__name__}: {exc})"
+            if failed.error is not None:
+                log.warning("a selector's reason failed: %s", describe(failed.error))
+                reason = f"(its reason failed: {describe(failed.error)})"
             self._reason = reason
         return reason
 
@@ -369,7 +373,8 @@ class Plugin:
     name: ClassVar[str]
     #: An attrs class; a policy's table for this plugin becomes an instance of it.
     Options: ClassVar[type[Any]] = NoOptions
-    #: Trusted, fast and non-blocking (built-ins): called inline, not on a worker thread.
+    #: Trusted, fast and non-blocking (built-ins and first-party plugins only): a sync call
+    #: runs on the trio thread, to its end, not on a worker thread; no deadline can stop it.
     inline: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
@@ -383,6 +388,9 @@ class Selector(Plugin):
     """Candidates in, fewer or reordered candidates out, each with a reason."""
 
     kind: ClassVar[Kind] = "selector"
+    #: A filter that spares processes (``protect``, ``scope``): when it fails, overruns or is
+    #: switched off, the decision fails safe (no victim) instead of falling back past it.
+    protective: ClassVar[bool] = False
 
     @abc.abstractmethod
     def select(
@@ -394,6 +402,9 @@ class Action(Plugin):
     """Does something to the chosen victim. Signals only through ``context.guard``."""
 
     kind: ClassVar[Kind] = "action"
+    #: Sends the signal that ends the victim (``terminate``, ``kill``, ``cgroup-kill``): its
+    #: failure ends the chain. Any other action that fails is recorded and the chain goes on.
+    signals: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def act(self, context: Any) -> str:
@@ -482,6 +493,150 @@ def selector(
         return cls
 
     return wrap
+
+
+# -- calling plugins -----------------------------------------------------------------------------
+
+#: What no plugin call swallows: trio's cancellation and Ctrl-C.
+_PASS_THROUGH = (trio.Cancelled, KeyboardInterrupt)
+#: A plugin whose calls overrun their deadline this many times in a row is switched off.
+OVERRUNS_TO_SWITCH_OFF = 3
+
+
+@attrs.define
+class Isolated:
+    """What :func:`isolated` caught: the plugin's failure, or None."""
+
+    error: BaseException | None = None
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[Isolated]:
+    """Run plugin code in the block so that whatever it raises — ``SystemExit`` (0 or not),
+    ``GeneratorExit``, exception groups — ends up in ``.error`` for the caller to log and
+    count. Trio's ``Cancelled`` and ``KeyboardInterrupt`` go on, also out of a group (the
+    rest of the group is then dropped with a warning)."""
+    box = Isolated()
+    try:
+        yield box
+    except BaseException as exc:
+        if isinstance(exc, _PASS_THROUGH):
+            raise
+        if isinstance(exc, BaseExceptionGroup):
+            through, rest = exc.split(_PASS_THROUGH)
+            if through is not None:
+                if rest is not None:
+                    log.warning("a plugin failed while cancelled: %s", describe(rest))
+                raise through from None
+        box.error = exc
+
+
+def describe(exc: BaseException) -> str:
+    """A plugin's failure in a few words, for logs and records."""
+    if isinstance(exc, trio.TooSlowError):
+        return "overran its deadline"
+    if isinstance(exc, PluginSwitchedOff):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PluginSwitchedOff(ReapkitError, RuntimeError):
+    """Raised instead of calling a plugin that was switched off for overrunning."""
+
+
+@attrs.define(eq=False)
+class _CallState:
+    #: Held so that its id is not reused while this state lives.
+    plugin: Plugin
+    limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
+    overruns: int = 0
+    off: bool = False
+
+
+@attrs.define
+class PluginCalls:
+    """Calls plugins for their owner (the engine; the reaper, for observers), each under a
+    deadline. A sync call runs on a worker thread of the plugin's own (a
+    ``CapacityLimiter(1)`` each: a hung plugin can neither pile up threads nor use up the
+    limiter the embedding program shares), abandoned at the deadline, unless the plugin is
+    ``inline``; an async call runs as part of the caller's task and is cancelled at the
+    deadline. A plugin that overruns ``OVERRUNS_TO_SWITCH_OFF`` times in a row is switched
+    off (logged once, counted in ``switched_off``); calls then raise
+    :class:`PluginSwitchedOff`. The caller isolates each call with :func:`isolated`."""
+
+    #: Wraps an inline sync call (the engine pauses the garbage collector).
+    inline_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    _states: dict[int, _CallState] = attrs.field(factory=dict, init=False)
+    #: Plugins switched off so far.
+    switched_off: int = attrs.field(default=0, init=False)
+
+    def _state(self, plugin: Plugin) -> _CallState:
+        state = self._states.get(id(plugin))
+        if state is None:
+            state = self._states[id(plugin)] = _CallState(plugin)
+        return state
+
+    def is_on(self, plugin: Plugin) -> bool:
+        state = self._states.get(id(plugin))
+        return state is None or not state.off
+
+    def keep_only(self, plugins: Iterable[Plugin]) -> None:
+        """Forget every plugin but ``plugins`` (after a reload: the old rules' instances)."""
+        keep = {id(p) for p in plugins}
+        self._states = {k: v for k, v in self._states.items() if k in keep}
+
+    async def call(
+        self,
+        plugin: Plugin,
+        method: str,
+        *args: Any,
+        deadline: float,
+        may_switch_off: bool = True,
+    ) -> Any:
+        """``plugin.<method>(*args)`` under ``deadline`` seconds: its result, awaited if it is
+        awaitable. Raises what the plugin raised, ``trio.TooSlowError`` if it overran."""
+        state = self._state(plugin)
+        if state.off:
+            raise PluginSwitchedOff(
+                f"switched off after {OVERRUNS_TO_SWITCH_OFF} overruns in a row"
+            )
+        try:
+            with trio.fail_after(deadline):
+                func = getattr(plugin, method)
+                if inspect.iscoroutinefunction(func):
+                    result = await func(*args)
+                elif plugin.inline:
+                    with self.inline_context():  # on the trio thread, to its end
+                        result = func(*args)
+                else:  # an abandoned call finishes on its thread; its result is dropped
+                    result = await trio.to_thread.run_sync(
+                        _drained, func, *args, abandon_on_cancel=True, limiter=state.limiter
+                    )
+                if inspect.isawaitable(result):
+                    result = await result
+        except trio.TooSlowError:
+            self._overran(state, deadline, may_switch_off)
+            raise
+        state.overruns = 0
+        return result
+
+    def _overran(self, state: _CallState, deadline: float, may_switch_off: bool) -> None:
+        state.overruns += 1
+        if may_switch_off and state.overruns >= OVERRUNS_TO_SWITCH_OFF and not state.off:
+            state.off = True
+            self.switched_off += 1
+            plugin = state.plugin
+            log.error(
+                "%s %s overran its deadline (%g s) %d times in a row: switched off",
+                plugin.kind, plugin.name, deadline, state.overruns,
+            )  # fmt: skip
+
+
+def _drained(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)``; an iterator it returns (a generator) is run to its end here too, on the
+    worker thread, not later on the trio thread."""
+    result = func(*args)
+    return tuple(result) if isinstance(result, Iterator) else result
 
 
 # -- the registry --------------------------------------------------------------------------------

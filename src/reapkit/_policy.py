@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import resource
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 
@@ -43,6 +44,10 @@ DEFAULT_POLICY: Final = """\
 # is left (PSI alone kills with plenty free: nohang #25). Choose by the kernel's oom_score,
 # protecting what keeps the machine reachable; SIGTERM with a grace period, then SIGKILL,
 # then reap the victim's memory with process_mrelease.
+# A process chooses its own comm: a name protects only a process that also runs as a system
+# account (uid 0-999, SYS_UID_MAX in /etc/login.defs), which no user can take. The graphical
+# session is protected by executable path (reading another user's /proc/<pid>/exe needs
+# CAP_SYS_PTRACE: without it those processes are not protected).
 
 [reaper.reap]
 threads = 2
@@ -54,8 +59,11 @@ scope = "system"
 select = [
   { name = "protect", comm = [
       "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
-      "^(Xorg|Xwayland|gnome-shell|kwin_wayland|kwin_x11|sway|pipewire|wireplumber|pulseaudio)$",
       "^(apt|apt-get|dpkg|dnf|yum|rpm|pacman|zypper)$",
+  ], require = { uid = ["0-999"] } },
+  { name = "protect", exe = [
+      "^/usr/(bin|lib/xorg)/(Xorg|Xwayland|gnome-shell|kwin_wayland|kwin_x11|sway)$",
+      "^/usr/bin/(pipewire|wireplumber|pulseaudio)$",
   ] },
   "oom-score",
 ]
@@ -70,7 +78,7 @@ scope = "system"
 select = [
   { name = "protect", comm = [
       "^(systemd|systemd-.*|init|sshd|dbus-daemon|dbus-broker|journald|udevd)$",
-  ] },
+  ], require = { uid = ["0-999"] } },
   "oom-score",
 ]
 actions = ["kill", "reap"]
@@ -128,6 +136,21 @@ class Policy:
         return any(a.name == "reap" for r in self.rules for a in r.actions)
 
 
+#: The largest policy file read: a policy is a few KiB.
+MAX_POLICY_BYTES: Final = 1 << 20
+#: The most ``oom_score`` files ``keep_score_files`` may keep open (the kernel's nr_open).
+MAX_KEPT_FILES: Final = 1 << 20
+
+
+def _action_time(action: Action, option: str) -> float | None:
+    """How long a built-in action may wait inside its call: terminate's ``grace`` (SIGKILL must
+    follow within the deadline) and a hook's ``timeout``."""
+    if action.name in ("terminate", "prekill-hook"):
+        value = getattr(action.options, option, None)
+        return value if isinstance(value, float) else None
+    return None
+
+
 _RULE_KEYS: Final = frozenset(
     {
         "name", "when", "scope", "cgroup", "select", "actions", "cooldown", "victim_timeout",
@@ -146,32 +169,49 @@ def load_policy(
     procfs: ProcFS | None = None,
     scope: Scope | None = None,
     when: Sequence[str] | None = None,
+    require_trusted: bool = False,
 ) -> Policy:
     """Load a policy file (or ``text``; the embedded default when neither is given).
 
     ``dry_run=True`` forces dry-run whatever the file says. ``scope`` confines every rule to
     that scope (``reapkit run --scope``: trying a system-wide policy on one cgroup); ``when``
     replaces every rule's conditions (tests use ``[]``: act only when triggered by hand).
-    Raises :class:`PolicyError`.
+    ``require_trusted=True`` (the daemon): when running as root, refuse a file that another
+    user could change (:func:`check_policy_trust`).
+    Raises :class:`PolicyError`, and nothing else, whatever the input.
     """
     registry = registry or default_registry
     ensure_registered(registry)
     if path is not None:
         source = os.fspath(path)
+        if require_trusted and os.geteuid() == 0:
+            check_policy_trust(source)
         try:
             with open(source, "rb") as f:
-                data = tomllib.load(f)
+                raw = f.read(MAX_POLICY_BYTES + 1)
         except OSError as exc:
             raise PolicyError(source, "", f"cannot read it: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(source, "", f"not valid TOML: {exc}") from None
+        if len(raw) > MAX_POLICY_BYTES:
+            raise PolicyError(source, "", f"larger than {MAX_POLICY_BYTES >> 20} MiB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                source, "", f"not UTF-8 text: byte {exc.start} ({raw[exc.start : exc.end]!r})"
+            ) from None
     else:
         source = "<policy text>" if text is not None else "<default policy>"
-        try:
-            data = tomllib.loads(text if text is not None else DEFAULT_POLICY)
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(source, "", f"not valid TOML: {exc}") from None
-    policy = _build(data, source, dry_run, registry, procfs or ProcFS())
+    try:
+        data = tomllib.loads(text if text is not None else DEFAULT_POLICY)
+        policy = _build(data, source, dry_run, registry, procfs or ProcFS())
+    except PolicyError:
+        raise
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(source, "", f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(source, "", "nested too deeply") from None
+    except Exception as exc:  # a gap in validation: still the documented error, never a crash
+        raise PolicyError(source, "", f"cannot be validated: {type(exc).__name__}: {exc}") from exc
     if scope is None and when is None:
         return policy
     rules = []
@@ -192,6 +232,52 @@ def load_policy(
                 raise PolicyError(source, "when (override)", str(exc)) from None
         rules.append(attrs.evolve(rule, guard=guard, when=conditions))
     return attrs.evolve(policy, rules=tuple(rules))
+
+
+def check_policy_trust(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`PolicyError` unless no user but root can change the policy at ``path``.
+
+    Like sshd's ``StrictModes``: the file and every directory above it (as written, and after
+    symlinks are resolved) must be owned by root and not writable by group or others. A
+    directory writable by others is accepted only with the sticky bit (``/tmp``): there, only
+    the owner of an entry (root, as every entry on the path must be) can rename or remove it.
+    """
+    source = os.fspath(path)
+    absolute = os.path.abspath(source)
+    for chain in (absolute, os.path.realpath(absolute)):
+        entry = chain
+        while True:
+            try:
+                st = os.stat(entry)
+            except OSError as exc:
+                raise PolicyError(source, "", f"cannot check {entry}: {exc.strerror}") from None
+            problem = _untrusted(st, is_file=entry == chain)
+            if problem:
+                raise PolicyError(
+                    source,
+                    "",
+                    f"not trusted: {entry} {problem}. Running as root, reapkit loads only a"
+                    " policy that no other user can change: chown root and chmod go-w the file"
+                    " and the directories above it",
+                )
+            parent = os.path.dirname(entry)
+            if parent == entry:
+                break
+            entry = parent
+
+
+def _untrusted(st: os.stat_result, *, is_file: bool) -> str:
+    if st.st_uid != 0:
+        return f"is owned by uid {st.st_uid}, not root"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and (is_file or not st.st_mode & stat.S_ISVTX):
+        who = (
+            "group and others"
+            if writable == stat.S_IWGRP | stat.S_IWOTH
+            else ("its group" if writable == stat.S_IWGRP else "others")
+        )
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def _build(
@@ -226,6 +312,8 @@ def _build(
             f"{keep} files (+{FILES_SPARE} spare) exceed the open-file limit (RLIMIT_NOFILE"
             f" hard limit {hard}; systemd: LimitNOFILE=)",
         )
+    if keep > MAX_KEPT_FILES:
+        raise fail("reaper.keep_score_files", f"at most {MAX_KEPT_FILES}, not {keep}")
     if force_dry_run:
         dry_run = True
     reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
@@ -233,22 +321,27 @@ def _build(
     for key in reap_table:
         if key not in keys:
             raise fail(f"reaper.reap.{key}", f"unknown key (keys: {', '.join(keys)})")
+    cpus = reap_table.get("cpus")
+    if cpus is not None and not (
+        isinstance(cpus, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in cpus)
+    ):
+        raise fail("reaper.reap.cpus", f"expected a list of CPU numbers such as [1], not {cpus!r}")
     reap = ReapOptions(**reap_table)
-    if reap.cpus is not None:
+    try:  # validate now, with the key path, not first when the reaper starts
+        settings = reap.settings()
+    except (InvalidValue, TypeError, ValueError) as exc:
+        message = str(exc)
+        key = next((k for k in keys if message.startswith(k)), "")
+        raise fail(f"reaper.reap.{key}" if key else "reaper.reap", message) from None
+    if settings.cpus is not None:
         available = os.sched_getaffinity(0)
-        missing = sorted(set(reap.cpus) - available)
+        missing = sorted(settings.cpus - available)
         if missing:
             raise fail(
                 "reaper.reap.cpus",
                 f"CPU {', '.join(map(str, missing))} not available here"
                 f" (available: {', '.join(map(str, sorted(available)))})",
             )
-    try:  # validate now, with the key path, not first when the reaper starts
-        reap.settings()
-    except (InvalidValue, TypeError, ValueError) as exc:
-        message = str(exc)
-        key = next((k for k in keys if message.startswith(k)), "")
-        raise fail(f"reaper.reap.{key}" if key else "reaper.reap", message) from None
     rules_data = data.get("rule")
     if not isinstance(rules_data, list) or not rules_data:
         raise fail("rule", "expected at least one [[rule]]")
@@ -326,6 +419,19 @@ def _rule(
     for key in ("victim_timeout", "kill_window", "plugin_deadline", "action_deadline"):
         if key in timing and timing[key] <= 0:
             raise fail(f"{where}.{key}", "must be longer than 0s")
+    deadline = cast(
+        float, timing.get("action_deadline", attrs.fields(Rule).action_deadline.default)
+    )
+    for j, action in enumerate(actions):
+        for option in ("grace", "timeout"):
+            needed = _action_time(action, option)
+            if needed is not None and needed >= deadline:
+                raise fail(
+                    f"{where}.actions[{j}].{option}",
+                    f"{action.name}'s {option} of {needed:g}s does not fit in the rule's"
+                    f" action_deadline of {deadline:g}s (over by {needed - deadline:g}s at least):"
+                    f" raise action_deadline above {needed:g}s or shorten {option}",
+                )
     if "max_kills" in table:
         timing["max_kills"] = _typed(table["max_kills"], int, f"{where}.max_kills", fail)
         if timing["max_kills"] < 1:
@@ -355,6 +461,8 @@ def _scope(raw: Any, where: str, procfs: ProcFS, fail: Any) -> Scope:
             raise fail(f"{where}.cgroup", str(exc)) from None
     if isinstance(raw, Mapping) and set(raw) == {"subtree"}:
         pid = _typed(raw["subtree"], int, f"{where}.subtree", fail)
+        if pid <= 0:
+            raise fail(f"{where}.subtree", f"expected a process id, not {pid}")
         try:
             return SubtreeScope(pid, procfs.stat(pid).start_time)
         except NoSuchProcess:
@@ -375,7 +483,7 @@ def _plugin(raw: Any, where: str, kind: str, registry: PluginRegistry, fail: Any
     except PluginError as exc:
         key = f"{where}.{exc.option}" if exc.option else where
         raise fail(key, str(exc)) from None
-    except (InvalidValue, TypeError, ValueError) as exc:
+    except Exception as exc:  # a plugin's own options code: anything it raises is a bad value
         raise fail(where, f"plugin {name!r}: {exc}") from None
     if not isinstance(instance, Selector | Action | Observer | Trigger):  # pragma: no cover
         raise fail(where, f"{name!r} is not a {kind}")

@@ -40,6 +40,7 @@ log = logging.getLogger("reapkit.procfs")
 
 __all__ = [
     "FILES_SPARE",
+    "PF_EXITING",
     "PF_KTHREAD",
     "CgroupEntry",
     "KeptScoreFiles",
@@ -63,6 +64,8 @@ __all__ = [
 
 PF_KTHREAD = 0x00200000
 """``task_struct.flags`` bit of a kernel thread (include/linux/sched.h), ``stat`` field 9."""
+PF_EXITING = 0x00000004
+"""``task_struct.flags`` bit set at the start of ``do_exit()``, before the exit event is sent."""
 
 # 2**64 - 1 has 20 digits. The cap also keeps garbage far below int()'s 4300-digit limit, whose
 # ValueError would otherwise leak out of the parsers.

@@ -96,9 +96,13 @@ def _to_cpus(value: Iterable[int] | None) -> frozenset[int] | None:
         raise InvalidValue(f"cpus must be a set of CPU numbers, not {value!r}") from None
 
 
+#: The most reaper threads a stage may have (lmkd runs 2; each is an OS thread and a stack).
+MAX_THREADS: Final = 64
+
+
 def _check_threads(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
-    if not _is_int(value) or value < 1:
-        raise InvalidValue(f"threads must be an integer >= 1, not {value!r}")
+    if not _is_int(value) or not 1 <= value <= MAX_THREADS:
+        raise InvalidValue(f"threads must be an integer within 1..{MAX_THREADS}, not {value!r}")
 
 
 def _check_cpus(
@@ -119,7 +123,7 @@ def _check_nice(_inst: object, _attr: attrs.Attribute[int | None], value: int | 
 
 
 def _check_policy(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if value not in _POLICIES:
+    if not isinstance(value, str) or value not in _POLICIES:
         raise InvalidValue(f"policy must be one of {', '.join(_POLICIES)}, not {value!r}")
 
 

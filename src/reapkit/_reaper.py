@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import resource
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import attrs
@@ -23,7 +22,7 @@ import trio
 from ._conditions import MemoryCondition, PressureCondition
 from ._engine import Engine, EngineStatistics, ManualTrigger
 from ._guard import CgroupScope
-from ._plugins import Trigger
+from ._plugins import Plugin, PluginCalls, Trigger, describe, isolated
 from ._policy import Policy
 from ._procfs import FILES_SPARE, ProcFS
 from ._reap import ReapStage
@@ -44,6 +43,21 @@ RECORD_BUFFER = 256
 OBSERVER_DEADLINE = 2.0
 
 
+@attrs.define
+class OutputCounters:
+    """What a program's own records file and log lost, counted by their writers (those of
+    ``reapkit run``) and reported by :meth:`Reaper.statistics`. Pass one as ``output=``."""
+
+    #: Writes to the records file that failed (ENOSPC, EIO, ...); the records are retried.
+    records_write_errors: int = 0
+    #: Records never written: the retry buffer overflowed (oldest first), or the end came.
+    records_lost: int = 0
+    #: Records left out by the rate limit (a "suppressed" line counts them in the file).
+    records_suppressed: int = 0
+    #: Log lines dropped because stderr did not take them (a stalled journal).
+    log_lines_dropped: int = 0
+
+
 @attrs.frozen
 class ReaperStatistics:
     """A snapshot of the whole reaper."""
@@ -58,6 +72,13 @@ class ReaperStatistics:
     #: Events whose handling raised (logged with the traceback; the reaper went on).
     event_failures: int
     policy: str
+    #: Observers switched off for overrunning their deadline again and again.
+    observers_disabled: int = 0
+    #: From the ``output`` counters (zero without them): see :class:`OutputCounters`.
+    records_write_errors: int = 0
+    records_lost: int = 0
+    records_suppressed: int = 0
+    log_lines_dropped: int = 0
 
 
 @attrs.define(eq=False)
@@ -78,6 +99,9 @@ class Reaper:
     _restart_sources: trio.Event = attrs.field(factory=trio.Event)
     #: Observers of the policy the reaper started with (not reloaded).
     _observers: tuple[Any, ...] = attrs.field(default=())
+    #: Calls the observers (deadlines, worker threads, switching off).
+    _observer_calls: PluginCalls = attrs.field(factory=PluginCalls)
+    _output: OutputCounters = attrs.field(factory=OutputCounters)
 
     @property
     def policy(self) -> Policy:
@@ -88,6 +112,9 @@ class Reaper:
 
         async with reaper.records() as records:
             async for record in records: ...
+
+        For every record from the first decision on, pass a channel as ``serve_reaper(...,
+        records=[send])`` instead: this one is subscribed once the reaper already runs.
         """
         send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
         self._subscribers.append(send)
@@ -104,6 +131,8 @@ class Reaper:
             observer_failures=self._observer_failures,
             event_failures=self._event_failures,
             policy=self._policy.source,
+            observers_disabled=self._observer_calls.switched_off,
+            **attrs.asdict(self._output),
         )
 
     async def trigger(self, reason: str) -> None:
@@ -140,17 +169,21 @@ class Reaper:
         await self._tell_observers("on_warning", warning)
 
     async def _tell_observers(self, method: str, item: object) -> None:
-        """Call every observer under a deadline; one that raises or overruns is logged and
-        counted, and the others still hear."""
+        """Call every observer (not switched off); the others still hear when one fails."""
         for observer in self._observers:
-            try:
-                with trio.fail_after(OBSERVER_DEADLINE):
-                    result = getattr(observer, method)(item)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception as exc:
-                self._observer_failures += 1
-                log.warning("observer %s.%s failed: %r", observer.name, method, exc)
+            if self._observer_calls.is_on(observer):
+                await self._call_observer(observer, method, item, OBSERVER_DEADLINE)
+
+    async def _call_observer(
+        self, observer: Plugin, method: str, arg: object, deadline: float
+    ) -> None:
+        """``observer.<method>(arg)`` under ``deadline``, sync code on a worker thread of its
+        own; whatever it raises, or an overrun, is logged and counted."""
+        with isolated() as failed:
+            await self._observer_calls.call(observer, method, arg, deadline=deadline)
+        if failed.error is not None:
+            self._observer_failures += 1
+            log.warning("observer %s.%s failed: %s", observer.name, method, describe(failed.error))
 
 
 def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
@@ -175,21 +208,27 @@ async def serve_reaper(
     procfs: ProcFS | None = None,
     live_table: bool = True,
     stop_timeout: float = 5.0,
+    records: Iterable[trio.MemorySendChannel[KillRecord]] = (),
+    output: OutputCounters | None = None,
     task_status: trio.TaskStatus[Reaper] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a reaper until cancelled; ``task_status.started(reaper)`` once it is fully up.
 
     ``live_table=False`` skips the proc-connector process table (candidates then come from a
     ``/proc`` scan per decision, or from the rule's cgroup). ``stop_timeout`` bounds how long
-    cancellation waits for the reap threads.
+    cancellation waits for the reap threads. ``records``: channels subscribed before the
+    first event is handled, like :meth:`Reaper.records`; the reaper closes them when it has
+    stopped. ``output``: counters of the caller's own records file and log, for
+    :meth:`Reaper.statistics`.
     """
     procfs = procfs or ProcFS()
     send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
-    subscribers: list[trio.MemorySendChannel[KillRecord]] = []
+    subscribers = list(records)
     try:
         await _serve(
-            policy, procfs, live_table, stop_timeout, send, receive, subscribers, task_status
-        )
+            policy, procfs, live_table, stop_timeout, send, receive, subscribers, output,
+            task_status,
+        )  # fmt: skip
     finally:
         # After every task ended, so records emitted while stopping still reach them;
         # iterating records() then ends with the reaper.
@@ -205,6 +244,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
     send: trio.MemorySendChannel[object],
     receive: trio.MemoryReceiveChannel[object],
     subscribers: list[trio.MemorySendChannel[KillRecord]],
+    output: OutputCounters | None,
     task_status: trio.TaskStatus[Reaper],
 ) -> None:
     async with send, receive, trio.open_nursery() as nursery:
@@ -223,7 +263,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(
                 policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
-                observers=policy.observers,
+                observers=policy.observers, output=output or OutputCounters(),
             )  # fmt: skip
             engine.emit = reaper._emit
             engine.notify = reaper._warn
@@ -233,7 +273,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
                 log.warning("could not open the oom_score files to keep: %r", exc)
             for observer in policy.observers:
                 if observer.attach is not None:
-                    observer.attach(reaper)
+                    await reaper._call_observer(observer, "attach", reaper, TRIGGER_START_DEADLINE)
                 if observer.serve is not None:
                     await _start_isolated(nursery, observer, reaper)
             await nursery.start(_run_sources, reaper, procfs, send.clone())
@@ -302,7 +342,7 @@ async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
 
     async def guarded(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        try:
+        with isolated() as failed:  # TooSlowError, or whatever the plugin raised (SystemExit)
             async with trio.open_nursery() as inner:
                 with trio.fail_after(TRIGGER_START_DEADLINE):  # only the start is bounded
                     if isinstance(plugin, Trigger):
@@ -311,8 +351,9 @@ async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
                         await inner.start(plugin.serve)
                 started = True
                 task_status.started()
-        except Exception as exc:  # TooSlowError, or whatever the plugin raised
-            log.warning("%s plugin %s failed and was dropped: %r", plugin.kind, plugin.name, exc)
+        if failed.error is not None:
+            why = describe(failed.error)
+            log.warning("%s plugin %s failed and was dropped: %s", plugin.kind, plugin.name, why)
             if not started:
                 task_status.started()
 
@@ -327,11 +368,11 @@ async def _decide(
 ) -> None:
     async with receive:
         async for event in receive:
-            try:
+            with isolated() as failed:  # one bad event (a bug, a plugin) must not end the reaper
                 await engine.handle(event, nursery)
-            except Exception:  # one bad event (a bug, a plugin) must not end the reaper
+            if failed.error is not None:
                 reaper._event_failures += 1
-                log.exception("handling %r failed; the reaper goes on", event)
+                log.error("handling %r failed; the reaper goes on", event, exc_info=failed.error)
 
 
 @contextlib.asynccontextmanager

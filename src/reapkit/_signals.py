@@ -28,8 +28,11 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def interrupt_on_termination() -> None:
+def interrupt_on_termination(*, hangup: bool = True) -> None:
     """Make SIGTERM and SIGHUP raise KeyboardInterrupt, like SIGINT: ``kill``, ``systemctl
-    stop`` and a closed terminal then run the same ``finally`` blocks as Ctrl-C."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
+    stop`` and a closed terminal then run the same ``finally`` blocks as Ctrl-C.
+
+    ``hangup=False`` (the daemon, which reloads on SIGHUP once it runs): SIGHUP is ignored
+    instead, until the daemon's own signal receiver takes it over."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt if hangup else signal.SIG_IGN)

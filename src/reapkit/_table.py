@@ -6,11 +6,12 @@ removes the process, an exec or a name change marks it changed. Hot attributes (
 ``oom_score``, ...) are deliberately *not* kept: they go stale at once, so victim selection
 reads them from ``/proc`` when it needs them. An entry is a pid and its parent, nothing more.
 
-What "exists" means: a process that has not exited. A zombie has exited (the kernel sends the
-exit event before the task becomes a zombie) and has no memory to free, so scans leave out
-``/proc`` entries in state ``Z`` or ``X``. This matters for correctness, not only for size: a
-zombie found by a scan whose exit event came earlier would otherwise stay in the table forever
-(its reaping sends no event).
+What "exists" means: a process that has not begun to exit. The kernel sends the exit event
+once the process has set ``PF_EXITING`` and before it becomes a zombie, and an exiting process
+is no candidate (the guard refuses it), so scans leave out ``/proc`` entries in state ``Z`` or
+``X`` or with ``PF_EXITING``. This matters for correctness, not only for size: a zombie found
+by a scan whose exit event came earlier would otherwise stay in the table forever (its reaping
+sends no event).
 
 Known limit, from the kernel's events: a process whose leader thread exited first
 (``pthread_exit`` in ``main``) while other threads run on is reported gone at the leader's
@@ -21,9 +22,12 @@ event, so keeping it would leak the entry.)
 Races and ordering. :meth:`ProcessTable.serve` subscribes *before* the seed scan, so a fork
 between the scan and the subscription cannot be missed; the events queued meanwhile are
 applied after the scan, in kernel order, and applying them again to a state that already
-includes them is harmless (a fork sets the entry, an exit removes it if present). The same
-holds for the rescan after the kernel dropped events (``ENOBUFS``): the events received after
-the loss are applied after the rescan.
+includes them is harmless (a fork sets the entry, an exit removes it if present). After the
+kernel dropped events (``ENOBUFS``) it still delivers what it had buffered *before* the loss,
+possibly after the rescan: a fork whose exit was dropped would then add a process long gone.
+So an event the kernel stamped before the last scan began is ignored: the scan already shows
+its effect (a forked child is visible before its fork event is sent; a process whose exit
+event was sent is exiting, a zombie or gone, all left out).
 
 Without the connector (no ``CAP_NET_ADMIN`` before Linux 6.6, not in the initial namespaces,
 netlink blocked) the table says so once (a warning on the ``reapkit.table`` logger) and works
@@ -43,13 +47,11 @@ import attrs
 import trio
 
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
-from ._procfs import ProcFS
+from ._procfs import PF_EXITING, ProcFS
 from ._sources.proc_connector import (
-    ProcComm,
     ProcConnectorSource,
     ProcEvent,
     ProcEventsLost,
-    ProcExec,
     ProcExit,
     ProcFork,
 )
@@ -105,6 +107,8 @@ class ProcessTable:
     # Events were lost and no rescan happened since: rescan before the next read.
     _stale: bool = attrs.field(default=False, init=False)
     _last_scan: float = attrs.field(default=-math.inf, init=False)
+    # CLOCK_MONOTONIC ns when the last scan began: events the kernel sent earlier are in it.
+    _scanned_ns: int = attrs.field(default=0, init=False)
     _warned: bool = attrs.field(default=False, init=False)
     _events_seen: int = attrs.field(default=0, init=False)
     _overruns: int = attrs.field(default=0, init=False)
@@ -170,6 +174,12 @@ class ProcessTable:
         or at the end of the current batch of events when served (one rescan per burst of
         losses, not one per loss).
         """
+        if isinstance(event, ProcEventsLost):
+            self._overruns += 1
+            self._stale = True
+            return
+        if 0 < event.kernel_ns < self._scanned_ns:
+            return  # sent before the last scan began: the scan shows its effect
         # Most frequent first: a storm is forks, execs and exits.
         if isinstance(event, ProcExit):
             self._events_seen += 1
@@ -179,15 +189,12 @@ class ProcessTable:
             self._events_seen += 1
             self._parents[event.child_pid] = event.parent_pid
             self._changed.add(event.child_pid)
-        elif isinstance(event, ProcExec | ProcComm):
+        else:
             self._events_seen += 1
             # Unknown here only if its fork was lost or predates the table: the process
             # exists (it just acted), its parent is unknown.
             self._parents.setdefault(event.pid, 0)
             self._changed.add(event.pid)
-        elif isinstance(event, ProcEventsLost):
-            self._overruns += 1
-            self._stale = True
 
     def resync(self) -> None:
         """Rescan ``/proc`` now and replace the table with what it found; counted as a resync."""
@@ -203,6 +210,7 @@ class ProcessTable:
         """Every live process and its parent, from ``/proc/<pid>/stat``."""
         procfs = self.procfs
         found: dict[int, int] = {}
+        self._scanned_ns = time.monotonic_ns()
         for pid in procfs.pids():
             try:
                 stat = procfs.stat(pid)
@@ -211,7 +219,7 @@ class ProcessTable:
             except (AccessDenied, ProcFormatError):
                 found[pid] = 0  # it exists; its parent is unknown
                 continue
-            if stat.state not in _DEAD_STATES:
+            if stat.state not in _DEAD_STATES and not stat.flags & PF_EXITING:
                 found[pid] = stat.ppid
         self._last_scan = time.monotonic()
         return found

@@ -3,6 +3,7 @@ trigger specs (``"memory some 150ms/2s"``)."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Final, Literal
 
@@ -38,9 +39,10 @@ PSI_UNPRIVILEGED_WINDOW_US: Final = 2_000_000
 
 
 def parse_duration(text: str | float) -> float:
-    """``"150ms"``, ``"2s"``, ``"1.5s"``, ``"500us"``, ``"1m"`` → seconds (a bare number too)."""
+    """``"150ms"``, ``"2s"``, ``"1.5s"``, ``"500us"``, ``"1m"`` → seconds (a bare number too).
+    Always finite and not negative: ``nan``, ``inf`` and ``-5`` are :class:`InvalidValue`."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        value, unit = float(text), "s"
+        value, unit = (float(text) if abs(text) < 1e300 else math.inf), "s"
     else:
         match = _NUMBER_UNIT.fullmatch(str(text))
         if not match or match.group(2).lower() not in (*_DURATION_UNITS, ""):
@@ -49,7 +51,10 @@ def parse_duration(text: str | float) -> float:
                 " (e.g. '150ms', '2s')"
             )
         value, unit = float(match.group(1)), match.group(2).lower() or "s"
-    return value * _DURATION_UNITS[unit]
+    seconds = value * _DURATION_UNITS[unit]
+    if not 0 <= seconds < math.inf:  # nan fails both
+        raise InvalidValue(f"{text!r} is not a usable duration: it must be finite and not negative")
+    return seconds
 
 
 @attrs.frozen
@@ -88,7 +93,10 @@ def parse_size(text: str | int) -> Size:
         if not 0 <= value <= 100:
             raise InvalidValue(f"{text!r} is not a percentage within 0..100")
         return Size(percent=value)
-    return Size(bytes=int(value * _SIZE_UNITS[unit]))
+    size = value * _SIZE_UNITS[unit]
+    if not size < math.inf:
+        raise InvalidValue(f"{text!r} is not a size: too large")
+    return Size(bytes=int(size))
 
 
 @attrs.frozen

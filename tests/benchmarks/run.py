@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (
+    bench_chaos,
     bench_connector,
     bench_footprint,
     bench_pipeline,
@@ -34,6 +35,7 @@ BENCHMARKS = (
     bench_pipeline,
     bench_reaction,
     bench_footprint,
+    bench_chaos,
 )
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 PLOTS = REPORT.parent / "benchmarks"

@@ -32,7 +32,7 @@ from reapkit._fakeproc import FakeProc
 from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import CgroupMount, Probe, ProcFS
 
-from ..conftest import Spawn, need
+from ..conftest import Spawn, need, run_in_pid_namespace
 
 pytestmark = pytest.mark.kernel
 
@@ -135,6 +135,54 @@ def test_kernel_threads_are_refused() -> None:
         with ProcessRef.open(pid) as ref, pytest.raises(KillRefused) as info:
             guard.send_signal(ref, 0)
         assert info.value.refusal.reason is RefusalReason.KERNEL_THREAD
+
+
+#: Run as PID 1 of a new PID namespace: PID 2 is a shell, PID 3 its child; what the guard
+#: says of each, scoped to the shell's sub-tree.
+PID_2_IN_A_NAMESPACE = r"""
+import json, os, subprocess, time
+from reapkit import KillGuard, ProcessRef, SubtreeScope
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write("1")
+shell = subprocess.Popen(["sh", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE)
+child = int(shell.stdout.readline())
+with ProcessRef.open(shell.pid) as root:
+    guard = KillGuard(SubtreeScope.of(root))
+stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+out = {"shell": shell.pid, "child": child, "child_ppid": int(stat[1])}
+for name, pid in [("shell", shell.pid), ("child", child), ("init", 1)]:
+    refusal = guard.check(pid, None)
+    out[name + "_refusal"] = refusal and refusal.reason.value
+os.kill(child, 9)
+shell.kill()
+shell.wait()
+print(json.dumps(out))
+"""
+
+
+def test_in_a_pid_namespace_pid_2_and_its_children_are_ordinary_processes() -> None:
+    seen = run_in_pid_namespace(PID_2_IN_A_NAMESPACE)
+    assert (seen["shell"], seen["child_ppid"]) == (2, 2)
+    assert seen["shell_refusal"] is None
+    assert seen["child_refusal"] is None
+    assert seen["init_refusal"] == "pid-1"  # the namespace's init: its death ends them all
+
+
+#: Run as PID 1 of a new PID namespace whose /proc is still the host's: the reaper's PID there
+#: is not its getpid(), so nothing /proc says names what a pidfd would reach.
+FOREIGN_PROC = r"""
+import json, os
+from reapkit import KillGuard, SystemScope
+me = int(os.readlink("/proc/self"))
+refusal = KillGuard(SystemScope()).check(me, None)
+print(json.dumps({"getpid": os.getpid(), "me": me, "refusal": refusal and refusal.reason.value}))
+"""
+
+
+def test_a_proc_of_another_pid_namespace_refuses_everything() -> None:
+    seen = run_in_pid_namespace(FOREIGN_PROC, mount_proc=False)
+    assert seen["getpid"] == 1 and seen["me"] != 1
+    assert seen["refusal"] == "foreign-pid-namespace"
 
 
 def _kthread(procfs: ProcFS, pid: int) -> bool:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import attrs
@@ -99,9 +100,9 @@ async def test_fork_exec_exit_of_a_child(
 
     mine = [e for e in events if about(e, child.pid)]
     fork, *execs, end = mine
-    assert fork == ProcFork(fork.timestamp, parent_pid=os.getpid(), child_pid=child.pid)
+    assert fork == ProcFork(fork.timestamp, os.getpid(), child.pid, fork.kernel_ns)
     # The spawn trampoline (python) execs, then sh.
-    assert execs == [ProcExec(e.timestamp, child.pid) for e in execs]
+    assert execs == [ProcExec(e.timestamp, child.pid, e.kernel_ns) for e in execs]
     assert len(execs) == 2
     assert isinstance(end, ProcExit)
     assert os.waitstatus_to_exitcode(end.exit_code) == 3
@@ -109,6 +110,9 @@ async def test_fork_exec_exit_of_a_child(
     times = [e.timestamp for e in mine]
     assert times == sorted(times)
     assert all(isinstance(t, float) for t in times)
+    # The kernel's own stamps are on the clock of time.monotonic_ns(), in kernel order.
+    stamps = [e.kernel_ns for e in mine]
+    assert stamps == sorted(stamps) and 0 < stamps[0] < time.monotonic_ns()
 
 
 async def test_threads_are_not_processes(spawn: Spawn, memory_cgroup: SandboxCgroup) -> None:

@@ -6,9 +6,12 @@ pipeline except the signal itself: how policy authors test a policy without kill
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,10 +24,19 @@ from reapkit import KillGuard, SystemScope
 from reapkit._conditions import parse_condition
 from reapkit._engine import Engine, ManualTrigger, Rule
 from reapkit._fakeproc import FakeProc
-from reapkit._plugins import Action, Ranked, Selector, Situation
+from reapkit._plugins import (
+    OVERRUNS_TO_SWITCH_OFF,
+    Action,
+    Candidate,
+    Ranked,
+    Selector,
+    Situation,
+    isolated,
+)
 from reapkit._records import KillRecord
 from reapkit._sources.memory import MemoryEvent
 from reapkit._sources.psi import PressureEvent
+from reapkit.builtin.selectors import Protect, Scope
 from reapkit.lowlevel import ProcFS
 
 GiB = 1 << 30
@@ -249,6 +261,23 @@ async def test_no_candidate_in_scope_is_recorded(
     assert engine.statistics().no_candidate == 1
 
 
+@contextlib.asynccontextmanager
+async def ticking() -> AsyncIterator[list[int]]:
+    """Count the loop's 10 ms ticks while the block runs (in ``[0]``): a stalled loop counts
+    none."""
+    ticks = [0]
+
+    async def heartbeat() -> None:
+        while True:
+            await trio.sleep(0.01)
+            ticks[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat)
+        yield ticks
+        nursery.cancel_scope.cancel()
+
+
 class BlocksSync(Selector):
     """A third-party sync selector that blocks: run on a worker thread, under the deadline."""
 
@@ -259,26 +288,29 @@ class BlocksSync(Selector):
         return list(candidates)
 
 
-async def test_a_blocking_sync_selector_cannot_stall_the_loop(fake: FakeProc) -> None:
+class BlocksInGenerator(Selector):
+    """Blocks only once its result is iterated: that too happens on the worker thread."""
+
+    name: ClassVar[str] = "test-blocks-in-generator"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Any:
+        time.sleep(5)
+        yield from candidates
+
+
+@pytest.mark.parametrize("blocking", [BlocksSync, BlocksInGenerator])
+async def test_a_blocking_sync_selector_cannot_stall_the_loop(
+    fake: FakeProc, blocking: type[Selector]
+) -> None:
     # Real clock (a worker thread is involved). The loop keeps ticking meanwhile.
-    ticks = 0
-
-    async def heartbeat() -> None:
-        nonlocal ticks
-        while True:
-            await trio.sleep(0.01)
-            ticks += 1
-
-    rule = _rule(fake, BlocksSync(), plugin_deadline=0.3)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(heartbeat)
+    rule = _rule(fake, blocking(), plugin_deadline=0.3)
+    async with ticking() as ticks:
         started = trio.current_time()
         records, engine = await _run(fake, [rule], [_pressure()])
         elapsed = trio.current_time() - started
-        nursery.cancel_scope.cancel()
     (record,) = records
     assert record.victim is not None and record.victim.pid == 600  # the fallback chose
-    assert elapsed < 2 and ticks >= 10
+    assert elapsed < 2 and ticks[0] >= 10
     assert engine.statistics().plugin_failures == 1
 
 
@@ -349,3 +381,257 @@ async def test_previews_read_afresh_and_rules_share_one_read_per_event(
 
 async def _ignore(_record: KillRecord) -> None:
     return None
+
+
+# -- plugin faults (issue 11): isolation, immutable views, failing safe, the action chain ------
+
+#: What a plugin may raise besides Exception: none of it may end a decision, let alone the reaper.
+NOT_EXCEPTIONS = [
+    SystemExit(0),
+    SystemExit(3),
+    GeneratorExit(),
+    BaseExceptionGroup("plugin", [SystemExit(1), RuntimeError("bug")]),
+]
+NOT_EXCEPTION_IDS = ["exit-0", "exit-3", "generator-exit", "group"]
+
+
+class RaisesThis(Selector):
+    name: ClassVar[str] = "test-raises-this"
+    inline: ClassVar[bool] = True
+    exc: BaseException = RuntimeError("plugin bug")
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        raise self.exc
+
+
+def _raising(exc: BaseException) -> RaisesThis:
+    sel = RaisesThis()
+    sel.exc = exc
+    return sel
+
+
+@pytest.mark.parametrize("exc", NOT_EXCEPTIONS, ids=NOT_EXCEPTION_IDS)
+async def test_a_selector_raising_anything_falls_back(
+    fake: FakeProc, exc: BaseException, autojump_clock: trio.testing.MockClock
+) -> None:
+    records, engine = await _run(fake, [_rule(fake, Smallest(), _raising(exc))], [_pressure()])
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 600
+    assert record.selectors[-1].selector == "fallback-oom-score"
+    assert engine.statistics().plugin_failures == 1
+
+
+async def test_a_lazy_reason_raising_anything_gives_a_reason_saying_so() -> None:
+    def why(_r: Ranked, _arg: int) -> str:
+        raise SystemExit(0)
+
+    ranked = Ranked.explained(Candidate(7, 1, "x", 1, "S", 0, 0), 1.0, why)
+    assert ranked.reason == "(its reason failed: SystemExit: 0)"
+
+
+async def test_isolation_lets_cancellation_and_ctrl_c_through() -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with isolated() as failed:
+            try:
+                await trio.sleep(1)
+            except trio.Cancelled as cancelled:  # a plugin wrapping it in a group
+                raise BaseExceptionGroup("plugin", [cancelled, SystemExit(0)]) from None
+    assert scope.cancelled_caught and failed.error is None
+    with pytest.raises(KeyboardInterrupt), isolated():
+        raise KeyboardInterrupt
+    with isolated() as failed:
+        raise SystemExit(0)
+    assert isinstance(failed.error, SystemExit)
+
+
+async def test_cancelling_a_decision_is_no_plugin_failure(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    engine = Engine(
+        (_rule(fake, Hangs(), plugin_deadline=100),), emit=_ignore, procfs=ProcFS(fake.root)
+    )
+    with trio.move_on_after(1) as scope:
+        async with trio.open_nursery() as nursery:
+            await engine.handle(_pressure(), nursery)
+    assert scope.cancelled_caught
+    assert engine.statistics().plugin_failures == 0 and engine.statistics().decisions == 1
+
+
+class Smuggles(Selector):
+    """After a filter dropped the browser, tries to bring it back."""
+
+    name: ClassVar[str] = "test-smuggles"
+    inline: ClassVar[bool] = True
+    into_the_list: bool = True
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        browser = Ranked(Candidate.from_info(situation.procfs.process_info(600)), 1e9, "smuggled")
+        if self.into_the_list:  # the list it was given, which the check once compared against
+            candidates.append(browser)  # type: ignore[attr-defined]
+            return sorted(candidates, key=lambda r: -r.score)
+        return [browser, *candidates]
+
+
+@pytest.mark.parametrize("into_the_list", [True, False], ids=["appended", "invented"])
+async def test_a_selector_cannot_smuggle_a_dropped_process_back(
+    fake: FakeProc, into_the_list: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    smuggler = Smuggles()
+    smuggler.into_the_list = into_the_list
+    records, engine = await _run(fake, [_rule(fake, DropsBrowser(), smuggler)], [_pressure()])
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 700  # never the browser
+    assert record.selectors[1].error is not None
+    assert engine.statistics().plugin_failures == 1
+
+
+class ProtectsBrowser(DropsBrowser):
+    name: ClassVar[str] = "test-protects-browser"
+    protective: ClassVar[bool] = True
+
+
+class ProtectiveRaises(Raises):
+    name: ClassVar[str] = "test-protective-raises"
+    protective: ClassVar[bool] = True
+
+
+class ProtectiveHangs(Hangs):
+    name: ClassVar[str] = "test-protective-hangs"
+    protective: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("broken", [ProtectiveRaises(), ProtectiveHangs()], ids=["raises", "hangs"])
+async def test_a_failing_protective_selector_fails_safe(
+    fake: FakeProc, broken: Selector, autojump_clock: trio.testing.MockClock
+) -> None:
+    records, engine = await _run(fake, [_rule(fake, broken, plugin_deadline=0.5)], [_pressure()])
+    (record,) = records
+    assert record.outcome == "failed" and record.victim is None and record.actions == ()
+    assert "failed safe" in record.reason and broken.name in record.reason
+    assert all(s.selector != "fallback-oom-score" for s in record.selectors)
+    assert (engine.statistics().fail_safe, engine.statistics().plugin_failures) == (1, 1)
+
+
+async def test_a_protective_selector_after_a_failure_still_filters_the_fallback(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = _rule(fake, Raises(), Smallest(), ProtectsBrowser())
+    records, _ = await _run(fake, [rule], [_pressure()])
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 700  # browser spared
+    names = [s.selector for s in record.selectors]
+    assert names == ["test-raises", "fallback-oom-score", "test-protects-browser"]
+
+
+def test_the_built_in_filters_are_protective() -> None:
+    assert Protect.protective and Scope.protective and not ByOomScore.protective
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("plugin_deadline", math.nan),
+        ("action_deadline", math.inf),
+        ("victim_timeout", 0.0),
+        ("kill_window", -1.0),
+        ("cooldown", -5.0),
+        ("cooldown", math.inf),
+        ("max_kills", 0),
+    ],
+)
+def test_a_rule_cannot_have_unusable_durations(fake: FakeProc, field: str, value: float) -> None:
+    with pytest.raises((ValueError, TypeError), match=field):
+        _rule(fake, **{field: value})
+    _rule(fake, cooldown=0.0)  # resting 0 s is fine
+
+
+class FailsToStart(Action):
+    """Stands for a prekill hook that cannot start (no such user, EPERM, the pids limit)."""
+
+    name: ClassVar[str] = "test-fails-to-start"
+    exc: BaseException = PermissionError(1, "Operation not permitted")
+
+    async def act(self, context: Any) -> str:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc", [PermissionError(1, "Operation not permitted"), KeyError("nosuchuser"), *NOT_EXCEPTIONS]
+)
+async def test_a_failed_action_that_does_not_signal_does_not_stop_the_kill(
+    fake: FakeProc, exc: BaseException, autojump_clock: trio.testing.MockClock
+) -> None:
+    hook = FailsToStart()
+    hook.exc = exc
+    rule = attrs.evolve(_rule(fake), actions=(hook, KillAction()))
+    records, engine = await _run(fake, [rule], [_pressure()])
+    (record,) = records
+    assert record.outcome == "dry-run" and record.timeline.signal_sent is not None
+    assert [(a.action, a.outcome) for a in record.actions] == [
+        ("test-fails-to-start", "failed"),
+        ("test-kill", "ok"),
+    ]
+    assert engine.statistics().plugin_failures == 1
+
+
+class SignalsAndFails(FailsToStart):
+    name: ClassVar[str] = "test-signals-and-fails"
+    signals: ClassVar[bool] = True
+
+
+async def test_a_failed_signalling_action_ends_the_chain(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = attrs.evolve(_rule(fake), actions=(SignalsAndFails(), KillAction()))
+    records, _ = await _run(fake, [rule], [_pressure()])
+    (record,) = records
+    assert record.outcome == "failed" and "Operation not permitted" in record.reason
+    assert [a.action for a in record.actions] == ["test-signals-and-fails"]
+
+
+class HangsAct(Action):
+    name: ClassVar[str] = "test-hangs-act"
+
+    async def act(self, context: Any) -> str:
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+async def test_a_selector_that_keeps_overrunning_is_switched_off_once(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    rule = _rule(fake, Smallest(), Hangs(), plugin_deadline=0.5, cooldown=0.0)
+    events: list[Any] = []
+    for _ in range(OVERRUNS_TO_SWITCH_OFF + 2):
+        events += [ManualTrigger(0.0, "test"), 1.0]
+    with caplog.at_level(logging.ERROR, "reapkit"):
+        records, engine = await _run(fake, [rule], events)
+    errors = [s.selectors[1].error for s in records]
+    assert errors[:OVERRUNS_TO_SWITCH_OFF] == ["overran its deadline"] * OVERRUNS_TO_SWITCH_OFF
+    assert all("switched off" in (e or "") for e in errors[OVERRUNS_TO_SWITCH_OFF:])
+    assert all(r.victim is not None and r.victim.pid == 600 for r in records)  # the fallback
+    assert engine.statistics().plugins_disabled == 1
+    assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1
+
+
+async def test_only_actions_that_do_not_signal_are_switched_off(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    class HangsAndSignals(HangsAct):
+        name: ClassVar[str] = "test-hangs-and-signals"
+        signals: ClassVar[bool] = True
+
+    quiet = attrs.evolve(
+        _rule(fake, cooldown=0.0), action_deadline=0.5, actions=(HangsAct(), KillAction())
+    )
+    loud = attrs.evolve(quiet, name="loud", actions=(HangsAndSignals(),))
+    events: list[Any] = []
+    for _ in range(OVERRUNS_TO_SWITCH_OFF + 1):
+        events += [ManualTrigger(0.0, "test"), 1.0]
+    records, engine = await _run(fake, [quiet], events)
+    assert records[-1].actions[0].detail.startswith("switched off")
+    assert records[-1].outcome == "dry-run"
+    records, engine = await _run(fake, [loud], events)
+    assert {r.actions[0].detail for r in records} == {"overran its deadline"}
+    assert engine.statistics().plugins_disabled == 0

@@ -201,3 +201,38 @@ async def test_a_line_above_half_of_ram_is_watched_by_its_headroom(
         await trio.sleep(0.5)
         assert source.statistics().interval == pytest.approx(2 / 10)  # 2 GiB at 10 GiB/s
         nursery.cancel_scope.cancel()
+
+
+async def test_a_recrossing_after_a_kill_is_seen_at_once_not_at_the_reminder(
+    fake: FakeProc, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A kill loop: a cgroup crosses its line, a kill frees memory, it crosses again 0.3 s
+    # later. The sampler must not sleep its longest interval while the line is crossed.
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "memory.limit_in_bytes").write_text(f"{512 * MiB}\n")
+    (cg / "memory.usage_in_bytes").write_text(f"{100 * MiB}\n")
+    threshold = MemoryThreshold("cgroup_usage", parse_size("256MiB"), cgroup=str(cg))
+    source = MemoryThresholdSource([threshold], procfs=ProcFS(fake.root))
+    send, receive = trio.open_memory_channel[MemoryEvent](1000)
+    changes: list[tuple[float, int]] = []
+
+    def usage(n: int) -> None:
+        changes.append((trio.current_time(), n))
+        (cg / "memory.usage_in_bytes").write_text(f"{n}\n")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        await trio.sleep(1.5)
+        for _ in range(3):
+            usage(400 * MiB)  # crossed, 144 MiB past the line
+            await trio.sleep(0.05)  # the rule decides and kills
+            usage(30 * MiB)  # the victim's memory is back
+            await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    events = [e async for e in receive]
+    assert [e.state for e in events] == ["crossed", "recovered"] * 3
+    for event, (changed, value) in zip(events, changes, strict=True):
+        assert event.value == value
+        # seen within the interval the headroom asks for (tens of ms), not the 1 s reminder
+        assert event.timestamp - changed < 0.05

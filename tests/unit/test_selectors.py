@@ -159,7 +159,7 @@ def test_scope_drops_vanished_candidates(fake: FakeProc) -> None:
 @pytest.mark.parametrize(
     ("table", "named"),
     [
-        ({}, "at least one of the options cgroup, uid, subtree"),
+        ({}, "at least one of the options cgroup, cgroup_regex, uid, subtree"),
         ({"cgroup": ["a/b"]}, "cgroup"),
         ({"uid": [-1]}, "uid"),
         ({"uid": ["root"]}, "uid"),
@@ -730,7 +730,7 @@ def test_register_builtins() -> None:
         assert attrs.has(cls.Options)
         assert infos[name].source == "built-in"
         assert cls.__doc__
-    assert infos["protect"].options == ("comm", "cmdline", "exe", "cgroup")
+    assert infos["protect"].options == ("comm", "cmdline", "exe", "cgroup", "uid", "require")
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

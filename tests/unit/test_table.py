@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import attrs
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 import reapkit._table as table_module
 from reapkit._fakeproc import FakeProc
-from reapkit._procfs import ProcFS
+from reapkit._procfs import PF_EXITING, ProcFS
 from reapkit._sources.proc_connector import (
     ProcComm,
     ProcEvent,
@@ -106,6 +107,28 @@ def test_exec_and_comm_mark_changed(fake: FakeProc) -> None:
     assert table.take_changed() == {1, 100, 200}
     assert table.take_changed() == frozenset()
     assert table.statistics().events_seen == 5
+
+
+def test_events_the_kernel_sent_before_the_last_scan_change_nothing(fake: FakeProc) -> None:
+    # After ENOBUFS the kernel still delivers what it buffered before the loss, possibly after
+    # the rescan: a fork whose exit was dropped must not add a process long gone.
+    fake.add_process(101, ppid=100, flags=PF_EXITING)  # exit event sent, not yet a zombie
+    fake.add_process(102, ppid=100, state="Z")
+    table = seeded(fake)
+    table._mode = "connector"
+    assert table.pids() == {1, 2, 100}
+    before = time.monotonic_ns() - 1_000_000
+    table.apply(ProcFork(T, 100, 102, kernel_ns=before))
+    table.apply(ProcExec(T, 102, kernel_ns=before))
+    table.apply(ProcComm(T, 101, "x", kernel_ns=before))
+    table.apply(ProcExit(T, 100, 0, 17, kernel_ns=before))
+    assert table.pids() == {1, 2, 100}
+    assert table.statistics().events_seen == 0
+    after = time.monotonic_ns()
+    table.apply(ProcFork(T, 100, 200, kernel_ns=after))
+    table.apply(ProcExit(T, 200, 0, 17, kernel_ns=after))
+    table.apply(ProcFork(T, 100, 201, kernel_ns=after))
+    assert table.pids() == {1, 2, 100, 201}
 
 
 def test_exec_of_an_unknown_process_adds_it(fake: FakeProc) -> None:

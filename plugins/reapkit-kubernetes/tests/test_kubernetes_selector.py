@@ -20,7 +20,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reapkit import Candidate, PluginError, PluginRegistry, Ranked, Situation, load_policy
-from reapkit._engine import Engine, _check_selection
+from reapkit._engine import Engine, _validated
 from reapkit._plugins import ENTRY_POINT_GROUP, make_options, validate_plugin
 from reapkit.lowlevel import ProcFS
 from reapkit.testing import FakeProc
@@ -112,7 +112,7 @@ def run(selector: KubernetesQos, fake: FakeProc, candidates: Sequence[Ranked]) -
     result = selector.select(situation(fake), candidates)
     assert isinstance(result, list)
     assert result is not candidates
-    _check_selection(candidates, result)  # the engine's own check: only given candidates
+    _validated(tuple(candidates), result)  # the engine's own check: only given candidates
     return result
 
 

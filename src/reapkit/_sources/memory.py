@@ -9,7 +9,13 @@ MemAvailable is above half of RAM and every line is below half, the interval is
 
 Hysteresis: a threshold fires once when it is crossed (``state="crossed"``) and re-arms only
 after the value is back past the line by ``hysteresis`` (``state="recovered"``): one crossing,
-one event, however long memory stays low.
+one event, however long memory stays low (plus a ``still-crossed`` reminder every
+``reminder`` seconds).
+
+The headroom is measured from whichever side the value is on: to the line while armed, to the
+re-arming point (line + hysteresis) while crossed. So the sampler never goes blind after a
+crossing: when a kill frees memory, the recovery is seen within the interval the headroom
+asked for, and a new crossing after it within milliseconds, not at the next reminder.
 
 For cgroup v2 thresholds the kernel also notifies changes of ``memory.events`` (``high``,
 ``max``, ``oom`` counters) with ``EPOLLPRI``; such a change wakes the sampler at once.
@@ -256,17 +262,18 @@ class MemoryThresholdSource:
             distance = -1  # no swap at all counts as "below the line", as in earlyoom
         else:
             distance = sample.value - line
+        event = None
         if armed[i] and distance <= 0:
             armed[i] = False
             event = MemoryEvent(now, threshold, "crossed", sample.value, line, sample.total)
-            return event, math.inf
-        if not armed[i]:
-            if distance > margin:
-                armed[i] = True
-                event = MemoryEvent(now, threshold, "recovered", sample.value, line, sample.total)
-                return event, distance
-            return None, math.inf  # already fired: only recovery is of interest
-        return None, distance
+        elif not armed[i] and distance > margin:
+            armed[i] = True
+            event = MemoryEvent(now, threshold, "recovered", sample.value, line, sample.total)
+        if sample.total == 0:
+            return event, math.inf  # no swap at all: nothing can move
+        # Armed: bytes until the line. Crossed: bytes until the re-arming point, which a kill
+        # can bring close at once; a re-crossing after it must be seen as fast as the first.
+        return event, distance if armed[i] else margin - distance
 
     def _next_interval(self, meminfo: MemInfo, headrooms: list[float]) -> float:
         # Idle (one wakeup a second) only while memory is plentiful *and* every line is far

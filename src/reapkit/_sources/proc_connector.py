@@ -111,6 +111,8 @@ class ProcFork:
     timestamp: float
     parent_pid: int
     child_pid: int
+    #: When the kernel sent it: ``CLOCK_MONOTONIC`` ns, as ``time.monotonic_ns()`` (0: unknown).
+    kernel_ns: int = 0
 
 
 @attrs.frozen
@@ -119,6 +121,8 @@ class ProcExec:
 
     timestamp: float
     pid: int
+    #: When the kernel sent it: ``CLOCK_MONOTONIC`` ns, as ``time.monotonic_ns()`` (0: unknown).
+    kernel_ns: int = 0
 
 
 @attrs.frozen
@@ -132,6 +136,8 @@ class ProcComm:
     timestamp: float
     pid: int
     comm: str
+    #: When the kernel sent it: ``CLOCK_MONOTONIC`` ns, as ``time.monotonic_ns()`` (0: unknown).
+    kernel_ns: int = 0
 
 
 @attrs.frozen
@@ -146,6 +152,8 @@ class ProcExit:
     pid: int
     exit_code: int
     exit_signal: int
+    #: When the kernel sent it: ``CLOCK_MONOTONIC`` ns, as ``time.monotonic_ns()`` (0: unknown).
+    kernel_ns: int = 0
 
 
 @attrs.frozen
@@ -272,10 +280,12 @@ class ProcConnectorSource:
             for msg in marshal.parse(data):
                 # pyroute2 records a layout's decoding error in the header, then overwrites
                 # it with None: a message that failed to decode is one without its fields.
-                what = msg["what"]
+                what, kernel_ns = msg["what"], msg["timestamp_ns"]
                 if what == PROC_EVENT_FORK:
                     if msg["child_pid"] == msg["child_tgid"]:  # else: a new thread
-                        events.append(ProcFork(now, msg["parent_tgid"], msg["child_tgid"]))
+                        events.append(
+                            ProcFork(now, msg["parent_tgid"], msg["child_tgid"], kernel_ns)
+                        )
                 elif what == PROC_EVENT_EXIT:
                     if msg["process_pid"] == msg["process_tgid"]:  # else: a thread ended
                         events.append(
@@ -284,12 +294,13 @@ class ProcConnectorSource:
                                 msg["process_tgid"],
                                 _s32(msg["exit_code"]),
                                 _s32(msg["exit_signal"]),
+                                kernel_ns,
                             )
                         )
                 elif what == PROC_EVENT_EXEC:
-                    events.append(ProcExec(now, msg["process_tgid"]))
+                    events.append(ProcExec(now, msg["process_tgid"], kernel_ns))
                 elif what == PROC_EVENT_COMM and msg["process_pid"] == msg["process_tgid"]:
-                    events.append(ProcComm(now, msg["process_tgid"], msg["comm"]))
+                    events.append(ProcComm(now, msg["process_tgid"], msg["comm"], kernel_ns))
                 # Others (PROC_EVENT_NONE: the ack of a subscription, uid, gid, sid, ptrace,
                 # coredump) say nothing about which processes exist.
         except Exception:  # pyroute2 raises whatever a layout raises: never let it out

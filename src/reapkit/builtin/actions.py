@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import inspect
 import logging
 import math
 import os
+import pwd
+import re
+import shutil
 import signal
+import string
 import subprocess
 from typing import Any, ClassVar
 
@@ -21,6 +26,7 @@ from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
 from .._kernel._cgroups import cgroup_mounts, mount_for, v2_mount
 from .._plugins import Action, Candidate, Ranked
 from .._records import KillWarning
+from .._sources._base import owned_fd
 from .._units import parse_duration
 
 log = logging.getLogger("reapkit.actions")
@@ -52,9 +58,44 @@ class LogAction(Action):
         return "logged"
 
 
+#: The fields a ``warn`` message may use, with a value of each one's type (to try a format).
+_WARN_FIELDS: dict[str, object] = {"name": "comm", "pid": 1, "rss_mib": 1, "rule": "rule"}
+#: The widest field a message may ask for (``{name:>40}``).
+_MAX_WIDTH = 256
+
+
+def _check_message(_inst: object, _attr: object, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"message: expected a string, got {value!r}")
+    known = ", ".join(f"{{{f}}}" for f in _WARN_FIELDS)
+    try:
+        fields = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"message: {exc} (write {{{{ and }}}} for braces)") from None
+    for _text, field, spec, _conversion in fields:
+        if field is None:
+            continue
+        if field not in _WARN_FIELDS:
+            raise ValueError(f"message: unknown field {{{field}}} (fields: {known})")
+        if "{" in (spec or "") or any(
+            int(n) > _MAX_WIDTH for n in re.findall(r"[0-9]+", spec or "")
+        ):
+            raise ValueError(
+                f"message: format spec {spec!r} of {{{field}}}: no nested fields, widths up to"
+                f" {_MAX_WIDTH}"
+            )
+    try:
+        value.format(**_WARN_FIELDS)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"message: {value!r} cannot be formatted: {exc}") from None
+
+
 @attrs.frozen
 class WarnOptions:
-    message: str = "memory is low: about to free memory by ending {name} ({pid})"
+    message: str = attrs.field(
+        default="memory is low: about to free memory by ending {name} ({pid})",
+        validator=_check_message,
+    )
 
 
 class Warn(Action):
@@ -81,12 +122,39 @@ class Warn(Action):
 
 
 def _argv(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):  # tuple("/bin/foo") would be its characters
+    if isinstance(value, str) or not isinstance(value, list | tuple):
         raise InvalidValue(
             f"command must be a list of strings (program and arguments), not {value!r}:"
             f" write [{value!r}]"
         )
     return tuple(value)
+
+
+#: The hook's PATH when the daemon has none.
+_HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_ID_MAX = 2**32 - 2
+
+
+def _account_id(kind: str, lookup: Any, value: object) -> int | None:
+    """A user or group name resolved now (``pwd``/``grp``) to its id; an id as it is."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _ID_MAX:
+        return value
+    if not isinstance(value, str):
+        raise InvalidValue(f"{kind}: expected a name or an id, not {value!r}")
+    try:
+        return int(lookup(value)[2])
+    except (KeyError, ValueError):
+        raise InvalidValue(f"{kind}: no {kind} named {value!r} on this host") from None
+
+
+def _user(value: object) -> int | None:
+    return _account_id("user", pwd.getpwnam, value)
+
+
+def _group(value: object) -> int | None:
+    return _account_id("group", grp.getgrnam, value)
 
 
 @attrs.frozen
@@ -95,24 +163,43 @@ class HookOptions:
     command: tuple[str, ...] = attrs.field(converter=_argv)
     #: After this long the hook's whole process group is killed.
     timeout: float = attrs.field(default=5.0, converter=_duration)
-    #: Run as this user and group (names or ids) instead of the daemon's (root's).
-    user: str | int | None = None
-    group: str | int | None = None
+    #: Run as this user and group (names, resolved when the policy loads, or ids) instead of
+    #: the daemon's (root's).
+    user: int | None = attrs.field(default=None, converter=_user)
+    group: int | None = attrs.field(default=None, converter=_group)
     #: Run it in dry-run too (with ``REAPKIT_DRY_RUN=1``). Off: a dry run changes nothing.
     run_in_dry_run: bool = False
 
     @command.validator
     def _non_empty(self, _attribute: object, value: tuple[str, ...]) -> None:
-        if not value or not all(isinstance(a, str) for a in value):
-            raise InvalidValue("command must be a non-empty list of strings")
+        if not value or not all(isinstance(a, str) and "\0" not in a for a in value):
+            raise InvalidValue("command must be a non-empty list of strings (without NUL)")
+        if shutil.which(value[0], path=os.environ.get("PATH", _HOOK_PATH)) is None:
+            raise InvalidValue(f"command: program {value[0]!r} not found or not executable")
 
 
 # The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
 # Done by a tiny exec wrapper, not preexec_fn (not safe once the reaper's threads run).
 # renice -n sets the nice value (nice -n would add to the daemon's -20).
-_HOOK_WRAPPER = (
-    'renice -n 0 -p $$ >/dev/null 2>&1; echo 0 > /proc/self/oom_score_adj && exec "$0" "$@"'
-)
+# Then, where util-linux setpriv exists, the hook dies with the daemon, even SIGKILLed: a
+# supervising shell gets SIGTERM as its parent-death signal (armed after the switch of user,
+# which clears it) and kills the hook's whole group; if the daemon died before it was armed,
+# the parent is no longer the daemon and it kills the group at once.
+_HOOK_WRAPPER = """renice -n 0 -p $$ >/dev/null 2>&1; echo 0 > /proc/self/oom_score_adj || exit 126
+command -v setpriv >/dev/null 2>&1 || exec "$0" "$@"
+exec setpriv --pdeathsig TERM -- /bin/sh -c '
+trap "kill -KILL 0" TERM
+[ "$PPID" = "$1" ] || kill -KILL 0
+shift
+"$@" &
+wait $!' sh "$PPID" "$0" "$@"
+"""
+
+
+async def _wait(process: subprocess.Popen[bytes]) -> int:
+    with owned_fd(os.pidfd_open(process.pid)) as pidfd:  # our child: its PID stays until waited
+        await trio.lowlevel.wait_readable(pidfd)
+    return process.wait()
 
 
 class PrekillHook(Action):
@@ -131,14 +218,17 @@ class PrekillHook(Action):
             return "dry-run: hook not run"
         c = context.candidate
         env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": os.environ.get("PATH", _HOOK_PATH),
             "REAPKIT_PID": str(c.pid),
             "REAPKIT_NAME": c.comm,
             "REAPKIT_RULE": context.rule.name,
             "REAPKIT_RSS": str(c.rss),
             "REAPKIT_DRY_RUN": "1" if dry else "0",
         }
-        process = await trio.lowlevel.open_process(
+        # Forked on the trio thread, which lives as long as the daemon: the parent-death
+        # signal follows the thread that forked (prctl(2)), and trio.lowlevel.open_process
+        # forks on a worker thread that ends when idle.
+        process = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, no waiting
             ["/bin/sh", "-c", _HOOK_WRAPPER, *self.options.command],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -148,14 +238,13 @@ class PrekillHook(Action):
         )
         try:
             with trio.move_on_after(self.options.timeout):
-                code = await process.wait()
-                return f"hook exited with {code}"
+                return f"hook exited with {await _wait(process)}"
         finally:
             if process.returncode is None:  # timed out or cancelled: the hook's whole group
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 with trio.CancelScope(shield=True):
-                    await process.wait()
+                    await _wait(process)
         return f"hook killed after {self.options.timeout:g} s"
 
 
@@ -165,18 +254,26 @@ class TerminateOptions:
     grace: float = attrs.field(default=2.0, converter=_duration)
 
 
+#: ``terminate`` sends SIGKILL this long before its deadline when the grace would outlast it.
+KILL_MARGIN = 0.05
+
+
 class Terminate(Action):
-    """SIGTERM, wait for the exit on the pidfd for ``grace``, then SIGKILL."""
+    """SIGTERM, wait for the exit on the pidfd for ``grace`` (cut to end just before the
+    action's deadline), then SIGKILL."""
 
     name: ClassVar[str] = "terminate"
     Options: ClassVar[type[Any]] = TerminateOptions
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         context.send_signal(signal.SIGTERM)
         if context.dry_run:
             return "dry-run: would send SIGTERM, then SIGKILL after the grace period"
-        if await context.wait_exit(self.options.grace):
+        left = trio.current_effective_deadline() - trio.current_time() - KILL_MARGIN
+        grace = max(0.0, min(self.options.grace, left))
+        if await context.wait_exit(grace):
             return "exited after SIGTERM"
         try:
             context.send_signal(signal.SIGKILL)
@@ -184,7 +281,8 @@ class Terminate(Action):
             if exc.refusal.reason is RefusalReason.GONE:  # it began to exit at the last moment
                 return "exiting at the end of the grace period: no SIGKILL needed"
             raise
-        return f"no exit within {self.options.grace:g} s of SIGTERM: sent SIGKILL"
+        cut = "" if grace == self.options.grace else " (the grace cut to the action's deadline)"
+        return f"no exit within {grace:g} s of SIGTERM{cut}: sent SIGKILL"
 
 
 class Kill(Action):
@@ -192,6 +290,7 @@ class Kill(Action):
 
     name: ClassVar[str] = "kill"
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         outcome = context.send_signal(signal.SIGKILL)
@@ -204,6 +303,7 @@ class CgroupKill(Action):
 
     name: ClassVar[str] = "cgroup-kill"
     inline: ClassVar[bool] = True
+    signals: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         path = context.situation.cgroup(context.candidate)

@@ -28,7 +28,7 @@ import logging
 import math
 import operator
 import os
-import re
+import pwd
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +36,7 @@ import attrs
 
 from .._errors import InvalidValue, ReapkitError
 from .._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
+from .._patterns import Pattern, compile_pattern, first_match
 from .._plugins import Candidate, Ranked, Selector, Situation
 from .._units import Size, parse_size
 
@@ -84,11 +85,9 @@ def _check_regexes(instance: object, attribute: attrs.Attribute[Any], value: Any
                 f" got {pattern!r}"
             )
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(
-                f"{attribute.name}: {pattern!r} is not a valid regular expression: {exc}"
-            ) from None
+            compile_pattern(pattern)
+        except InvalidValue as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 def _check_ints(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -197,15 +196,8 @@ def _rank(
     return [explained(c, float(value), why, i) for i, (value, c) in enumerate(keyed)]
 
 
-def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
-    return tuple(re.compile(p) for p in patterns)
-
-
-def _first_match(patterns: Sequence[re.Pattern[str]], text: str) -> re.Pattern[str] | None:
-    for pattern in patterns:
-        if pattern.search(text):
-            return pattern
-    return None
+def _compile(patterns: Iterable[str]) -> tuple[Pattern, ...]:
+    return tuple(compile_pattern(p) for p in patterns)
 
 
 def _start_seconds(c: Candidate) -> float:
@@ -225,14 +217,21 @@ class ScopeOptions:
     cgroup: tuple[str, ...] = attrs.field(
         default=(), converter=_as_tuple, validator=_check_cgroup_paths
     )
+    #: Regular expressions (RE2, searched) on the cgroup path: for layouts whose prefix varies
+    #: (a cgroup namespace, a container runtime's nesting).
+    cgroup_regex: tuple[str, ...] = attrs.field(
+        default=(), converter=_as_tuple, validator=_check_regexes
+    )
     #: Real user ids.
     uid: tuple[int, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_ints)
     #: A process id: keep its descendants (not the process itself).
     subtree: int | None = attrs.field(default=None, validator=_check_optional_pid)
 
     def __attrs_post_init__(self) -> None:
-        if not (self.cgroup or self.uid or self.subtree is not None):
-            raise ValueError("scope needs at least one of the options cgroup, uid, subtree")
+        if not (self.cgroup or self.cgroup_regex or self.uid or self.subtree is not None):
+            raise ValueError(
+                "scope needs at least one of the options cgroup, cgroup_regex, uid, subtree"
+            )
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -245,11 +244,13 @@ class Scope(Selector):
     name: ClassVar[str] = "scope"
     Options: ClassVar[type[Any]] = ScopeOptions
     inline: ClassVar[bool] = True
+    protective: ClassVar[bool] = True
     options: ScopeOptions
 
     def __init__(self, options: ScopeOptions | None = None) -> None:
         super().__init__(options)
         self._prefixes = tuple(p.rstrip("/") or "/" for p in self.options.cgroup)
+        self._cgroup_patterns = _compile(self.options.cgroup_regex)
         self._uids = frozenset(self.options.uid)
 
     def _in_subtree(
@@ -293,6 +294,12 @@ class Scope(Selector):
                 if prefix is None:
                     continue
                 why.append(f"cgroup {path} under {prefix}")
+            if self._cgroup_patterns:
+                path = situation.cgroup(c)
+                match = first_match(self._cgroup_patterns, path) if path else None
+                if match is None:
+                    continue
+                why.append(f"cgroup {path} matches {match.pattern!r}")
             if self._uids:
                 uid = situation.uid(c)
                 if uid not in self._uids:
@@ -310,10 +317,73 @@ class Scope(Selector):
 # -- protect -------------------------------------------------------------------------------------
 
 
+#: The largest uid (``(uid_t) -1`` means "no uid").
+_UID_MAX = 2**32 - 2
+
+
+def _uid_spec(item: object) -> int | str:
+    """A uid, a user name (resolved now) or a range ``"A-B"`` → a uid or ``"A-B"``."""
+    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= _UID_MAX:
+        return item
+    if isinstance(item, str):
+        low, dash, high = item.partition("-")
+        if item.isascii() and item.isdigit():
+            return _uid_spec(int(item))
+        if dash and f"{low}{high}".isascii() and low.isdigit() and high.isdigit():
+            if int(low) <= int(high) <= _UID_MAX:
+                return f"{int(low)}-{int(high)}"
+        else:
+            try:
+                return pwd.getpwnam(item).pw_uid
+            except (KeyError, ValueError):
+                raise ValueError(f"uid: no user named {item!r} on this host") from None
+    raise ValueError(f'uid: expected uids, user names or ranges such as "0-999", got {item!r}')
+
+
+def _uids(value: object) -> tuple[int | str, ...]:
+    return tuple(_uid_spec(item) for item in _as_tuple(value))
+
+
+def _uid_ranges(specs: Iterable[int | str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for spec in specs:
+        low, _, high = str(spec).partition("-")
+        out.append((int(low), int(high or low)))
+    return tuple(out)
+
+
+@attrs.frozen
+class Identity:
+    """What a process cannot choose for itself: its real uid, its executable (as root reads
+    ``/proc/<pid>/exe``) and its cgroup. Every option given must match."""
+
+    uid: tuple[int | str, ...] = attrs.field(default=(), converter=_uids)
+    exe: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
+    cgroup: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
+
+
+def _identity(value: object) -> Identity | None:
+    if value is None or isinstance(value, Identity):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"require: expected a table such as {{ uid = [0] }}, got {value!r}")
+    unknown = sorted(set(value) - {"uid", "exe", "cgroup"})
+    if unknown:
+        raise ValueError(f"require: unknown key {unknown[0]!r} (keys: uid, exe, cgroup)")
+    if not value:
+        raise ValueError("require: name at least one of uid, exe, cgroup")
+    try:
+        return Identity(**value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"require.{exc}") from None
+
+
 @attrs.frozen
 class ProtectOptions:
-    """Regular expressions (``re.search``) naming processes never to choose. Processes with
-    ``oom_score_adj`` -1000 are always protected, whatever the options."""
+    """Processes never to choose: any of ``comm``, ``cmdline``, ``exe``, ``cgroup`` (regular
+    expressions, RE2, searched) or ``uid`` matching protects, and, with ``require``, only if
+    the process also has that identity. Processes with ``oom_score_adj`` -1000 are always
+    protected, whatever the options."""
 
     comm: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
     cmdline: tuple[str, ...] = attrs.field(
@@ -321,34 +391,70 @@ class ProtectOptions:
     )
     exe: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
     cgroup: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
+    uid: tuple[int | str, ...] = attrs.field(default=(), converter=_uids)
+    require: Identity | None = attrs.field(default=None, converter=_identity)
+
+    def __attrs_post_init__(self) -> None:
+        if self.require is not None and not (
+            self.comm or self.cmdline or self.exe or self.cgroup or self.uid
+        ):
+            raise ValueError(
+                "require narrows comm, cmdline, exe, cgroup or uid: give one of them (to"
+                " protect by identity alone, write uid, exe or cgroup without require)"
+            )
+
+
+_Test = Callable[[Situation, Candidate], "str | None"]
+
+
+def _read(situation: Situation, c: Candidate, field: str) -> str:
+    if field == "comm":
+        return c.comm
+    if field == "cmdline":
+        return situation.cmdline(c)
+    if field == "exe":
+        return situation.exe(c)
+    return situation.cgroup(c)
+
+
+def _tests(options: Any) -> tuple[_Test, ...]:
+    """One test per option given: why a candidate matches it, or ``None``."""
+    tests: list[_Test] = []
+    for field in ("comm", "cmdline", "exe", "cgroup"):
+        if patterns := _compile(getattr(options, field, ())):
+
+            def test(s: Situation, c: Candidate, f: str = field, p: Any = patterns) -> str | None:
+                text = _read(s, c, f)
+                match = first_match(p, text)
+                return None if match is None else f"{f} {text[:60]!r} matches {match.pattern!r}"
+
+            tests.append(test)
+    if ranges := _uid_ranges(options.uid):
+
+        def uid_test(s: Situation, c: Candidate) -> str | None:
+            uid = s.uid(c)
+            return (
+                f"uid {uid}" if uid is not None and any(a <= uid <= b for a, b in ranges) else None
+            )
+
+        tests.append(uid_test)
+    return tuple(tests)
 
 
 class Protect(Selector):
-    """Drop protected processes: ``oom_score_adj`` -1000, and those matching a regex."""
+    """Drop protected processes: ``oom_score_adj`` -1000, and those matching an option (and,
+    with ``require``, having that identity)."""
 
     name: ClassVar[str] = "protect"
     Options: ClassVar[type[Any]] = ProtectOptions
     inline: ClassVar[bool] = True
+    protective: ClassVar[bool] = True
     options: ProtectOptions
 
     def __init__(self, options: ProtectOptions | None = None) -> None:
         super().__init__(options)
-        o = self.options
-        self._checks: tuple[tuple[str, tuple[re.Pattern[str], ...]], ...] = tuple(
-            (field, _compile(getattr(o, field)))
-            for field in ("comm", "cmdline", "exe", "cgroup")
-            if getattr(o, field)
-        )
-
-    @staticmethod
-    def _read(situation: Situation, c: Candidate, field: str) -> str:
-        if field == "comm":
-            return c.comm
-        if field == "cmdline":
-            return situation.cmdline(c)
-        if field == "exe":
-            return situation.exe(c)
-        return situation.cgroup(c)
+        self._any = _tests(self.options)
+        self._all = () if self.options.require is None else _tests(self.options.require)
 
     def _protection(self, situation: Situation, c: Candidate) -> str | None:
         """Why ``c`` is protected, or ``None``."""
@@ -357,12 +463,14 @@ class Protect(Selector):
             return "oom_score_adj unreadable (gone?)"
         if adj <= OOM_SCORE_ADJ_MIN:
             return "oom_score_adj -1000"
-        for field, patterns in self._checks:
-            text = self._read(situation, c, field)
-            match = _first_match(patterns, text)
-            if match is not None:
-                return f"{field} {text[:60]!r} matches {match.pattern!r}"
-        return None
+        why = next((w for test in self._any if (w := test(situation, c)) is not None), None)
+        if why is None:
+            return None
+        identity = [test(situation, c) for test in self._all]
+        if None in identity:
+            log.debug("protect: %s: %s, but not the required identity", _who(c), why)
+            return None
+        return "; ".join([why, *identity])  # type: ignore[list-item]
 
     def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
         kept: list[Ranked] = []
@@ -564,7 +672,7 @@ class PreferAvoidOptions:
 
     prefer: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
     avoid: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)
-    #: What the regexes are matched against (``re.search``).
+    #: What the regexes are matched against (RE2, searched).
     field: Literal["comm", "cmdline", "both"] = attrs.field(
         default="comm", validator=attrs.validators.in_(("comm", "cmdline", "both"))
     )
@@ -588,17 +696,15 @@ class PreferAvoid(Selector):
         self._prefer = _compile(self.options.prefer)
         self._avoid = _compile(self.options.avoid)
 
-    def _match(
-        self, situation: Situation, c: Candidate, patterns: Sequence[re.Pattern[str]]
-    ) -> str | None:
+    def _match(self, situation: Situation, c: Candidate, patterns: Sequence[Pattern]) -> str | None:
         if not patterns:
             return None
         field = self.options.field
-        if field in ("comm", "both") and (m := _first_match(patterns, c.comm)):
+        if field in ("comm", "both") and (m := first_match(patterns, c.comm)):
             return f"comm {c.comm!r} matches {m.pattern!r}"
         if field in ("cmdline", "both"):
             cmdline = situation.cmdline(c)
-            if m := _first_match(patterns, cmdline):
+            if m := first_match(patterns, cmdline):
                 return f"cmdline {cmdline[:60]!r} matches {m.pattern!r}"
         return None
 

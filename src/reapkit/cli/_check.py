@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 import attrs
@@ -10,7 +12,7 @@ import trio
 
 from .._engine import Engine, Rule
 from .._plugins import NoOptions, Plugin
-from .._policy import Policy, load_policy
+from .._policy import Policy, PolicyError, check_policy_trust, load_policy
 from ._common import scope_from
 from ._status import EXIT_OK
 
@@ -79,7 +81,14 @@ def _describe(rule: Rule, chosen: Any, ranked: list[Any], steps: list[Any]) -> s
 
 
 def run(args: argparse.Namespace) -> int:
-    policy = load_policy(args.policy, dry_run=True, scope=scope_from(args))
+    # As root, refused as `reapkit run` refuses it (exit 2); otherwise a warning.
+    policy = load_policy(args.policy, dry_run=True, scope=scope_from(args), require_trusted=True)
+    if args.policy is not None and os.geteuid() != 0:
+        try:
+            check_policy_trust(args.policy)
+        except PolicyError as exc:
+            print(f"reapkit check: warning: run as root, reapkit run would refuse it: {exc}",
+                  file=sys.stderr)  # fmt: skip
     print(render(policy))
     if args.now:
         print("\n".join(trio.run(_preview, policy)))

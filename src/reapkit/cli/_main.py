@@ -34,6 +34,7 @@ COMMANDS: Final = {
     "top": "._top",
     "plugins": "._plugins",
     "doctor": "._doctor",
+    "probe": "._probe",
 }
 
 EPILOG = """\
@@ -83,10 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "reapkit"
     verbose = False
     try:
-        interrupt_on_termination()
         if argv is None:
             argv = sys.argv[1:]
-        parser = _build_parser(_command_in(argv))
+        command = _command_in(argv)
+        interrupt_on_termination(hangup=command != "run")
+        parser = _build_parser(command)
         args = parser.parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(

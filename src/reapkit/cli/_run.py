@@ -2,10 +2,11 @@
 
 It locks its memory (``mlockall``, on fault), protects itself with ``oom_score_adj -1000``
 (its hooks run with 0), optionally raises its main thread's priority, logs readable text or
-JSON lines to stderr, writes every KillRecord as a JSON line (``--records``), reloads the
-policy on SIGHUP (a broken policy keeps the old one and says why), stops on SIGTERM/SIGINT
-within ``--stop-timeout``, and speaks sd_notify (``READY=1``, ``STATUS=``, ``RELOADING=1``,
-``STOPPING=1``, ``WATCHDOG=1``) when started by systemd.
+JSON lines to stderr (through a queue: a stalled stderr drops lines, never the reaper), writes
+every KillRecord as a JSON line (``--records``; see ``_output``), reloads the policy and
+reopens the records file on SIGHUP (a broken policy keeps the old one and says why), stops on
+SIGTERM/SIGINT within ``--stop-timeout``, and speaks sd_notify (``READY=1``, ``STATUS=``,
+``RELOADING=1``, ``STOPPING=1``, ``WATCHDOG=1``) when started by systemd.
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Final
 
 import trio
 
 from .._errors import AccessDenied
+from .._heartbeat import HEARTBEAT_EVERY, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
-from .._reaper import Reaper, serve_reaper
+from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord
 from ._common import scope_from
+from ._output import RecordsFile, RecordsWriter, start_logging
 from ._status import EXIT_OK, UsageError
 
 log = logging.getLogger("reapkit")
+
+#: Seconds the exit waits for log lines still queued for stderr.
+LOG_STOP_TIMEOUT: Final = 2.0
 
 
 def add_parser(commands: Any) -> None:
@@ -57,6 +62,11 @@ def add_parser(commands: Any) -> None:
         "--stop-timeout", type=float, default=5.0, metavar="SECONDS",
         help="how long a graceful stop may take (default 5)",
     )  # fmt: skip
+    p.add_argument(
+        "--heartbeat", metavar="PATH",
+        help=f"the event loop writes the time here every {HEARTBEAT_EVERY:g} s, for"
+        " `reapkit probe PATH` (a liveness probe)",
+    )  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -78,15 +88,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def _configure_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
 def _prepare_process(args: argparse.Namespace) -> None:
@@ -114,17 +119,20 @@ def run(args: argparse.Namespace) -> int:
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
     policy = load_policy(
-        args.policy, dry_run=args.dry_run, scope=scope_from(args)
+        args.policy, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
     )  # PolicyError: exit 2
-    records = open(args.records, "a", encoding="utf-8") if args.records else None  # noqa: SIM115
+    # RecordsFileError (a symbolic link, a FIFO, another user's file): exit 2
+    records = RecordsFile.open(args.records) if args.records else None
+    counters = OutputCounters()
+    listener = start_logging(
+        _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
+    )
     try:
-        _configure_logging(args.log_format, args.verbose)
         _prepare_process(args)
-        trio.run(_serve, policy, args, records)
+        trio.run(_serve, policy, args, RecordsWriter(records, counters), counters)
+        log.info("stopped")
     finally:
-        if records is not None:
-            records.close()
-    log.info("stopped")
+        listener.stop_within(LOG_STOP_TIMEOUT)
     return EXIT_OK
 
 
@@ -134,28 +142,40 @@ def _status(policy: Policy) -> str:
     return f"STATUS=watching {len(policy.rules)} rule(s) of {policy.source}{mode}: {names}"
 
 
-async def _serve(policy: Policy, args: argparse.Namespace, records: TextIO | None) -> None:
+async def _serve(
+    policy: Policy, args: argparse.Namespace, writer: RecordsWriter, counters: OutputCounters
+) -> None:
     notifier = Notifier.from_environment()
+    # Subscribed before the first decision; the writer ends when the reaper has stopped and
+    # closed the channel, after the records of the stop.
+    send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            reaper: Reaper = await nursery.start(
-                functools.partial(serve_reaper, policy, stop_timeout=args.stop_timeout)
-            )
-            nursery.start_soon(_write_records, reaper, records)
-            if notifier.watchdog_interval:
-                nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
-            notifier.notify("READY=1", _status(policy))
-            log.info("running: %s", _status(policy).removeprefix("STATUS="))
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(reaper, args, notifier)
-                    continue
-                log.info("%s: stopping", signal.Signals(signum).name)
-                notifier.notify("STOPPING=1", "STATUS=stopping")
-                break
-            # Sources close their fds at once; the reap stage joins its threads within
-            # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(writer.serve, receive)
+            async with trio.open_nursery() as nursery:
+                reaper: Reaper = await nursery.start(
+                    functools.partial(
+                        serve_reaper, policy, stop_timeout=args.stop_timeout, records=[send],
+                        output=counters,
+                    )
+                )  # fmt: skip
+                if notifier.watchdog_interval:
+                    nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
+                if args.heartbeat:
+                    nursery.start_soon(serve_heartbeat, args.heartbeat)
+                notifier.notify("READY=1", _status(policy))
+                log.info("running: %s", _status(policy).removeprefix("STATUS="))
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        writer.reopen()
+                        await _reload(reaper, args, notifier)
+                        continue
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    notifier.notify("STOPPING=1", "STATUS=stopping")
+                    break
+                # Sources close their fds at once; the reap stage joins its threads within
+                # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
+                nursery.cancel_scope.cancel()
     notifier.close()
 
 
@@ -166,32 +186,21 @@ async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) 
         # time, must not hold up the sources and a decision in progress.
         policy = await trio.to_thread.run_sync(
             functools.partial(
-                load_policy, args.policy, dry_run=args.dry_run, scope=scope_from(args)
+                load_policy,
+                args.policy,
+                dry_run=args.dry_run,
+                scope=scope_from(args),
+                require_trusted=True,
             )
         )
-    except PolicyError as exc:
-        log.error("SIGHUP: keeping the current policy: %s", exc)  # noqa: TRY400 - a user error: no traceback
+    except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way
+        reason = exc if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
+        log.error("SIGHUP: keeping the current policy: %s", reason)  # noqa: TRY400 - a user error: no traceback
         notifier.notify("READY=1", _status(reaper.policy))
         return
     await reaper.reload(policy)
     log.info("SIGHUP: reloaded %s", policy.source)
     notifier.notify("READY=1", _status(policy))
-
-
-async def _write_records(reaper: Reaper, out: TextIO | None) -> None:
-    async with reaper.records() as records:
-        async for record in records:
-            _log_record(record)
-            if out is not None:
-                out.write(record.to_json_line() + "\n")
-                out.flush()
-
-
-def _log_record(record: KillRecord) -> None:
-    v = record.victim
-    victim = f"{v.comm!r} (pid {v.pid})" if v else "nobody"
-    freed = f", {record.bytes_freed >> 20} MiB back" if record.bytes_freed else ""
-    log.warning("rule %s: %s %s: %s%s", record.rule, record.outcome, victim, record.reason, freed)
 
 
 async def _watchdog(notifier: Notifier, every: float) -> None:

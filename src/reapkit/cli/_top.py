@@ -260,7 +260,7 @@ def read_records(path: str, *, limit: int = KILLS, tail_bytes: int = RECORDS_TAI
     views: list[KillView] = []
     malformed = 0
     for raw in lines:
-        if not raw.strip():
+        if not raw.strip() or b'"type":"suppressed"' in raw:  # the rate limit's count
             continue
         try:
             views.append(parse_record(raw.decode("utf-8", errors="replace")))

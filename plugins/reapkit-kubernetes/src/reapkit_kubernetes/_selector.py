@@ -177,6 +177,8 @@ class KubernetesQos(Selector):
     Options: ClassVar[type[Any]] = KubernetesQosOptions
     # Trusted and non-blocking: one small /proc read per candidate, cached per decision.
     inline: ClassVar[bool] = True
+    # It spares Guaranteed pods and processes outside pods: failing, it must fail safe.
+    protective: ClassVar[bool] = True
     options: KubernetesQosOptions
 
     def __init__(self, options: KubernetesQosOptions | None = None) -> None:

@@ -1,0 +1,184 @@
+"""The daemon's life cycle at its edges: a SIGHUP while it starts, hooks that outlive it, the
+heartbeat a liveness probe reads. ``reapkit run`` as a subprocess on sandbox policies."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from reapkit._heartbeat import beat, heartbeat_age, serve_heartbeat
+from reapkit._hog import start_hog
+from reapkit._sandbox import SandboxCgroup
+
+from .conftest import MiB, need
+from .test_run import _wait_for_line
+
+#: The console script, as systemd and the DaemonSet start it.
+REAPKIT = Path(sys.executable).with_name("reapkit")
+
+
+def _policy(path: Path, cgroup: SandboxCgroup, actions: str = '"kill"') -> Path:
+    path.write_text(
+        f'[[rule]]\nname = "sandbox"\ncgroup = "{cgroup.directory}"\n'
+        'when = ["cgroup_usage > 50%"]\n'
+        f'scope = {{ cgroup = "{cgroup.directory}" }}\nselect = ["largest-rss"]\n'
+        f"actions = [{actions}]\n"
+    )
+    return path
+
+
+def _start(commands: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [str(REAPKIT), "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    commands.append(p)
+    return p
+
+
+def _ignores_sighup(pid: int) -> bool:
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def test_sighup_while_the_daemon_starts_does_not_end_it(
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    p = _start(commands, str(_policy(tmp_path / "p.toml", memory_cgroup)), "--dry-run")
+    # The interpreter's own start-up cannot be covered; from the console script's first
+    # line on, SIGHUP must be ignored, long before reapkit's imports are done.
+    deadline = time.monotonic() + 30
+    while not _ignores_sighup(p.pid):
+        assert p.poll() is None, f"exited with {p.returncode}"
+        assert time.monotonic() < deadline, "the daemon never ignored SIGHUP while starting"
+        time.sleep(0.0005)
+    ready = threading.Event()
+
+    def hang_up() -> None:
+        while not ready.is_set() and p.poll() is None:
+            p.send_signal(signal.SIGHUP)
+            time.sleep(0.003)
+
+    sender = threading.Thread(target=hang_up)
+    sender.start()
+    try:
+        _wait_for_line(p, "running:")
+    finally:
+        ready.set()
+        sender.join()
+    assert p.poll() is None
+    p.send_signal(signal.SIGHUP)  # now it reloads
+    _wait_for_line(p, "SIGHUP: reloaded")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    assert os.path.exists(REAPKIT)
+
+
+def _pidfd_exits(pidfd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_running_hook_dies_with_the_daemon(
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    other_memory_cgroup: SandboxCgroup,
+    tmp_path: Path,
+    sig: signal.Signals,
+) -> None:
+    if shutil.which("setpriv") is None and sig == signal.SIGKILL:
+        need("setpriv(1) (util-linux) for the hook's parent-death signal")
+    pids = tmp_path / "hook.pids"
+    # The hook moves into a sandbox cgroup of its own (removed, members killed, at teardown
+    # whatever happens), starts a child and sleeps: two processes to outlive the daemon.
+    script = (
+        f"echo $$ > {other_memory_cgroup.directory}/cgroup.procs; sleep 600 &"
+        f" echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    )
+    hook = f'{{ name = "prekill-hook", command = ["/bin/sh", "-c", "{script}"], timeout = "50s" }}'
+    policy = _policy(tmp_path / "p.toml", memory_cgroup, actions=f'{hook}, "kill"')
+    policy.write_text(policy.read_text() + 'action_deadline = "60s"\n')
+    p = _start(commands, str(policy))
+    _wait_for_line(p, "running:")
+    with start_hog(160 * MiB, [memory_cgroup.directory]):
+        deadline = time.monotonic() + 60
+        while not pids.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the hook never ran"
+            time.sleep(0.01)
+        fds = [os.pidfd_open(int(pid)) for pid in pids.read_text().split()]
+        try:
+            assert not any(_pidfd_exits(fd, 0) for fd in fds)
+            p.send_signal(sig)
+            p.wait(20)
+            assert all(_pidfd_exits(fd, 10) for fd in fds), "the hook outlived the daemon"
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _probe(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REAPKIT), "probe", str(path), *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_the_probe_passes_a_fresh_heartbeat_and_fails_a_stale_or_missing_one(
+    tmp_path: Path,
+) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    assert _probe(heartbeat).returncode == 1  # missing
+    heartbeat.write_text("garbage\n")
+    assert _probe(heartbeat).returncode == 1
+    beat(str(heartbeat))
+    fresh = _probe(heartbeat, "--max-age", "60")
+    assert (fresh.returncode, fresh.stdout.split(":")[0]) == (0, "alive")
+    heartbeat.write_text(f"{time.monotonic() - 100}\n")  # a loop stuck for 100 s
+    stale = _probe(heartbeat, "--max-age", "30")
+    assert (stale.returncode, stale.stdout.split(":")[0]) == (1, "stale")
+    assert _probe(heartbeat, "--max-age", "nan").returncode == 2
+
+
+async def test_the_heartbeat_stops_when_the_loop_is_stuck(tmp_path: Path) -> None:
+    heartbeat = str(tmp_path / "heartbeat")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_heartbeat, heartbeat, 0.01)
+        while not os.path.exists(heartbeat):
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        assert heartbeat_age(heartbeat) < 0.1
+        time.sleep(0.5)  # noqa: ASYNC251 - on purpose: a plugin blocking the trio thread
+        assert heartbeat_age(heartbeat) >= 0.5  # nobody beat meanwhile
+        await trio.sleep(0.1)
+        assert heartbeat_age(heartbeat) < 0.1  # the loop runs again
+        nursery.cancel_scope.cancel()
+
+
+def test_the_daemon_writes_its_heartbeat(
+    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    policy = _policy(tmp_path / "p.toml", memory_cgroup)
+    p = _start(commands, str(policy), "--dry-run", "--heartbeat", str(heartbeat))
+    _wait_for_line(p, "running:")
+    deadline = time.monotonic() + 30
+    while not heartbeat.exists():
+        assert time.monotonic() < deadline, "no heartbeat written"
+        time.sleep(0.01)
+    assert _probe(heartbeat, "--max-age", "30").returncode == 0
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0

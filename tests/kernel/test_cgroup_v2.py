@@ -9,8 +9,11 @@ test-vm``) and on any v2-only host; this project's hosts (v1 memory) skip them.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +188,19 @@ def test_cgroup_victims_honours_oomd_xattrs_and_pressure(
         while choose(by="pressure") != thrasher.pid:  # avg10 needs a few seconds of stalls
             assert time.monotonic() < end, "the thrashing cgroup never showed more pressure"
             time.sleep(0.5)
+
+
+def test_the_demo_runs_on_pure_cgroup_v2(v2_memory: SandboxCgroup) -> None:
+    """The pipeline show runs on v2 (memory.max, cgroup pressure); the stuck-victim show says
+    why it cannot: the v2 freezer lets SIGKILL through, so no victim stays in state D."""
+    del v2_memory  # only to know that memory cgroups here are v2
+    done = subprocess.run(
+        [sys.executable, "-m", "reapkit.cli", "demo", "--json", "--size-mib", "96"],
+        capture_output=True, text=True, timeout=3 * SLOW, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pipeline, alone, reaped = json.loads(done.stdout)
+    (record,) = pipeline["records"]
+    assert record["outcome"] == "killed" and record["timeline_ms"]["memory_back"] is not None
+    for show in (alone, reaped):
+        assert show["skipped"] and "freezer" in show["skipped"]

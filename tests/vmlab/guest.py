@@ -49,6 +49,7 @@ zram=$1; python_home=$2; project=$3; shift 3
 mount -o ro /dev/vda "$python_home"
 mount -o ro /dev/vdb "$project"
 mount /dev/vdc /var/tmp  # disk-backed: page cache that can thrash (the overlays are tmpfs)
+mount -t tmpfs -o mode=1777 tmpfs /tmp  # not the host's /tmp (its FIFOs, its test leftovers)
 echo "+memory +cpu +io +pids" > /sys/fs/cgroup/cgroup.subtree_control
 if [ -n "$zram" ]; then
   modprobe zram num_devices=1
@@ -107,10 +108,13 @@ def kernel() -> str:
     return images[-1]
 
 
+def _path() -> str:
+    """PATH with this venv's scripts first (vng, and the virtme-run it calls)."""
+    return os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+
 def _vng() -> str:
-    vng = shutil.which(
-        "vng", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    )
+    vng = shutil.which("vng", path=_path())
     if vng is None:
         raise LabError("virtme-ng is not installed (pip install -e '.[vm]')")
     return vng
@@ -201,23 +205,22 @@ def run(
             "--cpus", "2", "--disk", str(images[0]), "--disk", str(images[1]),
             "--disk", str(images[2]),
             "--append", f"psi=1 cgroup_no_v1=all module_blacklist={BLACKLIST}",
-            "--exec", inner,
+            "--verbose", "--exec", inner,
         ]  # fmt: skip
         return _supervise(argv, timeout)
 
 
 def _supervise(argv: list[str], timeout: float) -> int:
-    """Run the guest with our stdout/stderr behind a pipe (qemu reopens its own: a regular
-    file would be overwritten from its start), killed with its whole process group after
-    ``timeout``."""
-    env = {
-        **os.environ,
-        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-    }
-    guest = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env=env,
-    )  # fmt: skip
+    """Run the guest, streaming its standard output to ours through a pipe (qemu reopens its
+    own: a regular file would be overwritten from its start); the kernel's console and the
+    command's standard error go to ``console.log``, whose end is shown when the run fails.
+    The guest is killed with its whole process group after ``timeout``."""
+    console_log = WORK / "console.log"
+    with open(console_log, "wb") as console:
+        guest = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=console, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PATH": _path()},
+        )  # fmt: skip
     assert guest.stdout is not None
     deadline = time.monotonic() + timeout
     timed_out = False
@@ -237,9 +240,14 @@ def _supervise(argv: list[str], timeout: float) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(guest.pid, 9)  # our own child's group: qemu and vng
         status = guest.wait()
+        guest.stdout.close()
     if timed_out:
+        status = 124
         print(f"vmlab: the guest overran its {timeout:g} s and was killed", file=sys.stderr)
-        return 124
+    if status != 0:
+        tail = console_log.read_bytes().decode(errors="replace").splitlines()[-40:]
+        print(f"vmlab: exit status {status}; the end of {console_log}:", file=sys.stderr)
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
     return status
 
 

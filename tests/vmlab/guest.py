@@ -42,26 +42,27 @@ BLACKLIST = (
     "kvm,kvm_amd,kvm_intel,ahci,libahci,sr_mod,cdrom,crc32_pclmul,crct10dif_pclmul,"
     "ghash_clmulni_intel,aesni_intel,sha256_ssse3,sha512_ssse3"
 )
-#: What the guest's init script does before the command (``$1``: zram size or "").
-_INIT = r"""
-set -eu
-zram=$1; python_home=$2; project=$3; shift 3
-mount -o ro /dev/vda "$python_home"
-mount -o ro /dev/vdb "$project"
-mount /dev/vdc /var/tmp  # disk-backed: page cache that can thrash (the overlays are tmpfs)
+#: The guest's run script, written onto the scratch disk (the kernel command line, which
+#: carries ``--exec``, holds 2 KiB: a long command there panics the kernel at boot).
+_INIT = r"""set -eu
+mount -o ro /dev/vda {python_home}
+mount -o ro /dev/vdb {project}
 mount -t tmpfs -o mode=1777 tmpfs /tmp  # not the host's /tmp (its FIFOs, its test leftovers)
 echo "+memory +cpu +io +pids" > /sys/fs/cgroup/cgroup.subtree_control
-if [ -n "$zram" ]; then
+if [ -n {zram} ]; then
   modprobe zram num_devices=1
-  echo "$zram" > /sys/block/zram0/disksize
+  echo {zram} > /sys/block/zram0/disksize
   mkswap /dev/zram0 >/dev/null
   swapon /dev/zram0
 fi
 export TMPDIR=/var/tmp REAPKIT_IN_GUEST=1 PYTHONDONTWRITEBYTECODE=1
 export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis
-cd "$project"
-exec "$@"
+cd {project}
+exec {command}
 """
+#: What ``--exec`` runs: the scratch disk (disk-backed, so page cache can thrash there; the
+#: guest's own /var/tmp is a tmpfs) at /var/tmp, then the run script on it.
+_EXEC = "mount /dev/vdc /var/tmp && exec sh /var/tmp/.vmlab/run.sh"
 
 
 class LabError(RuntimeError):
@@ -176,13 +177,19 @@ def project_image() -> Path:
     return image
 
 
-def scratch_image() -> Path:
-    """An empty file system for the guest's /var/tmp, made afresh for each run (sparse)."""
+def scratch_image(script: str) -> Path:
+    """An empty file system for the guest's /var/tmp, holding only the run script, made
+    afresh for each run (sparse)."""
     image = WORK / "scratch.img"
     image.unlink(missing_ok=True)
-    empty = WORK / "empty"
-    empty.mkdir(exist_ok=True)
-    _ext4(image, empty, 2048)
+    stage = WORK / "scratch-stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / ".vmlab").mkdir(parents=True)
+    (stage / ".vmlab" / "run.sh").write_text(script)
+    try:
+        _ext4(image, stage, 2048)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return image
 
 
@@ -195,17 +202,17 @@ def run(
     WORK.mkdir(parents=True, exist_ok=True)
     with open(WORK / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        images = (python_image(), project_image(), scratch_image())
-        # The guest sees a tmpfs at /var/tmp: the script goes in on the command line.
-        inner = shlex.join(
-            ["sh", "-c", _INIT, "init", zram, str(_python_home()), str(ROOT), *command]
-        )
+        script = _INIT.format(
+            python_home=shlex.quote(str(_python_home())), project=shlex.quote(str(ROOT)),
+            zram=shlex.quote(zram), command=shlex.join(command),
+        )  # fmt: skip
+        images = (python_image(), project_image(), scratch_image(script))
         argv = [
             _vng(), "--run", kernel(), "--disable-kvm", "--force-9p", "--memory", memory,
             "--cpus", "2", "--disk", str(images[0]), "--disk", str(images[1]),
             "--disk", str(images[2]),
             "--append", f"psi=1 cgroup_no_v1=all module_blacklist={BLACKLIST}",
-            "--verbose", "--exec", inner,
+            "--verbose", "--exec", _EXEC,
         ]  # fmt: skip
         return _supervise(argv, timeout)
 
@@ -227,7 +234,7 @@ def _supervise(argv: list[str], timeout: float) -> int:
     try:
         os.set_blocking(guest.stdout.fileno(), False)
         while True:
-            chunk = _read_until(guest.stdout.fileno(), deadline)
+            chunk = _read_until(guest.stdout.fileno(), deadline, console_log)
             if chunk is None:
                 timed_out = True
                 break
@@ -243,7 +250,8 @@ def _supervise(argv: list[str], timeout: float) -> int:
         guest.stdout.close()
     if timed_out:
         status = 124
-        print(f"vmlab: the guest overran its {timeout:g} s and was killed", file=sys.stderr)
+        why = "its kernel died" if _died(console_log) else f"it overran its {timeout:g} s"
+        print(f"vmlab: the guest was killed: {why}", file=sys.stderr)
     if status != 0:
         tail = console_log.read_bytes().decode(errors="replace").splitlines()[-40:]
         print(f"vmlab: exit status {status}; the end of {console_log}:", file=sys.stderr)
@@ -251,17 +259,29 @@ def _supervise(argv: list[str], timeout: float) -> int:
     return status
 
 
-def _read_until(fd: int, deadline: float) -> bytes | None:
-    """The next output, ``b""`` at its end, ``None`` once ``deadline`` passed."""
+#: What the console says when the guest kernel died: no need to wait for the timeout.
+_DEAD = (b"Kernel panic", b"PANIC: ", b"kernel BUG at")
+
+
+def _read_until(fd: int, deadline: float, console: Path) -> bytes | None:
+    """The next output, ``b""`` at its end, ``None`` once ``deadline`` passed or the guest's
+    kernel died (checked on its console once a second)."""
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or _died(console):
             return None
         if select.select([fd], [], [], min(left, 1.0))[0]:
             try:
                 return os.read(fd, 65536)
             except BlockingIOError:
                 continue
+
+
+def _died(console: Path) -> bool:
+    with open(console, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+        tail = f.read()
+    return any(mark in tail for mark in _DEAD)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,6 @@ VM_TESTS := tests/kernel/test_cgroup_v2.py tests/kernel/test_privileged.py \
 	tests/kernel/test_syscalls.py::test_oom_score_adj_raise_and_lower \
 	tests/kernel/test_syscalls.py::test_cgroup_kill_on_v2_kills_every_member \
 	tests/kernel/test_psi.py::test_removing_the_cgroup_ends_the_watch \
-	tests/kernel/test_memory_source.py::test_a_real_crossing_fires_once_and_recovery_once \
 	tests/test_cli.py::test_doctor_json_has_the_documented_keys
 test-vm: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[vm]'

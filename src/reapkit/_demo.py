@@ -239,7 +239,10 @@ victim_timeout = "5s"
 
 
 async def run_pipeline_scenario(
-    *, with_pressure: bool, progress: Callable[[str], None] | None = None
+    *,
+    with_pressure: bool,
+    progress: Callable[[str], None] | None = None,
+    start_timeout: float = 30.0,
 ) -> ScenarioResult:
     """A leak grows in a limited cgroup while page-cache thrashing (in a second small cgroup)
     makes real memory pressure; the real pipeline ends it and reaps it; a protected ``sleep``
@@ -260,9 +263,17 @@ async def run_pipeline_scenario(
         policy = load_policy(text=pipeline_policy(scope.directory, with_pressure=with_pressure))
         async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
             if with_pressure:
-                stack.enter_context(start_thrasher(thrash, [pressure.directory]))
+                stack.enter_context(
+                    start_thrasher(thrash, [pressure.directory], timeout=start_timeout)
+                )
             grower = stack.enter_context(
-                start_grower(32 * MiB, 0.1, PIPELINE_LIMIT - 64 * MiB, [scope.directory])
+                start_grower(
+                    32 * MiB,
+                    0.1,
+                    PIPELINE_LIMIT - 64 * MiB,
+                    [scope.directory],
+                    timeout=start_timeout,
+                )
             )
             if progress:
                 progress("waiting for the conditions to hold")

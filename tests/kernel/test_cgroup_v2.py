@@ -195,8 +195,9 @@ def test_the_demo_runs_on_pure_cgroup_v2(v2_memory: SandboxCgroup) -> None:
     why it cannot: the v2 freezer lets SIGKILL through, so no victim stays in state D."""
     del v2_memory  # only to know that memory cgroups here are v2
     done = subprocess.run(
-        [sys.executable, "-m", "reapkit.cli", "demo", "--json", "--size-mib", "96"],
-        capture_output=True, text=True, timeout=3 * SLOW, check=False,
+        [sys.executable, "-m", "reapkit.cli", "demo", "--json", "--size-mib", "96",
+         "--timeout", "900"],
+        capture_output=True, text=True, timeout=4 * SLOW, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     pipeline, alone, reaped = json.loads(done.stdout)

@@ -41,6 +41,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument(
         "--bound", type=float, default=2.0, help="seconds to wait with the kill alone (default 2)"
     )
+    p.add_argument(
+        "--timeout", type=float, default=PIPELINE_TIMEOUT, metavar="SECONDS",
+        help=f"how long the pipeline show may take (default {PIPELINE_TIMEOUT:g}; more on a"
+        " slow machine such as an emulated guest)",
+    )  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -112,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--size-mib must be within 16..8192")
     if not 0.1 <= args.bound <= 60:
         raise UsageError("--bound must be within 0.1..60 seconds")
+    if not 10 <= args.timeout <= 3600:
+        raise UsageError("--timeout must be within 10..3600 seconds")
     check_can_run()
 
     def say(message: str) -> None:
@@ -162,15 +169,17 @@ def _pipeline(args: argparse.Namespace, say: Callable[[str], None]) -> ScenarioR
     console = Console(stderr=True, quiet=args.json)
 
     async def bounded() -> ScenarioResult | None:
-        with trio.move_on_after(PIPELINE_TIMEOUT):
+        with trio.move_on_after(args.timeout):
             with console.status("waiting for pressure and the memory line...", spinner="dots"):
-                return await run_pipeline_scenario(with_pressure=with_pressure)
+                return await run_pipeline_scenario(
+                    with_pressure=with_pressure, start_timeout=args.timeout
+                )
         return None
 
     result = trio.run(bounded)
     if result is None:
         return ScenarioResult(
-            "pipeline", None, None, None, PIPELINE_TIMEOUT * 1000,
-            skipped=f"the conditions did not hold within {PIPELINE_TIMEOUT:g} s",
+            "pipeline", None, None, None, args.timeout * 1000,
+            skipped=f"the conditions did not hold within {args.timeout:g} s",
         )  # fmt: skip
     return result

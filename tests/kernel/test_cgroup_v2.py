@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from reapkit import Candidate, ManualTrigger, Ranked, Situation
+from reapkit import Candidate, ManualTrigger, Ranked, Situation, load_policy, open_reaper
 from reapkit._hog import disk_backed_tmp, make_thrash_file, start_hog, start_thrasher
 from reapkit._procfs import ProcFS
 from reapkit._sandbox import SandboxCgroup
@@ -205,3 +205,32 @@ def test_the_demo_runs_on_pure_cgroup_v2(v2_memory: SandboxCgroup) -> None:
     assert record["outcome"] == "killed" and record["timeline_ms"]["memory_back"] is not None
     for show in (alone, reaped):
         assert show["skipped"] and "freezer" in show["skipped"]
+
+
+async def test_a_rule_on_its_cgroups_own_pressure_ends_the_thrasher(
+    v2_memory: SandboxCgroup, thrash_file: str
+) -> None:
+    """``pressure_cgroup``: the rule's PSI condition watches the cgroup's own memory.pressure,
+    and the real pipeline ends the process that makes it."""
+    v2_memory.set_memory_limit(48 * MiB)
+    policy = load_policy(
+        text=f"""
+[[rule]]
+name = "v2"
+pressure_cgroup = "{v2_memory.directory}"
+when = ["memory some 50ms/1s"]
+scope = {{ cgroup = "{v2_memory.directory}" }}
+actions = ["kill"]
+"""
+    )
+    with trio.fail_after(2 * SLOW):
+        async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+            thrasher = await trio.to_thread.run_sync(
+                functools.partial(start_thrasher, thrash_file, [v2_memory.directory], timeout=SLOW)
+            )
+            with thrasher:
+                record = await records.receive()
+                assert thrasher.process.wait(SLOW) == -signal.SIGKILL
+    assert record.outcome == "killed" and record.victim is not None
+    assert record.victim.pid == thrasher.pid
+    assert str(v2_memory.directory) in record.condition

@@ -32,10 +32,10 @@ from reapkit.builtin.selectors import CgroupVictims, CgroupVictimsOptions
 
 from ..conftest import MiB, Spawn, need
 
-pytestmark = [pytest.mark.kernel, pytest.mark.vm]
-
 #: Seconds a hog may take to start: a guest under software emulation is slow.
 SLOW = 300.0
+
+pytestmark = [pytest.mark.kernel, pytest.mark.vm, pytest.mark.timeout(5 * SLOW)]
 
 
 def _v2(cgroup: SandboxCgroup) -> SandboxCgroup:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import inspect
 import logging
 import math
 import os
@@ -313,7 +312,7 @@ class CgroupKill(Action):
         if not path or path == "/" or directory is None:
             raise InvalidValue(f"the victim's cgroup {path!r} cannot be killed as a whole")
         # The guard checks what it knows (scope, -1000, PID 1, the reaper); the rule's own
-        # protections (the 'protect' selectors) must hold for every member too.
+        # protections (its protective selectors) must hold for every member too.
         spared = await _protected_members(context, directory)
         if spared:
             pid, why = spared[0]
@@ -328,21 +327,16 @@ class CgroupKill(Action):
 
 
 async def _protected_members(context: ActionContext, directory: str) -> list[tuple[int, str]]:
-    """Members of ``directory`` that a ``protect`` selector of the rule would spare."""
-    protectors = [s for s in context.rule.selectors if s.name == "protect"]
-    if not protectors:
+    """Members of ``directory`` that a protective selector of the rule would spare (called by
+    the engine, as in the decision; one that fails refuses the kill)."""
+    if not any(s.protective for s in context.rule.selectors):
         return []
     procfs = context.situation.procfs
     candidates = []
     for pid in cgroup_members(directory):
         with contextlib.suppress(ReapkitError):
             candidates.append(Ranked(Candidate.from_info(procfs.process_info(pid))))
-    kept = {r.candidate.pid for r in candidates}
-    for protector in protectors:
-        result = protector.select(context.situation, candidates)
-        if inspect.isawaitable(result):
-            result = await result
-        kept &= {r.candidate.pid for r in result}
+    kept = {r.candidate.pid for r in await context.protected(candidates)}
     return [
         (r.candidate.pid, f"{r.candidate.comm!r} is protected by the rule")
         for r in candidates

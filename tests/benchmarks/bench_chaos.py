@@ -108,6 +108,11 @@ class Soak:
     seconds: float = 0.0
     exit_status: int | None = None
 
+    @property
+    def kills_without_record(self) -> int:
+        """Victims the daemon ended that no "killed" record tells of."""
+        return self.ended - self.records.get("killed", 0)
+
 
 def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -287,6 +292,7 @@ def report(result: Soak, cycles: int, seed: int) -> str:
         f"| kill cycles | {result.cycles} |",
         f"| victims ended by the daemon | {result.ended} |",
         f"| victims missed (ended by the soak after {VICTIM_DEADLINE:g} s) | {result.missed} |",
+        f"| kills without a record | {result.kills_without_record} |",
         f"| daemon exits | {result.daemon_exits} (exit status at SIGTERM: {result.exit_status}) |",
         f"| protected bystander killed | {result.protected_killed} |",
         f"| out-of-scope process killed | {result.outsider_killed} |",

@@ -39,6 +39,8 @@ from reapkit._sources.psi import PressureEvent
 from reapkit.builtin.selectors import Protect, Scope
 from reapkit.lowlevel import ProcFS
 
+from ..kernel.test_plugin_faults import TermThenHang
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -700,20 +702,10 @@ async def test_a_protective_selector_is_never_switched_off(
     assert engine.statistics().plugins_disabled == 0
 
 
-class SignalsThenHangs(Action):
-    name: ClassVar[str] = "test-signals-then-hangs"
-    signals: ClassVar[bool] = True
-
-    async def act(self, context: Any) -> str:
-        context.send_signal(signal.SIGTERM)
-        await trio.sleep_forever()
-        raise AssertionError
-
-
 async def test_stopping_mid_chain_after_a_signal_still_records_the_victim(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
-    rule = attrs.evolve(_rule(fake), actions=(SignalsThenHangs(),), action_deadline=100.0)
+    rule = attrs.evolve(_rule(fake), actions=(TermThenHang(),), action_deadline=100.0)
     records: list[KillRecord] = []
 
     async def emit(record: KillRecord) -> None:

@@ -355,7 +355,8 @@ def _uid_ranges(specs: Iterable[int | str]) -> tuple[tuple[int, int], ...]:
 @attrs.frozen
 class Identity:
     """What a process cannot choose for itself: its real uid, its executable (as root reads
-    ``/proc/<pid>/exe``) and its cgroup. Every option given must match."""
+    ``/proc/<pid>/exe``, verified: see :meth:`Situation.exe`) and its cgroup. Every option
+    given must match."""
 
     uid: tuple[int | str, ...] = attrs.field(default=(), converter=_uids)
     exe: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import pwd
 import re
+import shutil
 import string
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reapkit._accounts import may_execute
 from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Candidate, Ranked, Situation
 from reapkit._policy import DEFAULT_POLICY, PolicyError, load_policy
@@ -150,6 +154,47 @@ def test_actions_are_checked_against_the_rule_and_the_host(
         _load(tmp_path, actions=actions, extra=extra)
     assert info.value.key == key, info.value
     assert message in str(info.value)
+
+
+def test_a_hook_program_must_be_executable_by_the_hooks_user(tmp_path: Path) -> None:
+    # Found on PATH and executable by root, but not by nobody: found out when the policy loads.
+    program = tmp_path / "hook"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o700)
+    hook = f'{{ name = "prekill-hook", command = ["{program}"], user = "nobody" }}, "kill"'
+    with pytest.raises(PolicyError, match="not executable by uid 65534") as info:
+        _load(tmp_path, actions=hook)
+    assert info.value.key == "rule[0].actions[0].command", info.value
+    _load(tmp_path, actions=hook.replace(', user = "nobody"', ""))
+
+
+def test_may_execute_reads_the_mode_bits_for_another_user(tmp_path: Path) -> None:
+    gid = pwd.getpwnam("nobody").pw_gid
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        program = top / "p"
+        program.write_text("#!/bin/sh\n")
+        for mode, gids, expected in ((0o755, (), True), (0o750, (), False), (0o750, (0,), True)):
+            program.chmod(mode)
+            assert may_execute(str(program), 65534, gids) is expected, oct(mode)
+        assert may_execute(str(program), 0, ()) and may_execute("/bin/true", 65534, (gid,))
+        top.chmod(0o700)  # a directory above it the user cannot search
+        assert not may_execute(str(program), 65534, (0,))
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_hook_run_as_a_user_gets_that_users_groups(tmp_path: Path) -> None:
+    hook = '{ name = "prekill-hook", command = ["true"], user = "nobody" }, "kill"'
+    options = _load(tmp_path, actions=hook).rules[0].actions[0].options
+    nobody = pwd.getpwnam("nobody")
+    # Not the daemon's gid 0 and root's groups, which Popen(user=...) alone would keep.
+    assert options.credentials() == {
+        "user": nobody.pw_uid,
+        "group": nobody.pw_gid,
+        "extra_groups": os.getgrouplist("nobody", nobody.pw_gid),
+    }
 
 
 def test_good_actions_load_with_names_resolved(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ _RULE = """
 [[rule]]
 name = "t"
 scope = "system"
-select = [{{ name = "protect", cmdline = ["^(a+)+$"] }}, "largest-rss"]
+select = [{{ name = "protect", {protect} }}, "largest-rss"]
 actions = ["kill"]
 """
 
@@ -48,7 +48,7 @@ async def test_a_backtracking_pattern_decides_at_once(
     victim = spawn(["bash", "-c", f"exec -a {name} sleep 600"], cgroups=[memory_cgroup])
     _wait_for(f"/proc/{victim.pid}/cmdline", name.encode())
     policy = load_policy(
-        text=_RULE.format(),
+        text=_RULE.format(protect='cmdline = ["^(a+)+$"]'),
         dry_run=True,
         scope=CgroupScope.from_directory(memory_cgroup.directory),
         when=[],
@@ -99,13 +99,6 @@ async def test_a_hog_named_sshd_is_not_protected_by_the_default_policy(
 
 
 _SLEEP = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
-_SPOOF = """
-[[rule]]
-name = "t"
-scope = "system"
-select = [{{ name = "protect", exe = ['^{exe}$'] }}, "largest-rss"]
-actions = ["kill"]
-"""
 
 
 @pytest.fixture
@@ -147,7 +140,7 @@ async def test_an_exe_bind_mounted_in_a_user_namespace_is_not_identity(
     spoof = _wearing(_SLEEP, hog_file, spawn, memory_cgroup)
     genuine = spawn([_SLEEP, "600"], cgroups=[memory_cgroup])
     policy = load_policy(
-        text=_SPOOF.format(exe=re.escape(_SLEEP)),
+        text=_RULE.format(protect=f"exe = ['^{re.escape(_SLEEP)}$']"),
         dry_run=True,
         scope=CgroupScope.from_directory(memory_cgroup.directory),
         when=[],

@@ -3,7 +3,6 @@ heartbeat a liveness probe reads. ``reapkit run`` as a subprocess on sandbox pol
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import shutil
@@ -24,7 +23,7 @@ from reapkit._hog import start_hog
 from reapkit._sandbox import SandboxCgroup
 
 from .conftest import MiB, need
-from .test_run import _wait_for_line
+from .test_run import _wait_for_line, fill, small_tmpfs
 
 #: The console script, as systemd and the DaemonSet start it.
 REAPKIT = Path(sys.executable).with_name("reapkit")
@@ -232,21 +231,12 @@ def test_an_unusable_heartbeat_path_is_refused_with_status_2(
 def test_a_full_heartbeat_filesystem_does_not_stop_the_daemon(
     commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
 ) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         heartbeat = small / "heartbeat"
         policy = _policy(tmp_path / "p.toml", memory_cgroup)
         p = _start(commands, str(policy), "--dry-run", "--heartbeat", str(heartbeat))
         _wait_for_line(p, "running:")
-        filler = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(filler, b"x" * 1024)
-        finally:
-            os.close(filler)
+        fill(small)
         _wait_for_line(p, "heartbeat: cannot write")
         before = _beat_value(str(heartbeat))
         assert p.poll() is None
@@ -256,12 +246,6 @@ def test_a_full_heartbeat_filesystem_does_not_stop_the_daemon(
         assert before is not None and after is not None and after > before
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
-    finally:
-        for p in commands:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_the_daemon_writes_its_heartbeat(

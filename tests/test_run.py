@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,30 @@ def _lines(path: Path, at_least: int, timeout: float = 30) -> list[bytes]:
     raise AssertionError(f"fewer than {at_least} records in {path}: {data!r}")
 
 
+@contextlib.contextmanager
+def small_tmpfs(path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted at ``path``, detached at the end (freed once the daemon that
+    holds a file there is gone)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Fill the filesystem of ``directory`` with a file ``filler`` in it."""
+    filler = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, b"x" * 1024)
+    finally:
+        os.close(filler)
+    assert os.statvfs(directory).f_bavail == 0
+
+
 @pytest.fixture
 def deciding_policy(memory_cgroup: SandboxCgroup, spawn: Spawn, tmp_path: Path) -> Path:
     """A policy whose rule holds all the time (a process in its cgroup), deciding again after
@@ -291,23 +316,12 @@ def test_a_kill_unconfirmed_at_the_stop_reaches_the_records_file(
 def test_a_full_records_filesystem_does_not_stop_the_daemon(
     commands: list[subprocess.Popen[str]], deciding_policy: Path, tmp_path: Path
 ) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
-    p = None
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         policy = deciding_policy
         records = small / "records.jsonl"
         p = _start(commands, str(policy), "--dry-run", "--records", str(records))
         _lines(records, 2)
-        filler = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(filler, b"x" * 1024)
-        finally:
-            os.close(filler)
-        assert os.statvfs(small).f_bavail == 0
+        fill(small)
         _wait_for_line(p, "records: cannot write to")
         for _ in range(3):  # it goes on deciding
             _wait_for_line(p, "rule sandbox: dry-run")
@@ -319,11 +333,6 @@ def test_a_full_records_filesystem_does_not_stop_the_daemon(
         assert all(json.loads(line)["outcome"] == "dry-run" for line in lines)  # no torn line
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
-    finally:
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait(10)
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_stalled_stderr_does_not_stall_the_daemon(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -38,6 +39,8 @@ from ._guard import (
     CgroupScope,
     KillGuard,
     KillRefused,
+    Refusal,
+    RefusalReason,
     SignalOutcome,
     SubtreeScope,
     cgroup_members,
@@ -160,6 +163,8 @@ class ActionContext:
     notify: Callable[[object], Awaitable[None]] | None = None
     #: Anonymous memory + swap the victim held before any action (what its end frees).
     freeable: int = 0
+    #: The engine's pass of the rule's protective selectors (see :meth:`protected`).
+    _protect: Callable[[Sequence[Ranked]], Awaitable[tuple[Ranked, ...]]] | None = None
 
     @property
     def guard(self) -> KillGuard:
@@ -199,6 +204,14 @@ class ActionContext:
             self.mark("exit_seen")
             return True
         return False
+
+    async def protected(self, candidates: Sequence[Ranked]) -> tuple[Ranked, ...]:
+        """What the rule's protective selectors (``protect``, ``scope``, third-party ones)
+        keep of ``candidates``, each called as in the decision (deadline, worker thread). One
+        that fails raises :class:`KillRefused`: a protection that cannot answer spares all."""
+        if self._protect is None:
+            raise RuntimeError("this context has no engine to call the selectors")
+        return await self._protect(candidates)
 
     async def reap(self) -> Any:
         """``process_mrelease`` on a reaper thread: the ReapResult, or None when every
@@ -438,10 +451,15 @@ class Engine:
             )
             return False
         context = ActionContext(
-            rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify
-        )
+            rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify,
+            protect=functools.partial(self._protected, rule, situation, victim.pid),
+        )  # fmt: skip
         context.freeable = self._freeable(ref) if not ref.closed else victim.rss
-        failure = await self._act(rule, context)
+        stopped = functools.partial(
+            record, reason="the reaper stopped during the action chain", victim=info,
+            selectors=tuple(steps),
+        )  # fmt: skip
+        failure = await self._act(rule, context, stopped, now)
         if timeline.get("signal_sent") is None:
             ref.close()
             if isinstance(failure, KillRefused):
@@ -472,14 +490,25 @@ class Engine:
             return False
         # A signal went out (a SIGKILL refused after SIGTERM still means the victim is on its
         # way): count it, keep every rule off new victims until it is confirmed gone.
-        if context.dry_run:
-            self._counts["dry_runs"] += 1
-        else:
-            self._counts["kills"] += 1
-            self._kills[rule.name].append(now)
-            self._dying[victim.pid] = trio.current_time() + rule.victim_timeout
+        self._count_signalled(rule, context, now, dying=True)
         nursery.start_soon(self._confirm, rule, context, info, steps, record, failure)
         return True
+
+    def _count_signalled(
+        self, rule: Rule, context: ActionContext, now: float, *, dying: bool
+    ) -> None:
+        if context.dry_run:
+            self._counts["dry_runs"] += 1
+            return
+        self._counts["kills"] += 1
+        self._kills[rule.name].append(now)
+        if dying:
+            self._dying[context.pid] = trio.current_time() + rule.victim_timeout
+
+    async def _emit_shielded(self, record: KillRecord) -> None:
+        """Emit ``record`` also while the reaper is stopping (shielded, bounded)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self.emit(record)
 
     async def _candidates(self, rule: Rule) -> list[Ranked]:
         """The processes a rule may choose from: its cgroup's members, or every process
@@ -563,17 +592,11 @@ class Engine:
             if fell_back and not sel.protective:
                 continue
             before = len(ranked)
-            with isolated() as failed:
-                result = await self._calls.call(
-                    sel, "select", situation, ranked, deadline=rule.plugin_deadline
-                )
-                ranked_now = _validated(ranked, result)
-            if failed.error is None:
-                ranked = ranked_now
+            ranked, error = await self._apply(rule, sel, situation, ranked)
+            if error is None:
                 steps.append(_step(sel.name, before, ranked))
                 continue
-            self._counts["plugin_failures"] += 1
-            why = describe(failed.error)
+            why = describe(error)
             steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
             if sel.protective:
                 log.error("rule %s: protective selector %s %s; no victim", rule.name, sel.name, why)
@@ -590,6 +613,35 @@ class Engine:
             fell_back = True
         return list(ranked), steps, None
 
+    async def _apply(
+        self, rule: Rule, sel: Selector, situation: Situation, ranked: tuple[Ranked, ...]
+    ) -> tuple[tuple[Ranked, ...], BaseException | None]:
+        """One selector, isolated: its validated ranking, or ``ranked`` and its failure
+        (counted). A protective selector is never switched off: it would end the rule's kills."""
+        with isolated() as failed:
+            result = await self._calls.call(
+                sel, "select", situation, ranked,
+                deadline=rule.plugin_deadline, may_switch_off=not sel.protective,
+            )  # fmt: skip
+            ranked_now = _validated(ranked, result)
+        if failed.error is not None:
+            self._counts["plugin_failures"] += 1
+            return ranked, failed.error
+        return ranked_now, None
+
+    async def _protected(
+        self, rule: Rule, situation: Situation, pid: int, candidates: Sequence[Ranked]
+    ) -> tuple[Ranked, ...]:
+        """:meth:`ActionContext.protected` for the victim ``pid``."""
+        ranked = tuple(candidates)
+        for sel in rule.selectors:
+            if sel.protective:
+                ranked, error = await self._apply(rule, sel, situation, ranked)
+                if error is not None:
+                    why = f"the protective selector {sel.name} {describe(error)}"
+                    raise KillRefused(Refusal(pid, RefusalReason.PROTECTED, why))
+        return ranked
+
     def _first_allowed(self, rule: Rule, ranked: list[Ranked]) -> tuple[Ranked | None, list[str]]:
         refusals: list[str] = []
         for r in ranked:
@@ -599,16 +651,25 @@ class Engine:
             refusals.append(f"{r.candidate.pid}: {refusal.reason.value}")
         return None, refusals
 
-    async def _act(self, rule: Rule, context: ActionContext) -> BaseException | None:
-        """Run the action chain; the failure that ended it, or None. A chain cut after a
-        signal went out ends in SIGKILL (:func:`_kill_if_cut`)."""
+    async def _act(
+        self, rule: Rule, context: ActionContext, stopped: Callable[..., KillRecord], now: float
+    ) -> BaseException | None:
+        """Run the action chain; the failure that ended it, or None. A chain cut (a failure,
+        the reaper stopping) after a signal went out ends in SIGKILL (:func:`_kill_if_cut`);
+        a chain that ran to its end is left as its actions made it. Stopped after a signal,
+        the victim still gets its record (``stopped(outcome, actions=...)``)."""
         try:
             failure = await self._chain(rule, context)
         except BaseException:  # cancelled mid-chain (the reaper stops)
             _kill_if_cut(context, None)
             context._ref.close()
+            if context.timeline.get("signal_sent") is not None:
+                self._count_signalled(rule, context, now, dying=False)
+                outcome = "dry-run" if context.dry_run else "killed"
+                await self._emit_shielded(stopped(outcome, actions=tuple(context.steps)))
             raise
-        _kill_if_cut(context, failure)
+        if failure is not None:
+            _kill_if_cut(context, failure)
         return failure
 
     async def _chain(self, rule: Rule, context: ActionContext) -> BaseException | None:
@@ -688,8 +749,7 @@ class Engine:
                 outcome, reason, victim=info, selectors=tuple(steps), actions=tuple(context.steps),
                 bytes_freed=None if context.dry_run else max(0, initial - held),
             )  # fmt: skip
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await self.emit(final)
+            await self._emit_shielded(final)
 
     def _freeable(self, ref: ProcessRef) -> int:
         """Anonymous memory + swap the victim still holds (0 once it is gone or reused)."""
@@ -730,7 +790,7 @@ def _validated(given: tuple[Ranked, ...], result: Any) -> tuple[Ranked, ...]:
             found = own.get(candidate) if type(candidate) is Candidate else None
             if found is None:
                 raise ValueError(f"a selector returned process {candidate.pid}, not a candidate")
-            out.append(Ranked(found, item.score, item.reason))
+            out.append(item._of(found))
         else:
             out.append(item)
     return tuple(out)

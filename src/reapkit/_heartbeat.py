@@ -9,21 +9,38 @@ an operator's ``date``) cannot make a stuck daemon look alive or a live one stal
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
+from typing import Final
 
 import trio
 
+log = logging.getLogger("reapkit")
+
 #: Seconds between two beats of ``reapkit run --heartbeat``.
 HEARTBEAT_EVERY = 5.0
+#: The temporary file: created here or not at all (never a link or a file planted before).
+_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def beat(path: str) -> None:
-    """Write the time now to ``path``, atomically (a probe never reads half a file)."""
+    """Write the time now to ``path``, atomically (a probe never reads half a file), through
+    ``{path}.tmp`` created afresh with mode 0600. A symbolic link at either name is replaced,
+    never followed. Raises ``OSError``."""
     partial = f"{path}.tmp"
-    with open(partial, "w", encoding="ascii") as f:
-        f.write(f"{time.monotonic():.3f}\n")
-    os.replace(partial, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # left by a failed beat (or planted): unlink never follows a link
+    fd = os.open(partial, _TEMP_FLAGS, 0o600)
+    try:
+        with open(fd, "w", encoding="ascii") as f:
+            f.write(f"{time.monotonic():.3f}\n")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def heartbeat_age(path: str) -> float:
@@ -35,8 +52,21 @@ def heartbeat_age(path: str) -> float:
 
 async def serve_heartbeat(path: str, every: float = HEARTBEAT_EVERY) -> None:
     """Beat every ``every`` seconds until cancelled. The write runs on a thread: a stalled
-    disk stalls the heartbeat (the probe then fails), never the loop."""
+    disk stalls the heartbeat (the probe then fails), never the loop. A failed beat (a full
+    disk) is logged once, retried at the next beat, and the count of failures said when a
+    beat works again."""
     limiter = trio.CapacityLimiter(1)  # a hung write cannot pile up threads
+    failures = 0
     while True:
-        await trio.to_thread.run_sync(beat, path, limiter=limiter, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(beat, path, limiter=limiter, abandon_on_cancel=True)
+        except OSError as exc:
+            if not failures:
+                why = exc.strerror or exc
+                log.error("heartbeat: cannot write %s: %s; retrying every %g s", path, why, every)  # noqa: TRY400 - no traceback
+            failures += 1
+        else:
+            if failures:
+                log.warning("heartbeat: writing %s again after %d failed beat(s)", path, failures)
+            failures = 0
         await trio.sleep(every)

@@ -254,6 +254,13 @@ class Ranked:
             self._reason = reason
         return reason
 
+    def _of(self, candidate: Candidate) -> Ranked:
+        """This ranking for an equal ``candidate``; a reason not written yet stays unwritten."""
+        copy = Ranked.__new__(Ranked)
+        copy._candidate, copy._score, copy._reason = candidate, self._score, self._reason
+        copy._why, copy._why_arg = self._why, self._why_arg
+        return copy
+
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
@@ -303,11 +310,18 @@ class Situation:
         return " ".join(args)
 
     def exe(self, c: Candidate) -> str:
-        """The executable's path (``/proc/<pid>/exe``); ``""`` for kernel threads, vanished
-        processes, or where it cannot be read."""
+        """The executable's path (``/proc/<pid>/exe``), only if it is verified: the file at
+        that path in the reader's mount namespace is the file the process runs. ``""`` for a
+        file bind-mounted or private to another mount namespace, deleted or replaced
+        (``" (deleted)"``), for kernel threads, vanished processes, or where it cannot be read."""
 
         def read(pid: int) -> str:
-            return os.readlink(f"{self.procfs.root}/{pid}/exe")
+            link = f"{self.procfs.root}/{pid}/exe"
+            running = os.stat(link)  # the file the process runs, wherever it was mounted
+            path = os.readlink(link)
+            on_disk = os.lstat(path) if path.startswith("/") else None  # a link is no proof
+            same = on_disk is not None and os.path.samestat(running, on_disk)
+            return path if same else ""
 
         value: str = self._cached(c.pid, "exe", read, "")
         return value
@@ -633,10 +647,15 @@ class PluginCalls:
 
 
 def _drained(func: Callable[..., Any], *args: Any) -> Any:
-    """``func(*args)``; an iterator it returns (a generator) is run to its end here too, on the
-    worker thread, not later on the trio thread."""
+    """``func(*args)``; an iterable it returns (a generator, a class of its own) is iterated
+    here too, on the worker thread, and so is the reason of its first ranked item (what the
+    record shows), not later on the trio thread."""
     result = func(*args)
-    return tuple(result) if isinstance(result, Iterator) else result
+    if isinstance(result, Iterable) and not isinstance(result, str | bytes):
+        result = tuple(result)
+        if result and type(result[0]) is Ranked:
+            _ = result[0].reason
+    return result
 
 
 # -- the registry --------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ DEFAULT_POLICY: Final = """\
 # then reap the victim's memory with process_mrelease.
 # A process chooses its own comm: a name protects only a process that also runs as a system
 # account (uid 0-999, SYS_UID_MAX in /etc/login.defs), which no user can take. The graphical
-# session is protected by executable path (reading another user's /proc/<pid>/exe needs
-# CAP_SYS_PTRACE: without it those processes are not protected).
+# session is protected by executable path, verified against the file system (reading another
+# user's /proc/<pid>/exe needs CAP_SYS_PTRACE: without it those processes are not protected;
+# after an upgrade replaced the binary, neither is the old session until it restarts).
 
 [reaper.reap]
 threads = 2

@@ -41,6 +41,8 @@ EVENT_BUFFER = 64
 RECORD_BUFFER = 256
 #: Seconds an observer may take for one record or warning.
 OBSERVER_DEADLINE = 2.0
+#: Records and warnings buffered for the observers; when full, the newest are dropped (counted).
+OBSERVER_BUFFER = 256
 
 
 @attrs.define
@@ -74,6 +76,8 @@ class ReaperStatistics:
     policy: str
     #: Observers switched off for overrunning their deadline again and again.
     observers_disabled: int = 0
+    #: Records and warnings the observers never got: they fell ``OBSERVER_BUFFER`` behind.
+    observer_items_dropped: int = 0
     #: From the ``output`` counters (zero without them): see :class:`OutputCounters`.
     records_write_errors: int = 0
     records_lost: int = 0
@@ -101,6 +105,9 @@ class Reaper:
     _observers: tuple[Any, ...] = attrs.field(default=())
     #: Calls the observers (deadlines, worker threads, switching off).
     _observer_calls: PluginCalls = attrs.field(factory=PluginCalls)
+    #: What the observers' task delivers: (method, record or warning), in order.
+    _to_observers: trio.MemorySendChannel[tuple[str, object]] | None = None
+    _observer_items_dropped: int = 0
     _output: OutputCounters = attrs.field(factory=OutputCounters)
 
     @property
@@ -132,6 +139,7 @@ class Reaper:
             event_failures=self._event_failures,
             policy=self._policy.source,
             observers_disabled=self._observer_calls.switched_off,
+            observer_items_dropped=self._observer_items_dropped,
             **attrs.asdict(self._output),
         )
 
@@ -154,9 +162,10 @@ class Reaper:
         await trio.lowlevel.checkpoint()
 
     async def _emit(self, record: KillRecord) -> None:
+        """Hand ``record`` to every subscriber and queue it for the observers; never waits
+        (no checkpoint either: a cancelled caller still gets it out)."""
         self._records += 1
         log.info("kill record: %s", record.to_json_line())
-        await self._tell_observers("on_record", record)
         for send in list(self._subscribers):
             try:
                 send.send_nowait(record)
@@ -164,15 +173,31 @@ class Reaper:
                 self._dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(send)
+        self._queue_for_observers("on_record", record)
 
     async def _warn(self, warning: object) -> None:
-        await self._tell_observers("on_warning", warning)
+        """Queue a warning for the observers, behind the records before it; never waits."""
+        self._queue_for_observers("on_warning", warning)
 
-    async def _tell_observers(self, method: str, item: object) -> None:
-        """Call every observer (not switched off); the others still hear when one fails."""
-        for observer in self._observers:
-            if self._observer_calls.is_on(observer):
-                await self._call_observer(observer, method, item, OBSERVER_DEADLINE)
+    def _queue_for_observers(self, method: str, item: object) -> None:
+        if self._to_observers is None or not self._observers:
+            return
+        try:
+            self._to_observers.send_nowait((method, item))
+        except trio.WouldBlock:
+            self._observer_items_dropped += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reaper is stopping: its observers' task has ended
+
+    async def _serve_observers(
+        self, receive: trio.MemoryReceiveChannel[tuple[str, object]]
+    ) -> None:
+        """The observers' task: each item to every observer still on, one call at a time."""
+        async with receive:
+            async for method, item in receive:
+                for observer in self._observers:
+                    if self._observer_calls.is_on(observer):
+                        await self._call_observer(observer, method, item, OBSERVER_DEADLINE)
 
     async def _call_observer(
         self, observer: Plugin, method: str, arg: object, deadline: float
@@ -224,16 +249,45 @@ async def serve_reaper(
     procfs = procfs or ProcFS()
     send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
     subscribers = list(records)
-    try:
-        await _serve(
-            policy, procfs, live_table, stop_timeout, send, receive, subscribers, output,
-            task_status,
-        )  # fmt: skip
-    finally:
-        # After every task ended, so records emitted while stopping still reach them;
-        # iterating records() then ends with the reaper.
-        for subscriber in subscribers:
-            subscriber.close()
+    async with trio.open_nursery() as outer:
+        feed = _ObserverFeed(outer)
+        try:
+            await _serve(
+                policy, procfs, live_table, stop_timeout, send, receive, subscribers, output,
+                feed, task_status,
+            )  # fmt: skip
+        finally:
+            # After every task ended, so records emitted while stopping still reach them;
+            # iterating records() then ends with the reaper.
+            for subscriber in subscribers:
+                subscriber.close()
+            feed.close()
+
+
+@attrs.define(eq=False)
+class _ObserverFeed:
+    """The observers' own task and its bounded channel. Shielded, it outlives the reaper's
+    other tasks, then delivers what they queued while stopping for ``OBSERVER_DEADLINE``."""
+
+    nursery: trio.Nursery
+    send: trio.MemorySendChannel[tuple[str, object]] = attrs.field(init=False)
+    receive: trio.MemoryReceiveChannel[tuple[str, object]] = attrs.field(init=False)
+    scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+
+    def __attrs_post_init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[tuple[str, object]](OBSERVER_BUFFER)
+
+    def start(self, reaper: Reaper) -> None:
+        reaper._to_observers = self.send
+        self.nursery.start_soon(self._run, reaper)
+
+    async def _run(self, reaper: Reaper) -> None:
+        with self.scope:
+            await reaper._serve_observers(self.receive)
+
+    def close(self) -> None:
+        self.send.close()
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + OBSERVER_DEADLINE)
 
 
 async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its finally
@@ -245,6 +299,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
     receive: trio.MemoryReceiveChannel[object],
     subscribers: list[trio.MemorySendChannel[KillRecord]],
     output: OutputCounters | None,
+    feed: _ObserverFeed,
     task_status: trio.TaskStatus[Reaper],
 ) -> None:
     async with send, receive, trio.open_nursery() as nursery:
@@ -267,6 +322,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
             )  # fmt: skip
             engine.emit = reaper._emit
             engine.notify = reaper._warn
+            feed.start(reaper)
             try:  # before the first decision, not beside it
                 await engine.prepare()
             except Exception as exc:  # kept files are an optimisation: never fatal

@@ -27,7 +27,10 @@ kernel dropped events (``ENOBUFS``) it still delivers what it had buffered *befo
 possibly after the rescan: a fork whose exit was dropped would then add a process long gone.
 So an event the kernel stamped before the last scan began is ignored: the scan already shows
 its effect (a forked child is visible before its fork event is sent; a process whose exit
-event was sent is exiting, a zombie or gone, all left out).
+event was sent is exiting, a zombie or gone, all left out). The kernel stamps events with the
+host's ``CLOCK_MONOTONIC``, which a time namespace offsets: the scan's time is translated by
+the offset ``/proc/self/timens_offsets`` gives, and when it cannot be read the filter is off
+(a stale fork may then add a process that is gone, until the next resync).
 
 Without the connector (no ``CAP_NET_ADMIN`` before Linux 6.6, not in the initial namespaces,
 netlink blocked) the table says so once (a warning on the ``reapkit.table`` logger) and works
@@ -66,6 +69,22 @@ TableMode = Literal["connector", "scan"]
 _DEAD_STATES = frozenset({"Z", "X"})
 
 
+def monotonic_offset_ns(path: str = "/proc/self/timens_offsets") -> int | None:
+    """How far this time namespace's ``CLOCK_MONOTONIC`` is ahead of the host's (0 without
+    time namespaces); ``None`` when it cannot be told."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                name, seconds, nanoseconds = line.split()
+                if name == b"monotonic":
+                    return int(seconds) * 1_000_000_000 + int(nanoseconds)
+    except FileNotFoundError:
+        return 0  # a kernel without time namespaces
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @attrs.frozen
 class TableStatistics:
     """A snapshot of a :class:`ProcessTable`'s counters."""
@@ -98,6 +117,9 @@ class ProcessTable:
     channel_size: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     #: In ``"scan"`` mode, reads rescan ``/proc`` at most this often (seconds).
     min_rescan_interval: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    #: This namespace's monotonic clock minus the host's, which stamps events (``None``:
+    #: unknown, events are not compared with the last scan).
+    monotonic_offset_ns: int | None = attrs.field(factory=monotonic_offset_ns)
 
     # pid -> the pid of its parent when it was forked or found by a scan (0: unknown or none).
     _parents: dict[int, int] = attrs.field(factory=dict, init=False)
@@ -178,7 +200,7 @@ class ProcessTable:
             self._overruns += 1
             self._stale = True
             return
-        if 0 < event.kernel_ns < self._scanned_ns:
+        if 0 < event.kernel_ns < self._scanned_ns and self.monotonic_offset_ns is not None:
             return  # sent before the last scan began: the scan shows its effect
         # Most frequent first: a storm is forks, execs and exits.
         if isinstance(event, ProcExit):
@@ -210,7 +232,7 @@ class ProcessTable:
         """Every live process and its parent, from ``/proc/<pid>/stat``."""
         procfs = self.procfs
         found: dict[int, int] = {}
-        self._scanned_ns = time.monotonic_ns()
+        self._scanned_ns = time.monotonic_ns() - (self.monotonic_offset_ns or 0)
         for pid in procfs.pids():
             try:
                 stat = procfs.stat(pid)

@@ -108,6 +108,11 @@ class Soak:
     seconds: float = 0.0
     exit_status: int | None = None
 
+    @property
+    def kills_without_record(self) -> int:
+        """Victims the daemon ended that no "killed" record tells of."""
+        return self.ended - self.records.get("killed", 0)
+
 
 def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -129,7 +134,7 @@ def _fill(directory: Path) -> None:
             f.flush()
 
 
-def soak(cycles: int = CYCLES, *, seed: int = 1) -> Soak:
+def soak(cycles: int = CYCLES, *, seed: int = 1, keep_log: Path | None = None) -> Soak:
     rng = random.Random(seed)
     result = Soak()
     work = Path(tempfile.mkdtemp(prefix="reapkit-chaos-"))
@@ -141,7 +146,7 @@ def soak(cycles: int = CYCLES, *, seed: int = 1) -> Soak:
     try:
         cgroup.set_memory_limit(LIMIT)
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(records_dir)],
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(records_dir)],
             check=True,
         )
         mounted = True
@@ -203,18 +208,20 @@ def soak(cycles: int = CYCLES, *, seed: int = 1) -> Soak:
             if outsider.poll() is not None:
                 result.outsider_killed += 1
                 break
-            if cycle == cycles // 10 or cycle == cycles - 1:  # after warming up, and at the end
+            if cycle % max(1, cycles // 10) == 0 or cycle == cycles - 1:
                 result.fds.append(_fd_count(daemon.pid))
                 result.rss_kib.append(_rss_kib(daemon.pid))
         result.seconds = time.monotonic() - begin
+        (records_dir / "filler").unlink(missing_ok=True)  # what waits is written at the stop
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
         result.exit_status = daemon.returncode
         log.close()
-        (records_dir / "filler").unlink(missing_ok=True)
         _read_records(records_dir / "records.jsonl", result)
         _read_log(work / "daemon.log", result)
+        if keep_log is not None:
+            shutil.copy(work / "daemon.log", keep_log)
         return result
     finally:
         for p in started:  # only our own children, by their Popen
@@ -285,6 +292,7 @@ def report(result: Soak, cycles: int, seed: int) -> str:
         f"| kill cycles | {result.cycles} |",
         f"| victims ended by the daemon | {result.ended} |",
         f"| victims missed (ended by the soak after {VICTIM_DEADLINE:g} s) | {result.missed} |",
+        f"| kills without a record | {result.kills_without_record} |",
         f"| daemon exits | {result.daemon_exits} (exit status at SIGTERM: {result.exit_status}) |",
         f"| protected bystander killed | {result.protected_killed} |",
         f"| out-of-scope process killed | {result.outsider_killed} |",
@@ -292,8 +300,8 @@ def report(result: Soak, cycles: int, seed: int) -> str:
         f" {result.reloads_broken} |",
         f"| records file system filled | {result.disk_fills} times |",
         f"| torn records lines | {result.torn_records} |",
-        f"| daemon fds (after warm-up → end) | {fds} |",
-        f"| daemon VmRSS MiB (after warm-up → end) | {rss} |",
+        f"| daemon fds, every {max(1, cycles // 10)} cycles | {fds} |",
+        f"| daemon VmRSS MiB, every {max(1, cycles // 10)} cycles | {rss} |",
     ]
     lines += [f"| records: {k} | {n} |" for k, n in sorted(result.records.items())]
     lines += [f"| log: {k} | {n} |" for k, n in sorted(result.log_lines.items())]
@@ -307,4 +315,5 @@ def run() -> str:
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES
     s = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    print(report(soak(n, seed=s), n, s))
+    kept = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    print(report(soak(n, seed=s, keep_log=kept), n, s))

@@ -4,13 +4,16 @@ processes the test started in a sandbox cgroup the policy is scoped to."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
 import pytest
 import trio
 
-from reapkit._plugins import Action, PluginRegistry
+from reapkit._plugins import Action, PluginRegistry, Ranked, Selector, Situation
 from reapkit._policy import Policy, load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
@@ -56,12 +59,34 @@ class TermThenRaise(Action):
         raise RuntimeError("bug after SIGTERM")
 
 
-def _load(cgroup: SandboxCgroup, actions: str, extra: str = "") -> Policy:
+class TermOnly(Action):
+    """A third-party signalling action that sends SIGTERM and is done."""
+
+    name: ClassVar[str] = "test-term-only"
+    signals: ClassVar[bool] = True
+
+    async def act(self, context: Any) -> str:
+        return str(context.send_signal(signal.SIGTERM).value)
+
+
+class SparesSleep(Selector):
+    """A third-party protective selector (not named 'protect'): spares every ``sleep``."""
+
+    name: ClassVar[str] = "test-spares-sleep"
+    protective: ClassVar[bool] = True
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        return [r for r in candidates if r.candidate.comm != "sleep"]
+
+
+def _load(
+    cgroup: SandboxCgroup, actions: str, extra: str = "", select: str = '"largest-rss"'
+) -> Policy:
     registry = PluginRegistry()
     register_builtins(registry)
-    for action in (CannotStart, TermThenHang, TermThenRaise):
-        registry.register(action)
-    text = _policy(cgroup, when="", select='"largest-rss"', actions=actions, extra=extra)
+    for plugin in (CannotStart, TermThenHang, TermThenRaise, TermOnly, SparesSleep):
+        registry.register(plugin)
+    text = _policy(cgroup, when="", select=select, actions=actions, extra=extra)
     return load_policy(text=text, registry=registry)
 
 
@@ -114,3 +139,57 @@ async def test_a_chain_cut_after_sigterm_ends_in_sigkill(
     assert (net.action, net.outcome) == ("sigkill-after-cut", "ok")
     assert "SIGKILL sent" in net.detail
     assert other.poll() is None
+
+
+async def test_a_chain_that_ran_to_its_end_gets_no_sigkill_it_did_not_send(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    stubborn, other = _stubborn_and_other(spawn, memory_cgroup)
+    policy = _load(memory_cgroup, '"test-term-only"')
+    record = await _one_record(policy)
+    assert record.victim is not None and record.victim.pid == stubborn.pid
+    assert [(a.action, a.outcome) for a in record.actions] == [("test-term-only", "ok")]
+    assert stubborn.poll() is None and other.poll() is None  # SIGTERM only, as the action chose
+
+
+#: Says when it gets SIGTERM, and stays.
+_TELLS_SIGTERM = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: print('term', flush=True))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+async def test_stopping_during_terminates_grace_still_records_the_kill(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    victim = spawn(
+        [sys.executable, "-c", _TELLS_SIGTERM], cgroups=[memory_cgroup], stdout=subprocess.PIPE
+    )
+    assert victim.stdout is not None and victim.stdout.readline() == b"ready\n"
+    policy = _load(
+        memory_cgroup, '{ name = "terminate", grace = "60s" }', extra='action_deadline = "90s"'
+    )
+    async with open_reaper(policy, live_table=False) as reaper:
+        records = reaper.records()
+        await reaper.trigger("test")
+        with trio.fail_after(20):
+            assert await trio.to_thread.run_sync(victim.stdout.readline) == b"term\n"
+    got = [r async for r in records]  # the channel ends with the reaper
+    assert victim.wait(10) == -signal.SIGKILL  # the safety net
+    (record,) = got
+    assert record.outcome == "killed" and "stopped during the action chain" in record.reason
+    assert [(a.action, a.outcome) for a in record.actions] == [("sigkill-after-cut", "ok")]
+
+
+async def test_cgroup_kill_honours_every_protective_selector(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    target = spawn([sys.executable, "-c", "import time; time.sleep(600)"], cgroups=[memory_cgroup])
+    spared = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    policy = _load(memory_cgroup, '"cgroup-kill"', select='"test-spares-sleep", "largest-rss"')
+    record = await _one_record(policy)
+    assert record.victim is not None and record.victim.pid == target.pid
+    assert record.outcome == "refused" and "protected" in (record.refusal or ""), record
+    assert target.poll() is None and spared.poll() is None

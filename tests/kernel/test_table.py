@@ -228,9 +228,10 @@ async def test_lost_events_lead_to_a_resync_and_a_consistent_table(
         )
         assert child.wait(30) == 0
         await wait_for(lambda: table.statistics().resyncs >= 1)
-        stats = table.statistics()
-        assert stats.overruns >= 1
-        assert table.source.statistics().overruns == stats.overruns
+        assert table.statistics().overruns >= 1
+        # Every overrun the socket saw is one the table handled (with rcvbuf=1, the rest of
+        # the machine's forks can cause more meanwhile: the two counts meet, not freeze).
+        await wait_for(lambda: table.source.statistics().overruns == table.statistics().overruns)
         await assert_matches_proc(table)
         # Events flow again after the loss.
         again = spawn(cgroups=[memory_cgroup])

@@ -39,6 +39,8 @@ from reapkit._sources.psi import PressureEvent
 from reapkit.builtin.selectors import Protect, Scope
 from reapkit.lowlevel import ProcFS
 
+from ..kernel.test_plugin_faults import TermThenHang
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -298,7 +300,41 @@ class BlocksInGenerator(Selector):
         yield from candidates
 
 
-@pytest.mark.parametrize("blocking", [BlocksSync, BlocksInGenerator])
+class _SlowIterable:
+    def __init__(self, items: list[Ranked]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Any:
+        time.sleep(5)
+        return iter(self.items)
+
+
+class BlocksInIterable(Selector):
+    """Returns an iterable (not an iterator) that blocks once iterated."""
+
+    name: ClassVar[str] = "test-blocks-in-iterable"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Any:
+        return _SlowIterable(list(candidates))
+
+
+def _slow_reason(ranked: Ranked, arg: int) -> str:
+    time.sleep(5)
+    return "slow"
+
+
+class BlocksInReason(Selector):
+    """Its reasons are functions that block (the top one is read for the record)."""
+
+    name: ClassVar[str] = "test-blocks-in-reason"
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Any:
+        return [Ranked.explained(r.candidate, 1.0, _slow_reason) for r in candidates]
+
+
+@pytest.mark.parametrize(
+    "blocking", [BlocksSync, BlocksInGenerator, BlocksInIterable, BlocksInReason]
+)
 async def test_a_blocking_sync_selector_cannot_stall_the_loop(
     fake: FakeProc, blocking: type[Selector]
 ) -> None:
@@ -635,3 +671,52 @@ async def test_only_actions_that_do_not_signal_are_switched_off(
     records, engine = await _run(fake, [loud], events)
     assert {r.actions[0].detail for r in records} == {"overran its deadline"}
     assert engine.statistics().plugins_disabled == 0
+
+
+class HangsThenSparesBrowser(ProtectsBrowser):
+    """A protective selector that overruns its first calls, then answers in time."""
+
+    name: ClassVar[str] = "test-hangs-then-spares"
+    hangs = OVERRUNS_TO_SWITCH_OFF + 1
+
+    async def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        if self.hangs:
+            self.hangs -= 1
+            await trio.sleep_forever()
+        return super().select(situation, candidates)
+
+
+async def test_a_protective_selector_is_never_switched_off(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = _rule(fake, HangsThenSparesBrowser(), ByOomScore(), plugin_deadline=0.5, cooldown=0.0)
+    events: list[Any] = []
+    for _ in range(OVERRUNS_TO_SWITCH_OFF + 2):
+        events += [ManualTrigger(0.0, "test"), 1.0]
+    records, engine = await _run(fake, [rule], events)
+    *overran, answered = records
+    assert {(r.outcome, r.selectors[0].error) for r in overran} == {
+        ("failed", "overran its deadline")
+    }
+    assert answered.victim is not None and answered.victim.pid == 700  # it protects again
+    assert engine.statistics().plugins_disabled == 0
+
+
+async def test_stopping_mid_chain_after_a_signal_still_records_the_victim(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    rule = attrs.evolve(_rule(fake), actions=(TermThenHang(),), action_deadline=100.0)
+    records: list[KillRecord] = []
+
+    async def emit(record: KillRecord) -> None:
+        records.append(record)
+
+    engine = Engine((rule,), emit=emit, procfs=ProcFS(fake.root))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine.handle, _pressure(), nursery)
+        await trio.sleep(1)  # the action signalled and hangs
+        nursery.cancel_scope.cancel()
+    (record,) = records
+    assert record.victim is not None and record.victim.pid == 600
+    assert record.outcome == "dry-run" and "stopped during the action chain" in record.reason
+    assert engine.statistics().dry_runs == 1

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 import trio
+import trio.testing
 
 import reapkit._reaper
 from reapkit._engine import Engine, ManualTrigger
@@ -137,7 +138,8 @@ cooldown = "0s"
 
 
 async def _ask(fake: FakeProc, policy: Policy, asks: int = 2) -> tuple[list[KillRecord], Any]:
-    """Trigger ``asks`` decisions; their records and the reaper's statistics."""
+    """Trigger ``asks`` decisions; their records and the reaper's statistics once it stopped
+    (its observers then had every record)."""
     got = []
     with trio.fail_after(20):
         async with (
@@ -147,7 +149,14 @@ async def _ask(fake: FakeProc, policy: Policy, asks: int = 2) -> tuple[list[Kill
             for _ in range(asks):
                 await reaper.trigger("test")
                 got.append(await records.receive())
-            return got, reaper.statistics()
+    return got, reaper.statistics()
+
+
+async def _switched_off(reaper: Any) -> Any:
+    """The reaper's statistics once an observer was switched off."""
+    while reaper.statistics().observers_disabled == 0:
+        await trio.sleep(0.05)
+    return reaper.statistics()
 
 
 @pytest.mark.parametrize("exc", ANYTHING, ids=ANYTHING_IDS)
@@ -195,9 +204,17 @@ async def test_a_blocking_sync_observer_neither_stalls_the_loop_nor_stays_on(
 ) -> None:
     monkeypatch.setattr(reapkit._reaper, "OBSERVER_DEADLINE", 0.2)
     policy = _policy(fake, '[[observer]]\nname = "test-blocking-observer"')
-    with caplog.at_level(logging.ERROR, "reapkit"):
-        async with ticking() as ticks:
-            records, stats = await _ask(fake, policy, asks=OVERRUNS_TO_SWITCH_OFF + 2)
+    records = []
+    with caplog.at_level(logging.ERROR, "reapkit"), trio.fail_after(20):
+        async with (
+            ticking() as ticks,
+            open_reaper(policy, procfs=ProcFS(fake.root), live_table=False) as reaper,
+            reaper.records() as channel,
+        ):
+            for _ in range(OVERRUNS_TO_SWITCH_OFF + 2):
+                await reaper.trigger("test")
+                records.append(await channel.receive())
+            stats = await _switched_off(reaper)
     assert len(records) == OVERRUNS_TO_SWITCH_OFF + 2
     # The loop ran on while the observer blocked (in its worker thread) for its deadline.
     assert ticks[0] >= OVERRUNS_TO_SWITCH_OFF * 5
@@ -230,3 +247,26 @@ async def test_the_decision_task_survives_anything(
             record = await records.receive()
             stats = reaper.statistics()
     assert record.condition == "manual: test" and stats.event_failures == 1
+
+
+async def test_a_blocking_observer_at_the_shipped_deadline_costs_no_record(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review of issue 11: the record waited for the observers, under an outer limit equal to
+    # OBSERVER_DEADLINE, which fired first: 5 decisions, 0 records, 0 failures counted.
+    policy = _policy(fake, '[[observer]]\nname = "test-blocking-observer"')
+    decisions = OVERRUNS_TO_SWITCH_OFF + 2
+    with caplog.at_level(logging.ERROR, "reapkit"), trio.fail_after(60):
+        async with (
+            open_reaper(policy, procfs=ProcFS(fake.root), live_table=False) as reaper,
+            reaper.records() as records,
+        ):
+            got = []
+            for _ in range(decisions):
+                await reaper.trigger("test")
+                got.append(await records.receive())
+            stats = await _switched_off(reaper)
+    assert [r.outcome for r in got] == ["dry-run"] * decisions
+    assert stats.records == decisions and stats.records_dropped == 0
+    assert stats.observer_failures == OVERRUNS_TO_SWITCH_OFF
+    assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1

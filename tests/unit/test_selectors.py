@@ -12,6 +12,8 @@ import contextlib
 import errno
 import itertools
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,6 +49,8 @@ from reapkit.builtin.selectors import (
     Protect,
     Scope,
 )
+
+from ..conftest import Spawn
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -190,14 +194,19 @@ def test_protect_always_drops_oom_score_adj_minus_1000(fake: FakeProc) -> None:
     )
 
 
-def test_protect_by_regexes_over_comm_cmdline_exe_and_cgroup(fake: FakeProc) -> None:
+def test_protect_by_regexes_over_comm_cmdline_exe_and_cgroup(
+    fake: FakeProc, tmp_path: Path
+) -> None:
     fake.add_process(10, comm="sshd")
     fake.add_process(11, comm="python3", cmdline=["python3", "/srv/keep-me.py"])
     fake.add_process(12, comm="db", cgroup="/system.slice/postgres.service")
     fake.add_process(13, comm="app")
     fake.add_process(14, comm="sshd-session")  # re.search, but anchored by the author
     fake.add_process(15, comm="Xorg")
-    os.symlink("/usr/lib/xorg/Xorg", os.path.join(fake.root, "15", "exe"))
+    xorg = tmp_path / "usr" / "lib" / "xorg" / "Xorg"  # exe is matched only if the file exists
+    xorg.parent.mkdir(parents=True)
+    xorg.touch()
+    os.symlink(xorg, os.path.join(fake.root, "15", "exe"))
     selector = Protect(
         options(
             Protect,
@@ -245,6 +254,27 @@ def test_protect_drops_vanished_processes_without_raising(fake: FakeProc) -> Non
     )
     assert pids(result) == [11]
     assert "pid 10 'gone': oom_score_adj unreadable (gone?)" in result[0].reason
+
+
+def test_protect_exe_of_a_deleted_file_is_not_identity(spawn: Spawn, tmp_path: Path) -> None:
+    # After a package upgrade /proc/<pid>/exe reads "<path> (deleted)": nothing can say
+    # which file that was, so an unanchored "^<path>" must not protect it.
+    copy = shutil.copy("/bin/sleep", tmp_path / "upgraded")
+    process = spawn([str(copy), "600"])
+    while os.readlink(f"/proc/{process.pid}/exe") != str(copy):  # until exec is done
+        assert process.poll() is None
+    procfs = ProcFS("/proc")
+    candidate = [Ranked(Candidate.from_info(procfs.process_info(process.pid)))]
+    selector = Protect(options(Protect, exe=[f"^{re.escape(str(copy))}"]))
+
+    def decide() -> list[Ranked]:
+        s = Situation(rule="t", trigger=None, meminfo=procfs.meminfo(), procfs=procfs, now=0.0)
+        return selector.select(s, candidate)
+
+    assert decide() == []  # the genuine file, still there: protected
+    os.unlink(copy)
+    assert os.readlink(f"/proc/{process.pid}/exe") == f"{copy} (deleted)"
+    assert pids(decide()) == [process.pid]
 
 
 @pytest.mark.parametrize("option", ["comm", "cmdline", "exe", "cgroup"])

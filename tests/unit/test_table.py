@@ -131,6 +131,38 @@ def test_events_the_kernel_sent_before_the_last_scan_change_nothing(fake: FakePr
     assert table.pids() == {1, 2, 100, 201}
 
 
+@pytest.mark.parametrize(
+    ("offsets", "expected"),
+    [
+        (b"monotonic           0         0\nboottime            0         0\n", 0),
+        (b"monotonic        1000       500\nboottime            0         0\n", 1_000_000_000_500),
+        (b"monotonic       -5         0\n", -5_000_000_000),
+        (b"garbled\n", None),
+        (None, 0),  # no such file: a kernel without time namespaces
+    ],
+)
+def test_the_time_namespace_offset_is_read(
+    tmp_path: Path, offsets: bytes | None, expected: int | None
+) -> None:
+    path = tmp_path / "timens_offsets"
+    if offsets is not None:
+        path.write_bytes(offsets)
+    assert table_module.monotonic_offset_ns(str(path)) == expected
+
+
+@pytest.mark.parametrize("offset", [1000 * 10**9, None])
+def test_events_stamped_by_the_host_clock_count_inside_a_time_namespace(
+    fake: FakeProc, offset: int | None
+) -> None:
+    # The kernel stamps events with the host's CLOCK_MONOTONIC; a time namespace 1000 s
+    # ahead made every event look older than the scan, and the table never changed.
+    table = seeded(fake, monotonic_offset_ns=offset)
+    table._mode = "connector"
+    host_now = time.monotonic_ns() - (offset or 0)
+    table.apply(ProcFork(T, 100, 200, kernel_ns=host_now))
+    assert 200 in table.pids()
+
+
 def test_exec_of_an_unknown_process_adds_it(fake: FakeProc) -> None:
     table = seeded(fake)
     table._mode = "connector"

@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import contextlib
-import grp
-import inspect
 import logging
 import math
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -20,6 +17,7 @@ from typing import Any, ClassVar
 import attrs
 import trio
 
+from .._accounts import account_id, groups_of, may_execute
 from .._engine import ActionContext
 from .._errors import InvalidValue, ReapkitError
 from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
@@ -132,29 +130,14 @@ def _argv(value: Any) -> tuple[str, ...]:
 
 #: The hook's PATH when the daemon has none.
 _HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-_ID_MAX = 2**32 - 2
-
-
-def _account_id(kind: str, lookup: Any, value: object) -> int | None:
-    """A user or group name resolved now (``pwd``/``grp``) to its id; an id as it is."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _ID_MAX:
-        return value
-    if not isinstance(value, str):
-        raise InvalidValue(f"{kind}: expected a name or an id, not {value!r}")
-    try:
-        return int(lookup(value)[2])
-    except (KeyError, ValueError):
-        raise InvalidValue(f"{kind}: no {kind} named {value!r} on this host") from None
 
 
 def _user(value: object) -> int | None:
-    return _account_id("user", pwd.getpwnam, value)
+    return None if value is None else account_id("user", value)
 
 
 def _group(value: object) -> int | None:
-    return _account_id("group", grp.getgrnam, value)
+    return None if value is None else account_id("group", value)
 
 
 @attrs.frozen
@@ -174,8 +157,28 @@ class HookOptions:
     def _non_empty(self, _attribute: object, value: tuple[str, ...]) -> None:
         if not value or not all(isinstance(a, str) and "\0" not in a for a in value):
             raise InvalidValue("command must be a non-empty list of strings (without NUL)")
-        if shutil.which(value[0], path=os.environ.get("PATH", _HOOK_PATH)) is None:
-            raise InvalidValue(f"command: program {value[0]!r} not found or not executable")
+
+    def __attrs_post_init__(self) -> None:
+        program = shutil.which(self.command[0], path=os.environ.get("PATH", _HOOK_PATH))
+        uid, (gid, groups) = os.getuid(), (os.getgid(), tuple(os.getgroups()))
+        if self.user is not None:
+            uid, (gid, groups) = self.user, groups_of(self.user, self.group)
+        elif self.group is not None:
+            gid, groups = self.group, (self.group,)
+        if program is None or not may_execute(program, uid, {gid, *groups}):
+            raise InvalidValue(
+                f"command: program {self.command[0]!r} not found or not executable by uid {uid}"
+            )
+
+    def credentials(self) -> dict[str, Any]:
+        """``subprocess.Popen``'s ``user``, ``group`` and ``extra_groups``: a hook run as another
+        user gets that user's groups, not the daemon's."""
+        if self.user is not None:
+            gid, groups = groups_of(self.user, self.group)
+            return {"user": self.user, "group": gid, "extra_groups": list(groups)}
+        if self.group is not None:
+            return {"group": self.group, "extra_groups": [self.group]}
+        return {}
 
 
 # The daemon runs with oom_score_adj -1000 and maybe a raised priority: the hook must not.
@@ -233,8 +236,7 @@ class PrekillHook(Action):
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            user=self.options.user,
-            group=self.options.group,
+            **self.options.credentials(),
         )
         try:
             with trio.move_on_after(self.options.timeout):
@@ -313,7 +315,7 @@ class CgroupKill(Action):
         if not path or path == "/" or directory is None:
             raise InvalidValue(f"the victim's cgroup {path!r} cannot be killed as a whole")
         # The guard checks what it knows (scope, -1000, PID 1, the reaper); the rule's own
-        # protections (the 'protect' selectors) must hold for every member too.
+        # protections (its protective selectors) must hold for every member too.
         spared = await _protected_members(context, directory)
         if spared:
             pid, why = spared[0]
@@ -328,21 +330,16 @@ class CgroupKill(Action):
 
 
 async def _protected_members(context: ActionContext, directory: str) -> list[tuple[int, str]]:
-    """Members of ``directory`` that a ``protect`` selector of the rule would spare."""
-    protectors = [s for s in context.rule.selectors if s.name == "protect"]
-    if not protectors:
+    """Members of ``directory`` that a protective selector of the rule would spare (called by
+    the engine, as in the decision; one that fails refuses the kill)."""
+    if not any(s.protective for s in context.rule.selectors):
         return []
     procfs = context.situation.procfs
     candidates = []
     for pid in cgroup_members(directory):
         with contextlib.suppress(ReapkitError):
             candidates.append(Ranked(Candidate.from_info(procfs.process_info(pid))))
-    kept = {r.candidate.pid for r in candidates}
-    for protector in protectors:
-        result = protector.select(context.situation, candidates)
-        if inspect.isawaitable(result):
-            result = await result
-        kept &= {r.candidate.pid for r in result}
+    kept = {r.candidate.pid for r in await context.protected(candidates)}
     return [
         (r.candidate.pid, f"{r.candidate.comm!r} is protected by the rule")
         for r in candidates

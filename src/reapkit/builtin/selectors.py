@@ -28,12 +28,12 @@ import logging
 import math
 import operator
 import os
-import pwd
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
 
+from .._accounts import ID_MAX, account_id
 from .._errors import InvalidValue, ReapkitError
 from .._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
 from .._patterns import Pattern, compile_pattern, first_match
@@ -317,26 +317,19 @@ class Scope(Selector):
 # -- protect -------------------------------------------------------------------------------------
 
 
-#: The largest uid (``(uid_t) -1`` means "no uid").
-_UID_MAX = 2**32 - 2
-
-
 def _uid_spec(item: object) -> int | str:
     """A uid, a user name (resolved now) or a range ``"A-B"`` → a uid or ``"A-B"``."""
-    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= _UID_MAX:
+    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= ID_MAX:
         return item
     if isinstance(item, str):
         low, dash, high = item.partition("-")
         if item.isascii() and item.isdigit():
             return _uid_spec(int(item))
         if dash and f"{low}{high}".isascii() and low.isdigit() and high.isdigit():
-            if int(low) <= int(high) <= _UID_MAX:
+            if int(low) <= int(high) <= ID_MAX:
                 return f"{int(low)}-{int(high)}"
         else:
-            try:
-                return pwd.getpwnam(item).pw_uid
-            except (KeyError, ValueError):
-                raise ValueError(f"uid: no user named {item!r} on this host") from None
+            return account_id("user", item, key="uid")
     raise ValueError(f'uid: expected uids, user names or ranges such as "0-999", got {item!r}')
 
 
@@ -355,7 +348,8 @@ def _uid_ranges(specs: Iterable[int | str]) -> tuple[tuple[int, int], ...]:
 @attrs.frozen
 class Identity:
     """What a process cannot choose for itself: its real uid, its executable (as root reads
-    ``/proc/<pid>/exe``) and its cgroup. Every option given must match."""
+    ``/proc/<pid>/exe``, verified: see :meth:`Situation.exe`) and its cgroup. Every option
+    given must match."""
 
     uid: tuple[int | str, ...] = attrs.field(default=(), converter=_uids)
     exe: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_check_regexes)

@@ -1,7 +1,8 @@
 """The daemon's outputs, neither of which may stop it: the records file and the log.
 
-Records (``--records``) are written by :class:`RecordsWriter`: whole lines, a failed write
-retried from a bounded buffer, floods of non-kill records rate-limited. The log goes through
+Records (``--records``) are written by :class:`RecordsWriter`: whole lines, on a worker
+thread (a hung disk holds up the file, never a decision), a failed write retried from a
+bounded buffer, floods of non-kill records rate-limited. The log goes through
 a bounded queue to a thread that writes stderr, so a stalled journal drops lines (counted)
 instead of blocking the trio thread.
 """
@@ -9,7 +10,9 @@ instead of blocking the trio thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -17,7 +20,9 @@ import math
 import os
 import queue
 import stat
+import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import attrs
@@ -40,8 +45,10 @@ KILL_OUTCOMES: Final = frozenset({"killed", "dry-run"})
 RECORDS_PER_MINUTE: Final = 10
 #: Lines kept for retry while writes fail; beyond it the oldest is lost (counted).
 PENDING_RECORDS: Final = 1024
-#: Seconds between retries of a failing write.
+#: Seconds between retries of a failing write; a write that takes longer is hung.
 RETRY_EVERY: Final = 1.0
+#: Seconds the stop waits for the records still to be written (a hung write is abandoned).
+RECORDS_STOP_TIMEOUT: Final = 2.0
 #: The version of the ``{"type": "suppressed"}`` line's shape.
 SUPPRESSED_VERSION: Final = 1
 #: Log lines queued for stderr; beyond it lines are dropped (counted).
@@ -50,21 +57,22 @@ LOG_QUEUE: Final = 1024
 _KINDS: Final = {"p": "FIFO", "s": "socket", "c": "character device", "b": "block device"}
 
 
-class RecordsFileError(UsageError):
-    """``--records`` names a file the daemon must not write (exit status 2 at start)."""
+class OutputFileError(UsageError):
+    """``--records`` or ``--heartbeat`` names a file the daemon must not write (exit status 2
+    at start)."""
 
 
-def open_records(path: str) -> int:
-    """Open ``path`` to append records (created 0600): refuse a symbolic link, anything
-    but a regular file, a file another user owns or one with other hard links."""
+def open_output(path: str, option: str = "--records", flags: int = RECORDS_FLAGS) -> int:
+    """Open ``path`` to write (created 0600): refuse a symbolic link, anything but a regular
+    file, a file another user owns or one with other hard links."""
     try:
-        fd = os.open(path, RECORDS_FLAGS, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         why = {
             errno.ELOOP: "it is a symbolic link",
             errno.ENXIO: "not a regular file (a FIFO or socket)",
         }.get(exc.errno or 0, exc.strerror)
-        raise RecordsFileError(f"--records {path}: refused: {why}") from None
+        raise OutputFileError(f"{option} {path}: refused: {why}") from None
     st = os.fstat(fd)
     why = None
     if not stat.S_ISREG(st.st_mode):
@@ -75,26 +83,50 @@ def open_records(path: str) -> int:
         why = f"it has {st.st_nlink - 1} other hard link(s)"
     if why is not None:
         os.close(fd)
-        raise RecordsFileError(f"--records {path}: refused: {why}")
+        raise OutputFileError(f"{option} {path}: refused: {why}")
     return fd
 
 
 @attrs.define(eq=False)
 class RecordsFile:
-    """The open records file: whole lines appended, reopened by path on SIGHUP."""
+    """The open records file: whole lines appended, reopened by path on SIGHUP. Used from one
+    thread at a time; :meth:`close` may come from another while a write hangs."""
 
     path: str
     fd: int
     #: A partial line could not be truncated away: the next write starts a new line.
     _torn: bool = False
+    _guard: threading.Lock = attrs.field(factory=threading.Lock)
+    _busy: bool = False
+    _closing: bool = False
 
     @classmethod
     def open(cls, path: str) -> RecordsFile:
-        return cls(path, open_records(path))
+        return cls(path, open_output(path))
 
     def write_line(self, line: bytes) -> None:
         """Append ``line`` (with its newline) whole, or raise ``OSError`` leaving none of it."""
-        data = b"\n" + line if self._torn else line
+        with self._use():
+            self._write(b"\n" + line if self._torn else line)
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[None]:
+        with self._guard:
+            if self._closing:
+                raise OSError(errno.EBADF, "the records file is closed")
+            self._busy = True
+        try:
+            yield
+        finally:
+            if self._done():  # close() came while this call hung: the fd is closed only now
+                os.close(self.fd)
+
+    def _done(self) -> bool:
+        with self._guard:
+            self._busy = False
+            return self._closing
+
+    def _write(self, data: bytes) -> None:
         done = 0
         try:
             while done < len(data):
@@ -112,14 +144,22 @@ class RecordsFile:
             self._torn = True
 
     def reopen(self) -> None:
-        """Open the path afresh (logrotate moved the file); on :class:`RecordsFileError` the
+        """Open the path afresh (logrotate moved the file); on :class:`OutputFileError` the
         old file stays open."""
-        fd = open_records(self.path)
-        os.close(self.fd)
-        self.fd, self._torn = fd, False
+        with self._use():
+            fd = open_output(self.path)
+            os.close(self.fd)
+            self.fd, self._torn = fd, False
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the file, or let the write in progress close it when it ends: its fd number
+        must not be reused under it."""
+        with self._guard:
+            if self._closing:
+                return
+            self._closing, busy = True, self._busy
+        if not busy:
+            os.close(self.fd)
 
 
 @attrs.define
@@ -148,16 +188,41 @@ class _Suppressed:
 
 
 @attrs.define(eq=False)
+class _Line:
+    data: bytes
+    #: The record its WARNING line announces, until said (``None``: nothing left to say).
+    record: KillRecord | None = None
+
+
+#: How the writer calls the records file: ``run(fn, *args)``, on a worker thread by default.
+Run = Callable[..., Awaitable[Any]]
+
+
+@attrs.define(eq=False)
 class RecordsWriter:
-    """Logs each record and appends it to ``file``; never raises for a write. Non-kill
-    records beyond ``per_minute`` per (rule, outcome) are counted, not written, and a
-    ``{"type": "suppressed"}`` line says how many once that key may write again."""
+    """Logs each record and appends it to ``file``; never raises for a write, and never
+    blocks the trio thread on the file: every call on it (write, truncate, reopen, close) runs
+    on one worker thread, from the writer's own task, which a hung write holds up alone.
+
+    A record's log line follows its write (readers follow the log), or comes at once while
+    writes fail or one has hung for ``RETRY_EVERY``. Non-kill records beyond ``per_minute``
+    per (rule, outcome) are counted, not written, and a ``{"type": "suppressed"}`` line says
+    how many once that key may write again."""
 
     file: RecordsFile | None
     counters: OutputCounters
     per_minute: int = RECORDS_PER_MINUTE
     pending_max: int = PENDING_RECORDS
-    _pending: collections.deque[bytes] = attrs.field(factory=collections.deque)
+    #: Replaces the worker thread (a test's inline calls under the autojump clock).
+    run: Run | None = None
+    _pending: collections.deque[_Line] = attrs.field(factory=collections.deque)
+    #: The line being written, and since when (trio time).
+    _writing: _Line | None = None
+    _since: float = math.inf
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _reopen: bool = False
+    _ending: bool = False
+    _closed: bool = False
     _buckets: dict[tuple[str, str], _Bucket] = attrs.field(factory=dict)
     _suppressed: dict[tuple[str, str], _Suppressed] = attrs.field(factory=dict)
     #: Since the first failed write of the current run of failures: (error, failed writes,
@@ -165,18 +230,24 @@ class RecordsWriter:
     _failing: tuple[str, int, int] | None = None
 
     async def serve(self, receive: trio.MemoryReceiveChannel[KillRecord]) -> None:
-        """Write what ``receive`` brings until it ends (after the reaper stopped), then the
-        rest; retry failed writes meanwhile."""
-        async with receive:
-            while True:
-                with trio.move_on_after(self._wait()):
-                    try:
-                        record = await receive.receive()
-                    except trio.EndOfChannel:
-                        break
-                    self.add(record)
-                self.tick()
-        self.finish()
+        """Take what ``receive`` brings until it ends (after the reaper stopped), then write
+        the rest for at most ``RECORDS_STOP_TIMEOUT`` seconds and close the file; whatever is
+        not written by then (or when cancelled) is counted lost."""
+        run = self.run or functools.partial(
+            trio.to_thread.run_sync, limiter=trio.CapacityLimiter(1), abandon_on_cancel=True
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_all, run)
+                async with receive:
+                    await self._receive_all(receive)
+                for key in list(self._suppressed):
+                    self._say_suppressed(key)
+                self._ending = True
+                self._wake.set()
+                nursery.cancel_scope.deadline = trio.current_time() + RECORDS_STOP_TIMEOUT
+        finally:
+            self._finish()
 
     def add(self, record: KillRecord) -> None:
         key = (record.rule, record.outcome)
@@ -188,62 +259,103 @@ class RecordsWriter:
             self.counters.records_suppressed += 1
             return
         self._say_suppressed(key)
-        self._queue(record.to_json_line())
-        self.flush()  # in the file before the log says so: readers follow the log
-        log_record(record)
+        line = _Line(record.to_json_line().encode() + b"\n", record)
+        if self._stalled():
+            _announce(line)
+        self._queue(line)
 
     def tick(self) -> None:
-        """Say what was suppressed where the key may write again; retry what is pending."""
+        """Say what was suppressed where the key may write again, and the records waiting
+        behind a failing or hung write."""
         now = trio.current_time()
         for key in [k for k in self._suppressed if self._bucket(k).take(now)]:
             self._say_suppressed(key)
-        self.flush()
-
-    def flush(self) -> None:
-        while self._pending and self.file is not None:
-            try:
-                self.file.write_line(self._pending[0])
-            except OSError as exc:
-                self._failed(exc)
-                return
-            self._pending.popleft()
-            if self._failing is not None:
-                error, failures, lost = self._failing
-                log.warning(
-                    "records: writing to %s again after %d failed write(s) (%s); %d record(s)"
-                    " lost meanwhile", self.file.path, failures, error,
-                    self.counters.records_lost - lost,
-                )  # fmt: skip
-                self._failing = None
+        if self._stalled():
+            for line in [self._writing, *self._pending]:
+                _announce(line)
 
     def reopen(self) -> None:
-        """SIGHUP: reopen the file by its path; if that fails, keep writing the old one."""
-        if self.file is None:
-            return
+        """SIGHUP: have the file reopened by its path (if that fails, the old one is kept)."""
+        self._reopen = True
+        self._wake.set()
+
+    async def _receive_all(self, receive: trio.MemoryReceiveChannel[KillRecord]) -> None:
+        while True:
+            with trio.move_on_after(self._wait()):
+                try:
+                    record = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                self.add(record)
+            self.tick()
+
+    async def _write_all(self, run: Run) -> None:
+        """The writer's task: the only one that touches the file."""
+        file = self.file
+        while file is not None:
+            if self._reopen:
+                self._reopen = False
+                await self._reopen_file(run, file)
+            elif self._pending:
+                line = self._pending.popleft()
+                if not await self._write(run, file, line):
+                    self._pending.appendleft(line)
+                    if len(self._pending) > self.pending_max:
+                        self._lose(self._pending.popleft())
+                    await trio.sleep(RETRY_EVERY)
+            elif self._ending:
+                await run(file.close)
+                self._closed = True
+                return
+            else:
+                await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _write(self, run: Run, file: RecordsFile, line: _Line) -> bool:
+        self._writing, self._since = line, trio.current_time()
         try:
-            self.file.reopen()
-        except RecordsFileError as exc:
+            await run(file.write_line, line.data)
+        except OSError as exc:
+            self._failed(exc)
+            written = False
+        else:
+            written = True
+        self._writing, self._since = None, math.inf  # not when cancelled: then it is lost
+        _announce(line)
+        if written and self._failing is not None:
+            error, failures, lost = self._failing
+            log.warning(
+                "records: writing to %s again after %d failed write(s) (%s); %d record(s)"
+                " lost meanwhile", file.path, failures, error, self.counters.records_lost - lost,
+            )  # fmt: skip
+            self._failing = None
+        return written
+
+    async def _reopen_file(self, run: Run, file: RecordsFile) -> None:
+        try:
+            await run(file.reopen)
+        except (OutputFileError, OSError) as exc:
             log.error("SIGHUP: keeping the records file open as it was: %s", exc)  # noqa: TRY400 - no traceback
             return
-        log.info("SIGHUP: reopened %s", self.file.path)
-        self.flush()
+        log.info("SIGHUP: reopened %s", file.path)
 
-    def finish(self) -> None:
-        """The last word: every suppressed count, one more try, then the file is closed."""
-        for key in list(self._suppressed):
-            self._say_suppressed(key)
-        self.flush()
-        if self.file is None:
+    def _finish(self) -> None:
+        """The last word, on the trio thread without I/O: what was not written is lost."""
+        unwritten = [line for line in [self._writing, *self._pending] if line is not None]
+        self._pending.clear()
+        for line in unwritten:
+            self._lose(line)
+        if self.file is None or self._closed:
             return
-        if self._pending:
-            lost = len(self._pending)
-            self.counters.records_lost += lost
-            log.error("records: %d record(s) never written to %s", lost, self.file.path)
-            self._pending.clear()
-        self.file.close()
+        if unwritten:
+            log.error("records: %d record(s) never written to %s", len(unwritten), self.file.path)
+        self.file.close()  # at once if idle (the reaper has stopped), else when the write ends
+
+    def _stalled(self) -> bool:
+        return self._failing is not None or trio.current_time() - self._since >= RETRY_EVERY
 
     def _wait(self) -> float:
-        if self._pending:
+        if self._pending or self._writing is not None:
             return RETRY_EVERY
         return 60 / self.per_minute if self._suppressed else math.inf
 
@@ -262,15 +374,20 @@ class RecordsWriter:
         )  # fmt: skip
         line = {"type": "suppressed", "version": SUPPRESSED_VERSION, "rule": rule}
         line |= {"outcome": outcome, "count": held.count, "first": held.first, "last": held.last}
-        self._queue(json.dumps(line, separators=(",", ":"), sort_keys=True))
+        self._queue(_Line(json.dumps(line, separators=(",", ":"), sort_keys=True).encode() + b"\n"))
 
-    def _queue(self, line: str) -> None:
+    def _queue(self, line: _Line) -> None:
         if self.file is None:
+            _announce(line)
             return
         if len(self._pending) >= self.pending_max:
-            self._pending.popleft()
-            self.counters.records_lost += 1
-        self._pending.append(line.encode() + b"\n")
+            self._lose(self._pending.popleft())
+        self._pending.append(line)
+        self._wake.set()
+
+    def _lose(self, line: _Line) -> None:
+        self.counters.records_lost += 1
+        _announce(line)
 
     def _failed(self, exc: OSError) -> None:
         self.counters.records_write_errors += 1
@@ -284,6 +401,12 @@ class RecordsWriter:
             self.file.path if self.file else None, exc.strerror or exc, RETRY_EVERY,
             self.pending_max,
         )  # fmt: skip
+
+
+def _announce(line: _Line | None) -> None:
+    if line is not None and line.record is not None:
+        log_record(line.record)
+        line.record = None
 
 
 def log_record(record: KillRecord) -> None:

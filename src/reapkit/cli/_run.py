@@ -23,14 +23,21 @@ from typing import Any, Final
 import trio
 
 from .._errors import AccessDenied
-from .._heartbeat import HEARTBEAT_EVERY, serve_heartbeat
+from .._heartbeat import HEARTBEAT_EVERY, beat, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord
 from ._common import scope_from
-from ._output import RecordsFile, RecordsWriter, start_logging
+from ._output import (
+    RECORDS_FLAGS,
+    OutputFileError,
+    RecordsFile,
+    RecordsWriter,
+    open_output,
+    start_logging,
+)
 from ._status import EXIT_OK, UsageError
 
 log = logging.getLogger("reapkit")
@@ -121,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(
         args.policy, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
     )  # PolicyError: exit 2
-    # RecordsFileError (a symbolic link, a FIFO, another user's file): exit 2
+    # OutputFileError (a symbolic link, a FIFO, another user's file, no such directory): exit 2
     records = RecordsFile.open(args.records) if args.records else None
+    if args.heartbeat:
+        _check_heartbeat(args.heartbeat)
     counters = OutputCounters()
     listener = start_logging(
         _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
@@ -134,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         listener.stop_within(LOG_STOP_TIMEOUT)
     return EXIT_OK
+
+
+def _check_heartbeat(path: str) -> None:
+    """Refuse at start what ``--records`` refuses, and a place where a beat cannot be written."""
+    os.close(open_output(path, "--heartbeat", RECORDS_FLAGS & ~os.O_APPEND))
+    try:
+        beat(path)
+    except OSError as exc:
+        raise OutputFileError(f"--heartbeat {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _status(policy: Policy) -> str:
@@ -149,6 +167,7 @@ async def _serve(
     # Subscribed before the first decision; the writer ends when the reaper has stopped and
     # closed the channel, after the records of the stop.
     send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
+    reloading = trio.Lock()  # one reload at a time, in the order of the SIGHUPs
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
             outer.start_soon(writer.serve, receive)
@@ -168,7 +187,9 @@ async def _serve(
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         writer.reopen()
-                        await _reload(reaper, args, notifier)
+                        # A task of its own: a load that hangs (a plugin's import) must not
+                        # keep this loop from SIGTERM, which then abandons it.
+                        nursery.start_soon(_reload, reaper, args, notifier, reloading)
                         continue
                     log.info("%s: stopping", signal.Signals(signum).name)
                     notifier.notify("STOPPING=1", "STATUS=stopping")
@@ -179,7 +200,14 @@ async def _serve(
     notifier.close()
 
 
-async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
+async def _reload(
+    reaper: Reaper, args: argparse.Namespace, notifier: Notifier, reloading: trio.Lock
+) -> None:
+    async with reloading:
+        await _reload_now(reaper, args, notifier)
+
+
+async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
     notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         # Off the loop: reading the file, and importing a plugin it names for the first
@@ -191,7 +219,8 @@ async def _reload(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) 
                 dry_run=args.dry_run,
                 scope=scope_from(args),
                 require_trusted=True,
-            )
+            ),
+            abandon_on_cancel=True,  # the load has no effect until reaper.reload
         )
     except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way
         reason = exc if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"

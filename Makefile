@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vm lint bench docs clean
+.PHONY: demo test test-vm lint bench bench-vm docs clean
 
 # First-party plugins: each directory under plugins/ is its own distribution, installed
 # (editable) beside reapkit so its entry points register and make test runs its tests.
@@ -44,6 +44,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]' && $(BIN)/python -m tests.benchmarks.run
+
+# The whole-machine head-to-head in a guest (tests/vmlab/bench.py): reapkit against the kernel's
+# OOM killer, earlyoom and nohang; writes its section of docs/benchmarks.md. About 75 minutes.
+bench-vm: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[vm,bench]'
+	$(BIN)/python -m tests.vmlab.bench $(BENCH_VM_ARGS)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

@@ -73,8 +73,11 @@ cooldown = "5s"
 
 [[rule]]
 name = "almost-no-memory"
-# Memory nearly gone: no time to wait for a pressure window or a grace period.
-when = ["mem_available < 2%"]
+# Memory nearly gone: no time to wait for a pressure window or a grace period. With swap (zram
+# on most desktops) a low MemAvailable alone is no emergency: the kernel can still move cold
+# pages out, so this rule also waits until swap is nearly full (or there is none), as earlyoom
+# does. Swapping that makes tasks stall is the rule above's job: it asks PSI, not the swap.
+when = ["mem_available < 2%", "swap_free < 10%"]
 scope = "system"
 select = [
   { name = "protect", comm = [

@@ -177,6 +177,20 @@ def _mem_total_gib() -> float:
     return kib / (1 << 20)
 
 
+def _keep_guest_section(text: str) -> str:
+    """``text`` with the section ``make bench-vm`` wrote kept (it takes a guest and an hour:
+    ``make bench`` does not run it, and must not lose it)."""
+    from tests.vmlab import bench as bench_vm
+
+    if not REPORT.exists():
+        return text
+    old = REPORT.read_text()
+    if bench_vm.START not in old or bench_vm.END not in old:
+        return text
+    section = bench_vm.START + old.split(bench_vm.START, 1)[1].split(bench_vm.END, 1)[0]
+    return bench_vm.splice(text, section + bench_vm.END)
+
+
 def main() -> None:
     sections = []
     for bench in BENCHMARKS:
@@ -199,7 +213,8 @@ Written by `make bench` (`python -m tests.benchmarks.run`) on
 Each figure is the median of repeated runs, with min and max. Every comparison is a ratio
 against a baseline measured in the same run.
 """
-    REPORT.write_text(header + "\n" + "\n\n".join(s.strip() for s in sections) + "\n")
+    text = header + "\n" + "\n\n".join(s.strip() for s in sections) + "\n"
+    REPORT.write_text(_keep_guest_section(text))
     print(f"wrote {REPORT}", file=sys.stderr)
     for path in write_plots():
         print(f"wrote {path}", file=sys.stderr)

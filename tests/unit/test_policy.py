@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from reapkit._conditions import MemoryCondition
 from reapkit._guard import SystemScope
 from reapkit._plugins import (
     PluginError,
@@ -18,9 +19,12 @@ from reapkit._plugins import (
     validate_plugin,
 )
 from reapkit._policy import DEFAULT_POLICY, PolicyError, load_policy
+from reapkit._procfs import MemInfo
 from reapkit.builtin import register_builtins
 
 from ..conftest import FakeEntryPoint
+
+MiB, GiB = 1 << 20, 1 << 30
 
 GOOD = """
 [[rule]]
@@ -42,6 +46,29 @@ def test_the_default_policy_loads_and_combines_pressure_with_memory() -> None:
     assert isinstance(first.guard.scope, SystemScope)
     assert policy.needs_reaper
     assert "memory some" in DEFAULT_POLICY
+
+
+@pytest.mark.parametrize(
+    ("swap_total", "swap_free", "acts"),
+    [
+        (0, 0, True),  # no swap: the memory line alone decides
+        (4 * GiB, 3 * GiB, False),  # swap can still take cold pages: no emergency yet
+        (4 * GiB, 200 * MiB, True),  # swap nearly full too
+    ],
+)
+def test_the_default_emergency_rule_waits_for_swap(
+    swap_total: int, swap_free: int, acts: bool
+) -> None:
+    """``almost-no-memory`` (SIGKILL, no pressure window) needs swap nearly full as well: with
+    zram, a low MemAvailable alone is no emergency (tests/vmlab's zram scenario shows it)."""
+    rule = next(r for r in load_policy().rules if r.name == "almost-no-memory")
+    meminfo = MemInfo(
+        total=16 * GiB, free=100 * MiB, available=200 * MiB, buffers=0, cached=0,
+        swap_total=swap_total, swap_free=swap_free,
+    )  # fmt: skip
+    held = [c.holds(meminfo)[0] for c in rule.when if isinstance(c, MemoryCondition)]
+    assert len(held) == 2
+    assert all(held) is acts
 
 
 def test_a_good_policy_file(tmp_path: Path) -> None:

@@ -8,13 +8,18 @@
    into a page at a heading of that page).
 3. The site builds with ``mkdocs build --strict``: no warning at all (skipped, saying so,
    where mkdocs is not installed: it comes with the ``docs`` extra).
+4. The code snippets run: every Python block of ``docs/embedding.md``, on a sandbox policy.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
+import inspect
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -24,6 +29,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 
 import reapkit
 from reapkit import _policy
@@ -418,3 +424,85 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
         assert (site / page / "index.html").is_file(), page
     # Repository files that pages link to are published beside them.
     assert (site / "repo" / "examples" / "deploy" / "reapkit.service" / "index.html").is_file()
+
+
+# -- 4. the code snippets run ------------------------------------------------------------------
+
+
+def _snippets(page: str, language: str = "python") -> list[tuple[int, str]]:
+    """(first line, code) of each fenced ``language`` block of a page."""
+    found, start, code = [], 0, None
+    for number, line in enumerate((DOCS / page).read_text(encoding="utf-8").splitlines(), 1):
+        if code is None and line.strip() == f"```{language}":
+            start, code = number + 1, []
+        elif code is not None and line.strip() == "```":
+            found.append((start, "\n".join(code) + "\n"))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return found
+
+
+#: The policy file the snippets load: replaced by a sandbox policy when they run.
+_POLICY_FILE = "/etc/reapkit/policy.toml"
+#: A snippet's placeholder for the service around the reaper: replaced by
+#: ``_the_rest_of_the_service`` (below).
+_THE_REST = "...  # the rest of the service"
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("snippet", _snippets("embedding.md"), ids=lambda s: f"line-{s[0]}")
+def test_every_embedding_snippet_runs(
+    snippet: tuple[int, str], spawn: Any, memory_cgroup: Any, tmp_path: Path
+) -> None:
+    """Each snippet runs as written, on a policy whose one rule may kill only in a memory
+    cgroup the test made, where the only process is one the test started; the snippets
+    that trigger a decision kill it and print its record."""
+    line, code = snippet
+    victim = spawn(cgroups=[memory_cgroup])
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[[rule]]\nname = "sandbox"\nscope = {{ cgroup = "{memory_cgroup.directory}" }}\n'
+        'select = ["largest-rss"]\nactions = ["kill"]\nvictim_timeout = "3s"\n'
+    )
+    assert _POLICY_FILE in code, f"embedding.md:{line}: a snippet loads {_POLICY_FILE}"
+    code = code.replace(_POLICY_FILE, str(policy))
+    code = code.replace(_THE_REST, "await _the_rest_of_the_service(reaper, nursery)")
+    code = code.replace("asyncio.run(main())", "asyncio.run(asyncio.wait_for(main(), 60))")
+    printed: list[tuple[object, ...]] = []
+
+    def print_(*args: object, **kwargs: Any) -> None:
+        printed.append(args)
+        builtins.print(*args, **kwargs)
+
+    async def _the_rest_of_the_service(reaper: reapkit.Reaper, nursery: trio.Nursery) -> None:
+        """Ask for a decision, wait until the snippet printed its record, stop the service."""
+        await reaper.trigger("the docs' test asks")
+        with trio.fail_after(60):
+            while not printed:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    namespace = {
+        "__name__": "__main__",
+        "print": print_,
+        "_the_rest_of_the_service": _the_rest_of_the_service,
+    }
+    compiled = compile(
+        code, f"docs/embedding.md:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    )
+    result = eval(compiled, namespace)  # an `async with` at the top: a coroutine to await
+    if inspect.iscoroutine(result):
+
+        async def top_level() -> None:
+            with trio.fail_after(60):
+                await result
+
+        trio.run(top_level)
+    if "trigger(" in code:
+        assert victim.wait(10) == -signal.SIGKILL
+        assert len(printed) == 1, printed
+        assert "killed" in printed[0], printed
+    else:
+        assert victim.poll() is None
+        assert printed == []

@@ -351,6 +351,20 @@ def test_every_option_of_reapkit_run_is_documented() -> None:
         assert any(n in documented for n in names), names
 
 
+def test_the_synopsis_of_reapkit_run_is_its_parser() -> None:
+    synopsis = re.search(
+        r"```\n(reapkit run .*?)```", _section("operations.md", "daemon").body, re.S
+    )
+    assert synopsis, "docs/operations.md#daemon starts with the synopsis of reapkit run"
+    shown = set(re.findall(r"\[(-[-\w]+)", synopsis.group(1)))
+    options = {
+        action.option_strings[0]  # the short form, where there is one
+        for action in _subcommands()["run"]._actions
+        if action.option_strings and action.dest not in ("help", "version")
+    }
+    assert shown == options
+
+
 # -- 2. links ----------------------------------------------------------------------------------
 
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

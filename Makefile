@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vm lint bench docs clean
+.PHONY: demo test test-vm lint wheels bench docs clean
 
 # First-party plugins: each directory under plugins/ is its own distribution, installed
 # (editable) beside reapkit so its entry points register and make test runs its tests.
@@ -38,9 +38,14 @@ test-vm: $(STAMP)
 		$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples plugins
-	$(BIN)/ruff format --check src tests examples plugins
+	$(BIN)/ruff check src tests examples plugins .ci
+	$(BIN)/ruff format --check src tests examples plugins .ci
 	$(BIN)/mypy --strict src
+
+# The four distributions (reapkit, plugins/*) built into dist/ and installed from their wheels
+# into a clean venv that imports them and lists the plugins (.ci/wheels.py says what it checks).
+wheels: $(STAMP)
+	$(BIN)/python .ci/wheels.py --python $(PYTHON)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]' && $(BIN)/python -m tests.benchmarks.run

@@ -2,13 +2,14 @@
 
 Released together from this repository: the same version, each plugin requiring a reapkit of
 the same major version, the MIT licence text inside every wheel and sdist (``license-files``,
-PEP 639). The build itself is checked by the slow test at the end (and ``make wheels`` installs
-the wheels in a clean venv).
+PEP 639). The build itself is checked by a slow test (and ``make wheels`` installs the wheels
+in a clean venv). Last, what ``make demo`` and ``make test`` install into ``.venv``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -127,3 +128,40 @@ def test_the_built_wheel_and_sdist_carry_the_licence(directory: Path, tmp_path: 
         member = sdist.getmember(f"{stem}/LICENSE")
         assert member.isfile()
         assert sdist.extractfile(member).read().decode() == LICENCE  # type: ignore[union-attr]
+
+
+def _dry_run(directory: Path, target: str) -> str:
+    """What ``make TARGET`` would run in ``directory`` (``make -n``)."""
+    done = subprocess.run(
+        ["make", "-n", "-C", str(directory), target],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_demo_installs_reapkit_alone_and_make_test_the_rest(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make(1) is not installed")
+    for directory in PROJECTS:  # what the Makefile reads: itself and the pyproject files
+        target = tmp_path / directory.relative_to(ROOT)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(directory / "pyproject.toml", target)
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    demo = _dry_run(tmp_path, "demo")
+    assert "setting up .venv (once)" in demo
+    assert "pip install --quiet --disable-pip-version-check -e .\n" in demo
+    assert "[test" not in demo and "plugins/" not in demo
+    # The demo's venv, set up: make test still installs the extras and the plugins.
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch(mode=0o755)
+    (venv / ".installed-base").touch()
+    assert "pip install" not in _dry_run(tmp_path, "demo")
+    test = _dry_run(tmp_path, "test")
+    assert "-e '.[test,dev,docs]'" in test
+    for plugin in PROJECTS[1:]:
+        assert f"-e 'plugins/{plugin.name}[test]'" in test
+    # ...and once it has, neither installs again.
+    (venv / ".installed").touch()
+    assert "pip install" not in _dry_run(tmp_path, "test") + _dry_run(tmp_path, "demo")

@@ -92,6 +92,16 @@ def test_verbose_after_the_command_is_accepted(tmp_path: Path) -> None:
     assert (after.stdout, after.stderr) == (before.stdout, before.stderr)
 
 
+def test_demo_help_describes_both_shows() -> None:
+    done = reapkit("demo", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "(1) pipeline:" in done.stdout and "(2) stuck victim:" in done.stdout
+    for scenario in ("kill-only", "mrelease"):  # the names its results carry
+        assert f"({scenario})" in done.stdout
+    listing = " ".join(reapkit("--help").stdout.split())  # as one line, however it wraps
+    assert "ending a leak under real memory pressure, and a stuck victim's memory" in listing
+
+
 def test_demo_json_shape() -> None:
     require_root()
     done = reapkit("demo", "--json", "--size-mib", "96", "--bound", "0.5")

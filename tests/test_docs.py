@@ -8,7 +8,8 @@
    into a page at a heading of that page).
 3. The site builds with ``mkdocs build --strict``: no warning at all (skipped, saying so,
    where mkdocs is not installed: it comes with the ``docs`` extra).
-4. The code snippets run: every Python block of ``docs/embedding.md``, on a sandbox policy.
+4. The code snippets run: every Python block of ``docs/embedding.md``, on a sandbox policy;
+   the tutorial's kill records have the fields and the reasons reapkit writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ast
 import builtins
 import functools
 import inspect
+import json
 import os
 import re
 import signal
@@ -35,12 +37,14 @@ import reapkit
 from reapkit import _policy
 from reapkit._engine import Rule
 from reapkit._guard import RefusalReason
-from reapkit._plugins import NoOptions
-from reapkit._records import KillRecord, Outcome, Timeline, Victim
+from reapkit._plugins import Candidate, NoOptions, Ranked, Situation
+from reapkit._procfs import ProcFS
+from reapkit._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline, Victim
 from reapkit._sources.memory import Metric
 from reapkit._units import _DURATION_UNITS, _SIZE_UNITS, PSI_RESOURCES, parse_duration, parse_size
 from reapkit.builtin import builtin_plugins
 from reapkit.cli import _main, _status
+from reapkit.testing import FakeProc
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -338,6 +342,11 @@ def _subcommands() -> dict[str, Any]:
 
 def test_every_command_is_documented() -> None:
     index = (DOCS / "index.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"## The command line\n+```sh\n(.*?)```", readme, re.S)
+    assert listed, "README.md lists the commands under '## The command line'"
+    in_readme = set(re.findall(r"^reapkit (\w+)", listed.group(1), re.M))
+    assert in_readme == set(_subcommands()), "README.md's command list"
     for name in _subcommands():
         assert f"`reapkit {name}" in index, name
 
@@ -520,3 +529,49 @@ def test_every_embedding_snippet_runs(
     else:
         assert victim.poll() is None
         assert printed == []
+
+
+def _record_fields() -> dict[str, set[str]]:
+    """The fields of a kill record (``as_json``), of its victim and of its steps."""
+    return {
+        "record": set(KillRecord.as_json(_a_record())),
+        "victim": {f.name for f in attrs.fields(Victim)},
+        "selectors": {f.name for f in attrs.fields(SelectorStep)},
+        "actions": {f.name for f in attrs.fields(ActionStep)},
+        "timeline_ms": {f.name for f in attrs.fields(Timeline)},
+    }
+
+
+def _largest_rss_reason(rss_mib: float, of: int, tmp_path: Path) -> str:
+    """What largest-rss says when the largest of ``of`` processes has ``rss_mib`` MiB, on a
+    machine without swap (the tutorial's)."""
+    fake = FakeProc(tmp_path / f"proc-{rss_mib}-{of}")
+    fake.set_meminfo(total=8 << 30, available=4 << 30)
+    page = fake.page_size
+    fake.add_process(100, rss=round(rss_mib * (1 << 20) / page) * page)
+    for pid in range(101, 100 + of):
+        fake.add_process(pid, rss=1 << 20)
+    procfs = ProcFS(fake.root)
+    ranked = [Ranked(Candidate.from_info(procfs.process_info(p))) for p in range(100, 100 + of)]
+    situation = Situation("tutorial", None, procfs.meminfo(), procfs, 0.0)
+    selector = next(c for c in builtin_plugins() if c.name == "largest-rss")()
+    return str(selector.select(situation, ranked)[0].reason)
+
+
+def test_the_tutorials_records_are_what_reapkit_writes(tmp_path: Path) -> None:
+    fields = _record_fields()
+    records = [json.loads(code) for _, code in _snippets("tutorial.md", "json")]
+    assert records, "the tutorial shows kill records"
+    for record in records:
+        assert set(record) <= fields["record"], set(record) - fields["record"]
+        assert set(record.get("victim", {})) - {"..."} <= fields["victim"]
+        assert set(record["timeline_ms"]) - {"..."} <= fields["timeline_ms"]
+        for kind in ("selectors", "actions"):
+            for step in record[kind]:
+                assert set(step) - {"..."} <= fields[kind], step
+        for step in record["selectors"]:
+            match = re.fullmatch(r"RSS ([\d.]+) MiB \(largest of (\d+)\)", step.get("reason", ""))
+            if step["selector"] == "largest-rss" and "reason" in step:
+                assert match, f"not what largest-rss says without swap: {step['reason']!r}"
+                rss, of = float(match.group(1)), int(match.group(2))
+                assert step["reason"] == _largest_rss_reason(rss, of, tmp_path)

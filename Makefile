@@ -1,23 +1,37 @@
 # The two commands: `make demo` and `make test`. Both bootstrap .venv from pyproject.toml on
-# first use and reuse it afterwards (it is rebuilt when pyproject.toml changes).
+# first use and reuse it afterwards (it is updated when pyproject.toml changes). `make demo`
+# installs reapkit alone; `make test` (and lint, docs, ...) adds the extras and the plugins.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Two stamps: reapkit alone (what the demo runs) and everything. The full install touches both.
+BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vm lint bench bench-vm docs clean
+.PHONY: demo test test-vm lint wheels bench bench-vm docs clean
 
 # First-party plugins: each directory under plugins/ is its own distribution, installed
 # (editable) beside reapkit so its entry points register and make test runs its tests.
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,docs]' \
-		$(foreach p,$(PLUGINS),-e '$(p)[test]')
+# $(call install,WHAT,PIP ARGUMENTS): create .venv if need be, saying so, and pip install.
+# (WHAT names no comma: $(call) splits there.)
+define install
+	@if test -x $(BIN)/python; then echo "updating .venv: $(1)"; \
+	else echo "setting up .venv (once): $(1)" && $(PYTHON) -m venv $(VENV); fi
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check $(2)
+endef
+
+$(BASE): pyproject.toml
+	$(call install,reapkit and its dependencies,-e .)
 	@touch $@
 
-demo: $(STAMP)
+EVERYTHING := -e '.[test,dev,docs]' $(foreach p,$(PLUGINS),-e '$(p)[test]')
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	$(call install,reapkit with the test/dev/docs extras and the plugins,$(EVERYTHING))
+	@touch $@ $(BASE)
+
+demo: $(BASE)
 	$(BIN)/reapkit demo
 
 test: $(STAMP)
@@ -38,9 +52,14 @@ test-vm: $(STAMP)
 		$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples plugins
-	$(BIN)/ruff format --check src tests examples plugins
+	$(BIN)/ruff check src tests examples plugins .ci
+	$(BIN)/ruff format --check src tests examples plugins .ci
 	$(BIN)/mypy --strict src
+
+# The four distributions (reapkit, plugins/*) built into dist/ and installed from their wheels
+# into a clean venv that imports them and lists the plugins (.ci/wheels.py says what it checks).
+wheels: $(STAMP)
+	$(BIN)/python .ci/wheels.py --python $(PYTHON)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]' && $(BIN)/python -m tests.benchmarks.run

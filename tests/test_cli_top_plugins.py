@@ -36,9 +36,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-def reapkit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def reapkit(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     # A wide terminal, so that assertions do not depend on where rich wraps a line.
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", **env}
     return subprocess.run(
         [sys.executable, "-m", "reapkit.cli", *args],
         capture_output=True,
@@ -324,6 +324,27 @@ def test_the_plugin_table_shows_the_error() -> None:
     assert "failed to load: ImportError: no module named kaboom" in text
     assert "2 plugins failed to load; the others are usable." in text
     assert "third-party" in text and "reapkit-good" in text and "oom-score" in text
+
+
+def test_a_broken_entry_point_is_listed_once(tmp_path: Path) -> None:
+    # The command's own registry (the default one) had the group loaded twice: the broken
+    # plugin came twice in the table, in --json and in the warnings.
+    dist = tmp_path / "reapkit_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: reapkit-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[reapkit.plugins]\nbroken = reapkit_no_such:Plugin\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    listed = reapkit("plugins", "--json", PYTHONPATH=path)
+    assert listed.returncode == 0, listed.stderr
+    broken = [p for p in json.loads(listed.stdout) if p["name"] == "broken"]
+    assert [(p["source"], p["error"]) for p in broken] == [
+        ("reapkit-broken", "ModuleNotFoundError: No module named 'reapkit_no_such'")
+    ]
+    assert listed.stderr.count("plugin broken from reapkit-broken failed to load") == 1
+    table = reapkit("plugins", PYTHONPATH=path)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count("reapkit-broken") == 1
+    assert "1 plugin failed to load; the others are usable." in table.stdout
 
 
 # -- top's pure parts ----------------------------------------------------------------------------

@@ -8,13 +8,20 @@
    into a page at a heading of that page).
 3. The site builds with ``mkdocs build --strict``: no warning at all (skipped, saying so,
    where mkdocs is not installed: it comes with the ``docs`` extra).
+4. The code snippets run: every Python block of ``docs/embedding.md``, on a sandbox policy;
+   the tutorial's kill records have the fields and the reasons reapkit writes.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
+import inspect
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -24,17 +31,20 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 
 import reapkit
 from reapkit import _policy
 from reapkit._engine import Rule
 from reapkit._guard import RefusalReason
-from reapkit._plugins import NoOptions
-from reapkit._records import KillRecord, Outcome, Timeline, Victim
+from reapkit._plugins import Candidate, NoOptions, Ranked, Situation
+from reapkit._procfs import ProcFS
+from reapkit._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline, Victim
 from reapkit._sources.memory import Metric
 from reapkit._units import _DURATION_UNITS, _SIZE_UNITS, PSI_RESOURCES, parse_duration, parse_size
 from reapkit.builtin import builtin_plugins
 from reapkit.cli import _main, _status
+from reapkit.testing import FakeProc
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -332,6 +342,11 @@ def _subcommands() -> dict[str, Any]:
 
 def test_every_command_is_documented() -> None:
     index = (DOCS / "index.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"## The command line\n+```sh\n(.*?)```", readme, re.S)
+    assert listed, "README.md lists the commands under '## The command line'"
+    in_readme = set(re.findall(r"^reapkit (\w+)", listed.group(1), re.M))
+    assert in_readme == set(_subcommands()), "README.md's command list"
     for name in _subcommands():
         assert f"`reapkit {name}" in index, name
 
@@ -343,6 +358,20 @@ def test_every_option_of_reapkit_run_is_documented() -> None:
             continue
         names = action.option_strings or [action.dest.upper()]
         assert any(n in documented for n in names), names
+
+
+def test_the_synopsis_of_reapkit_run_is_its_parser() -> None:
+    synopsis = re.search(
+        r"```\n(reapkit run .*?)```", _section("operations.md", "daemon").body, re.S
+    )
+    assert synopsis, "docs/operations.md#daemon starts with the synopsis of reapkit run"
+    shown = set(re.findall(r"\[(-[-\w]+)", synopsis.group(1)))
+    options = {
+        action.option_strings[0]  # the short form, where there is one
+        for action in _subcommands()["run"]._actions
+        if action.option_strings and action.dest not in ("help", "version")
+    }
+    assert shown == options
 
 
 # -- 2. links ----------------------------------------------------------------------------------
@@ -418,3 +447,131 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
         assert (site / page / "index.html").is_file(), page
     # Repository files that pages link to are published beside them.
     assert (site / "repo" / "examples" / "deploy" / "reapkit.service" / "index.html").is_file()
+
+
+# -- 4. the code snippets run ------------------------------------------------------------------
+
+
+def _snippets(page: str, language: str = "python") -> list[tuple[int, str]]:
+    """(first line, code) of each fenced ``language`` block of a page."""
+    found, start, code = [], 0, None
+    for number, line in enumerate((DOCS / page).read_text(encoding="utf-8").splitlines(), 1):
+        if code is None and line.strip() == f"```{language}":
+            start, code = number + 1, []
+        elif code is not None and line.strip() == "```":
+            found.append((start, "\n".join(code) + "\n"))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return found
+
+
+#: The policy file the snippets load: replaced by a sandbox policy when they run.
+_POLICY_FILE = "/etc/reapkit/policy.toml"
+#: A snippet's placeholder for the service around the reaper: replaced by
+#: ``_the_rest_of_the_service`` (below).
+_THE_REST = "...  # the rest of the service"
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("snippet", _snippets("embedding.md"), ids=lambda s: f"line-{s[0]}")
+def test_every_embedding_snippet_runs(
+    snippet: tuple[int, str], spawn: Any, memory_cgroup: Any, tmp_path: Path
+) -> None:
+    """Each snippet runs as written, on a policy whose one rule may kill only in a memory
+    cgroup the test made, where the only process is one the test started; the snippets
+    that trigger a decision kill it and print its record."""
+    line, code = snippet
+    victim = spawn(cgroups=[memory_cgroup])
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[[rule]]\nname = "sandbox"\nscope = {{ cgroup = "{memory_cgroup.directory}" }}\n'
+        'select = ["largest-rss"]\nactions = ["kill"]\nvictim_timeout = "3s"\n'
+    )
+    assert _POLICY_FILE in code, f"embedding.md:{line}: a snippet loads {_POLICY_FILE}"
+    code = code.replace(_POLICY_FILE, str(policy))
+    code = code.replace(_THE_REST, "await _the_rest_of_the_service(reaper, nursery)")
+    code = code.replace("asyncio.run(main())", "asyncio.run(asyncio.wait_for(main(), 60))")
+    printed: list[tuple[object, ...]] = []
+
+    def print_(*args: object, **kwargs: Any) -> None:
+        printed.append(args)
+        builtins.print(*args, **kwargs)
+
+    async def _the_rest_of_the_service(reaper: reapkit.Reaper, nursery: trio.Nursery) -> None:
+        """Ask for a decision, wait until the snippet printed its record, stop the service."""
+        await reaper.trigger("the docs' test asks")
+        with trio.fail_after(60):
+            while not printed:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    namespace = {
+        "__name__": "__main__",
+        "print": print_,
+        "_the_rest_of_the_service": _the_rest_of_the_service,
+    }
+    compiled = compile(
+        code, f"docs/embedding.md:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    )
+    result = eval(compiled, namespace)  # an `async with` at the top: a coroutine to await
+    if inspect.iscoroutine(result):
+
+        async def top_level() -> None:
+            with trio.fail_after(60):
+                await result
+
+        trio.run(top_level)
+    if "trigger(" in code:
+        assert victim.wait(10) == -signal.SIGKILL
+        assert len(printed) == 1, printed
+        assert "killed" in printed[0], printed
+    else:
+        assert victim.poll() is None
+        assert printed == []
+
+
+def _record_fields() -> dict[str, set[str]]:
+    """The fields of a kill record (``as_json``), of its victim and of its steps."""
+    return {
+        "record": set(KillRecord.as_json(_a_record())),
+        "victim": {f.name for f in attrs.fields(Victim)},
+        "selectors": {f.name for f in attrs.fields(SelectorStep)},
+        "actions": {f.name for f in attrs.fields(ActionStep)},
+        "timeline_ms": {f.name for f in attrs.fields(Timeline)},
+    }
+
+
+def _largest_rss_reason(rss_mib: float, of: int, tmp_path: Path) -> str:
+    """What largest-rss says when the largest of ``of`` processes has ``rss_mib`` MiB, on a
+    machine without swap (the tutorial's)."""
+    fake = FakeProc(tmp_path / f"proc-{rss_mib}-{of}")
+    fake.set_meminfo(total=8 << 30, available=4 << 30)
+    page = fake.page_size
+    fake.add_process(100, rss=round(rss_mib * (1 << 20) / page) * page)
+    for pid in range(101, 100 + of):
+        fake.add_process(pid, rss=1 << 20)
+    procfs = ProcFS(fake.root)
+    ranked = [Ranked(Candidate.from_info(procfs.process_info(p))) for p in range(100, 100 + of)]
+    situation = Situation("tutorial", None, procfs.meminfo(), procfs, 0.0)
+    selector = next(c for c in builtin_plugins() if c.name == "largest-rss")()
+    return str(selector.select(situation, ranked)[0].reason)
+
+
+def test_the_tutorials_records_are_what_reapkit_writes(tmp_path: Path) -> None:
+    fields = _record_fields()
+    records = [json.loads(code) for _, code in _snippets("tutorial.md", "json")]
+    assert records, "the tutorial shows kill records"
+    for record in records:
+        assert set(record) <= fields["record"], set(record) - fields["record"]
+        assert set(record.get("victim", {})) - {"..."} <= fields["victim"]
+        assert set(record["timeline_ms"]) - {"..."} <= fields["timeline_ms"]
+        for kind in ("selectors", "actions"):
+            for step in record[kind]:
+                assert set(step) - {"..."} <= fields[kind], step
+        for step in record["selectors"]:
+            match = re.fullmatch(r"RSS ([\d.]+) MiB \(largest of (\d+)\)", step.get("reason", ""))
+            if step["selector"] == "largest-rss" and "reason" in step:
+                assert match, f"not what largest-rss says without swap: {step['reason']!r}"
+                rss, of = float(match.group(1)), int(match.group(2))
+                assert step["reason"] == _largest_rss_reason(rss, of, tmp_path)

@@ -729,6 +729,8 @@ class PluginRegistry:
     _groups: list[str] = attrs.field(factory=list)
     #: Entry points found, not imported yet.
     _pending: list[Any] = attrs.field(factory=list)
+    #: Entry points imported (registered or failed): each is imported, and listed, once.
+    _loaded: list[Any] = attrs.field(factory=list)
 
     def register(self, cls: type[Plugin], *, source: str = "code") -> type[Plugin]:
         """Validate and add ``cls``; usable as a class decorator. A name is registered once."""
@@ -772,7 +774,7 @@ class PluginRegistry:
     def _find(self) -> None:
         if self._groups:
             for group in self._groups:
-                self._pending.extend(_entry_points(group))
+                self._pending.extend(ep for ep in _entry_points(group) if ep not in self._loaded)
             self._groups.clear()
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[PluginInfo]:
@@ -782,7 +784,8 @@ class PluginRegistry:
         return self._load(_entry_points(group))
 
     def _load(self, eps: Iterable[Any]) -> list[PluginInfo]:
-        eps = list(eps)
+        eps = [ep for ep in eps if ep not in self._loaded]
+        self._loaded.extend(eps)
         self._pending = [ep for ep in self._pending if ep not in eps]
         failures = []
         for ep in eps:

@@ -115,11 +115,12 @@ class Reaper:
         return self._policy
 
     def records(self) -> trio.MemoryReceiveChannel[KillRecord]:
-        """A channel of every KillRecord from now on. Close it when done::
+        """A channel of every KillRecord from this call on. Close it when done::
 
         async with reaper.records() as records:
             async for record in records: ...
 
+        Called right after ``await reaper.trigger(...)``, it still gets that decision's record.
         For every record from the first decision on, pass a channel as ``serve_reaper(...,
         records=[send])`` instead: this one is subscribed once the reaper already runs.
         """
@@ -424,6 +425,10 @@ async def _decide(
 ) -> None:
     async with receive:
         async for event in receive:
+            if isinstance(event, ManualTrigger):
+                # `await reaper.trigger()` returns in the turn its event is taken; deciding a
+                # turn later lets `records()`, called right after it, get the decision's record.
+                await trio.lowlevel.checkpoint()
             with isolated() as failed:  # one bad event (a bug, a plugin) must not end the reaper
                 await engine.handle(event, nursery)
             if failed.error is not None:

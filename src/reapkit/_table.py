@@ -32,11 +32,11 @@ host's ``CLOCK_MONOTONIC``, which a time namespace offsets: the scan's time is t
 the offset ``/proc/self/timens_offsets`` gives, and when it cannot be read the filter is off
 (a stale fork may then add a process that is gone, until the next resync).
 
-Without the connector (no ``CAP_NET_ADMIN`` before Linux 6.6, not in the initial namespaces,
-netlink blocked) the table says so once (a warning on the ``reapkit.table`` logger) and works
-in ``"scan"`` mode: every read rescans ``/proc``, at most once per ``min_rescan_interval``
-(100 ms by default; a read within that interval sees the previous scan). A table that is not
-being served is in ``"scan"`` mode too.
+Without the connector (no ``CAP_NET_ADMIN``, not in the initial namespaces, netlink blocked)
+the table says so once (a warning on the ``reapkit.table`` logger) and works in ``"scan"``
+mode: every read rescans ``/proc``, at most once per ``min_rescan_interval`` (100 ms by
+default; a read within that interval sees the previous scan). A table that is not being
+served is in ``"scan"`` mode too.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ._policy import Policy
 from ._reaper import Reaper, ReaperStatistics, serve_reaper
 from ._records import KillRecord
 
-__all__ = ["AsyncioReaper", "open_reaper"]
+__all__ = ["AsyncioReaper", "RecordStream", "open_reaper"]
 
 
 @attrs.define
@@ -71,21 +71,62 @@ class AsyncioReaper:
     async def reload(self, policy: Policy) -> None:
         await self._in_trio(functools.partial(self._reaper.reload, policy))
 
-    async def records(self, *, buffer: int = 256) -> AsyncIterator[KillRecord]:
-        """Every KillRecord from now on, as an asyncio async iterator; it ends with the reaper."""
-        queue: asyncio.Queue[KillRecord | None] = asyncio.Queue(maxsize=buffer)
+    def records(self, *, buffer: int = 256) -> RecordStream:
+        """Every KillRecord from this call on (it subscribes at once: called right after
+        ``await reaper.trigger(...)``, it still gets that decision's record), as an asyncio
+        async iterator that ends with the reaper. Up to ``buffer`` records wait for the
+        reader; a reader further behind loses the newest."""
+        stream = RecordStream(self._token, buffer)
         receive = self._reaper.records()
+        self._token.run_sync_soon(self._nursery.start_soon, stream._pump, receive)
+        return stream
 
-        async def pump() -> None:
-            async with receive:
-                async for record in receive:
-                    with contextlib.suppress(asyncio.QueueFull):
-                        queue.put_nowait(record)  # same thread: no hand-over needed
-            queue.put_nowait(None)
 
-        self._token.run_sync_soon(self._nursery.start_soon, pump)
-        while (record := await queue.get()) is not None:
-            yield record
+@attrs.define(eq=False)
+class RecordStream:
+    """What :meth:`AsyncioReaper.records` returns: ``async for record in stream``. Use it in
+    ``async with`` (or ``await stream.aclose()``) to unsubscribe before the reaper stops."""
+
+    _token: trio.lowlevel.TrioToken
+    _buffer: int
+    #: The records for the reader, then ``None`` at the end.
+    _queue: asyncio.Queue[KillRecord | None] = attrs.field(factory=asyncio.Queue)
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _ended: bool = False
+
+    def __aiter__(self) -> RecordStream:
+        return self
+
+    async def __anext__(self) -> KillRecord:
+        if not self._ended:
+            record = await self._queue.get()
+            if record is not None:
+                return record
+            self._ended = True
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Unsubscribe; iterating ends."""
+        self._ended = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._scope.cancel)
+
+    async def __aenter__(self) -> RecordStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _pump(self, receive: trio.MemoryReceiveChannel[KillRecord]) -> None:
+        """In trio: the subscription's records to the asyncio queue (same thread, no hand-over)."""
+        try:
+            with self._scope:
+                async with receive:
+                    async for record in receive:
+                        if self._queue.qsize() < self._buffer:
+                            self._queue.put_nowait(record)
+        finally:
+            self._queue.put_nowait(None)
 
 
 @contextlib.asynccontextmanager

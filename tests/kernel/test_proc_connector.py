@@ -7,6 +7,7 @@ closing its stdin; events of the rest of the machine arrive too and are filtered
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from reapkit._sources.proc_connector import (
     ProcFork,
 )
 
-from ..conftest import Spawn, require_root
+from ..conftest import Spawn, need, require_root
 
 pytestmark = pytest.mark.kernel
 
@@ -283,13 +284,46 @@ async def test_a_tiny_buffer_reports_lost_events(
     assert len(events) < 600  # most of the 600 events of the 200 children were dropped
 
 
+_BIND_AS_NOBODY = """
+from reapkit import AccessDenied
+from reapkit.lowlevel import open_proc_connector
+try:
+    open_proc_connector().close()
+except AccessDenied as exc:
+    print("refused:", exc)
+else:
+    print("bound")
+"""
+
+
+@pytest.mark.parametrize("cap_net_admin", [False, True], ids=["no-caps", "cap-net-admin"])
+def test_the_bind_needs_cap_net_admin_and_nothing_more(cap_net_admin: bool) -> None:
+    # The docs once said "CAP_NET_ADMIN before Linux 6.6": on this 6.18 kernel an
+    # unprivileged bind is still EPERM. uid 65534, with or without that one capability.
+    require_root()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        need("setpriv(1) (util-linux) to run as another user with chosen capabilities")
+    caps = ["--inh-caps=+net_admin", "--ambient-caps=+net_admin"] if cap_net_admin else []
+    done = subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *caps,
+         sys.executable, "-c", _BIND_AS_NOBODY],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    if cap_net_admin:
+        assert done.stdout == "bound\n"
+    else:
+        assert done.stdout == (
+            "refused: permission denied: binding to the proc connector needs CAP_NET_ADMIN\n"
+        )
+
+
 async def test_a_refused_socket_is_an_error_before_started(
     root: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def refuse(*, rcvbuf: int | None = None) -> None:
-        raise AccessDenied(
-            None, "binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6"
-        )
+        raise AccessDenied(None, "binding to the proc connector needs CAP_NET_ADMIN")
 
     monkeypatch.setattr(proc_connector_module, "open_proc_connector", refuse)
     send, receive = trio.open_memory_channel[ProcEvent](1)

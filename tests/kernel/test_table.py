@@ -88,9 +88,7 @@ def pids_cgroup() -> Iterator[SandboxCgroup]:
 @pytest.fixture
 def no_connector(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*, rcvbuf: int | None = None) -> None:
-        raise AccessDenied(
-            None, "binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6"
-        )
+        raise AccessDenied(None, "binding to the proc connector needs CAP_NET_ADMIN")
 
     monkeypatch.setattr(proc_connector_module, "open_proc_connector", refuse)
 

@@ -127,7 +127,14 @@ async def test_a_kill_in_a_sandbox_is_scraped_from_the_reapers_endpoint(
         assert record.victim is not None
         assert record.victim.pid == sleeper.pid
 
-        m = await scrape(port)
+        # The observer gets the record after the subscribers, from the observers' own task
+        # (on_record on a worker thread): a scrape at once may come before it, or in the
+        # middle of it. The last series on_record sets says it is done.
+        with trio.fail_after(10):
+            m = await scrape(port)
+            while not m("reapkit_last_record_timestamp_seconds", rule="sandbox"):
+                await trio.sleep(0.01)
+                m = await scrape(port)
     assert m("reapkit_kills_total", rule="sandbox", outcome="killed") == 1
     assert m("reapkit_kills_total", rule="sandbox", outcome="refused") == 0
     assert m("reapkit_trigger_to_signal_seconds_count", rule="sandbox") == 1

@@ -42,12 +42,11 @@ def open_proc_connector(*, rcvbuf: int | None = None) -> socket.socket:
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         try:
+            # netlink_bind (net/netlink/af_netlink.c): joining a multicast group needs
+            # CAP_NET_ADMIN unless the family allows it; the connector does not (6.18 too).
             sock.bind((0, CN_IDX_PROC))
         except PermissionError:
-            raise AccessDenied(
-                None,
-                "binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6",
-            ) from None
+            raise AccessDenied(None, "binding to the proc connector needs CAP_NET_ADMIN") from None
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -217,7 +217,7 @@ class ProcConnectorSource:
         ``started()`` is called once the socket is subscribed: every process event after that
         is either sent or reported lost. Raises (before ``started``)
         :class:`~reapkit.AccessDenied` naming ``CAP_NET_ADMIN`` when the kernel refuses the
-        socket or the subscription (before Linux 6.6, without the capability), ``OSError``
+        socket or the subscription (without the capability), ``OSError``
         when netlink is unavailable. The kernel silently ignores subscriptions from outside
         the initial user and PID namespaces: then no event ever arrives.
         """

@@ -1,4 +1,5 @@
-"""``reapkit demo``: the stuck-victim comparison, in sandbox cgroups it creates and removes."""
+"""``reapkit demo``: the reaper's pipeline on a real leak, then the stuck-victim comparison,
+in sandbox cgroups it creates and removes."""
 
 from __future__ import annotations
 
@@ -24,22 +25,39 @@ from .._demo import (
 from .._kernel._probe import check_process_mrelease, check_psi_triggers
 from ._status import EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
+DESCRIPTION = """\
+Two shows, in sandbox cgroups the demo creates and removes afterwards (also on Ctrl-C,
+SIGTERM and SIGHUP). Needs root.
+
+(1) pipeline: a leak grows in a 512 MiB memory cgroup while page-cache thrashing in
+    another makes real memory pressure. The reaper's real pipeline (a PSI trigger and a
+    memory line, selectors, a kill through the guard, the reap stage) ends it and spares a
+    protected 'sleep' beside it.
+(2) stuck victim: a memory hog frozen in state D by the cgroup v1 freezer is SIGKILLed
+    through its pidfd, and its memory is timed coming back with the kill alone, for up to
+    --bound seconds (kill-only), and with process_mrelease (mrelease). Skipped, saying why,
+    on a host without the v1 freezer."""
+
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "demo",
-        help="show a stuck victim's memory come back with and without process_mrelease",
-        description="Start a memory hog in a memory cgroup with a hard limit, freeze it (state"
-        " D) with the cgroup v1 freezer, SIGKILL it through its pidfd and time how long its"
-        " memory takes to come back: with the kill alone (bounded) and with process_mrelease."
-        " Everything it creates is removed afterwards, also on Ctrl-C. Needs root.",
+        help="two shows: the reaper ending a leak under real memory pressure, and a stuck"
+        " victim's memory coming back with and without process_mrelease",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--json", action="store_true", help="print a JSON array, one object per scenario"
     )
-    p.add_argument("--size-mib", type=int, default=512, help="victim size (default 512)")
     p.add_argument(
-        "--bound", type=float, default=2.0, help="seconds to wait with the kill alone (default 2)"
+        "--size-mib", type=int, default=512, help="the stuck victim's size (default 512)"
+    )
+    p.add_argument(
+        "--bound",
+        type=float,
+        default=2.0,
+        help="seconds the stuck victim's memory is awaited with the kill alone (default 2)",
     )
     p.add_argument(
         "--timeout", type=float, default=PIPELINE_TIMEOUT, metavar="SECONDS",

@@ -58,14 +58,25 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"reapkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    _add_global_options(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in COMMANDS.items():
         if command in COMMANDS and name != command:
             continue
         importlib.import_module(module, __package__).add_parser(commands)
+    for sub in commands.choices.values():
+        # Not given after the command word, they leave what was given before it.
+        _add_global_options(sub, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``reapkit``'s own options, accepted before and after the command word."""
+    parser.add_argument("-V", "--version", action="version", version=f"reapkit {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="log debug details, and show the traceback of an unexpected error",
+    )  # fmt: skip
 
 
 def _command_in(argv: Sequence[str]) -> str | None:

@@ -36,8 +36,9 @@ from jeepney.io.trio import open_dbus_connection  # type: ignore[import-untyped]
 from reapkit import InvalidValue, KillRecord, KillWarning, Observer
 from reapkit.lowlevel import parse_duration
 
+from ._version import __version__ as __version__
+
 __all__ = ["Notify", "NotifyOptions", "NotifyStatistics"]
-__version__ = "0.1.0"
 
 log = logging.getLogger("reapkit.notify")
 

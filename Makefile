@@ -13,7 +13,7 @@ PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,docs]' \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cli,test,dev,docs]' \
 		$(foreach p,$(PLUGINS),-e '$(p)[test]')
 	@touch $@
 

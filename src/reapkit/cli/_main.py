@@ -41,7 +41,7 @@ COMMANDS: Final = {
 EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
 invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
-controller); 130 interrupted."""
+controller, the extra reapkit[cli]); 130 interrupted."""
 
 
 class _Parser(argparse.ArgumentParser):

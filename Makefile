@@ -1,10 +1,11 @@
 # The two commands: `make demo` and `make test`. Both bootstrap .venv from pyproject.toml on
 # first use and reuse it afterwards (it is updated when pyproject.toml changes). `make demo`
-# installs reapkit alone; `make test` (and lint, docs, ...) adds the extras and the plugins.
+# installs reapkit with the cli extra (rich, for the shows); `make test` (and lint, docs, ...) adds
+# the other extras and the plugins.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Two stamps: reapkit alone (what the demo runs) and everything. The full install touches both.
+# Two stamps: reapkit with the cli extra (what the demo runs) and everything. The full install touches both.
 BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 
@@ -23,12 +24,12 @@ define install
 endef
 
 $(BASE): pyproject.toml
-	$(call install,reapkit and its dependencies,-e .)
+	$(call install,reapkit and what its interactive commands need,-e '.[cli]')
 	@touch $@
 
-EVERYTHING := -e '.[test,dev,docs]' $(foreach p,$(PLUGINS),-e '$(p)[test]')
+EVERYTHING := -e '.[cli,test,dev,docs]' $(foreach p,$(PLUGINS),-e '$(p)[test]')
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
-	$(call install,reapkit with the test/dev/docs extras and the plugins,$(EVERYTHING))
+	$(call install,reapkit with the cli/test/dev/docs extras and the plugins,$(EVERYTHING))
 	@touch $@ $(BASE)
 
 demo: $(BASE)

@@ -191,6 +191,44 @@ def test_demo_removes_what_a_killed_demo_left_behind() -> None:
             stale.rmdir()
 
 
+#: ``reapkit`` as installed without the cli extra: rich cannot be imported.
+_WITHOUT_RICH = (
+    "import sys; sys.modules['rich'] = None; from reapkit.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def reapkit_without_rich(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_RICH, *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [("top", "--once"), ("demo",), ("plugins",)])
+def test_an_interactive_command_without_rich_names_the_extra(args: tuple[str, ...]) -> None:
+    done = reapkit_without_rich(*args)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"'reapkit {args[0]}' needs it" in lines[0]
+    assert "pip install 'reapkit[cli]'" in lines[0]
+    assert ("--json" in lines[0]) == (args[0] == "plugins")
+
+
+def test_without_rich_the_other_commands_work() -> None:
+    done = reapkit_without_rich("plugins", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {"kill", "oom-score"} <= {p["name"] for p in json.loads(done.stdout)}
+    done = reapkit_without_rich("check")
+    assert done.returncode == 0, done.stderr
+    done = reapkit_without_rich("--help")
+    assert done.returncode == 0, done.stderr
+    listing = " ".join(done.stdout.split())  # however argparse wraps it
+    assert "top (needs the extra reapkit[cli], not installed here)" in listing
+    assert "doctor check what this kernel" in listing
+
+
 def test_check_the_default_policy() -> None:
     done = reapkit("check")
     assert done.returncode == 0, done.stderr

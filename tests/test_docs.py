@@ -575,3 +575,27 @@ def test_the_tutorials_records_are_what_reapkit_writes(tmp_path: Path) -> None:
                 assert match, f"not what largest-rss says without swap: {step['reason']!r}"
                 rss, of = float(match.group(1)), int(match.group(2))
                 assert step["reason"] == _largest_rss_reason(rss, of, tmp_path)
+
+
+#: "41 MiB resident", "~46 MiB resident": a figure of the daemon's own footprint.
+_RESIDENT = re.compile(r"(\d+(?:\.\d+)?) MiB\s+resident")
+
+
+def test_footprint_figures_agree_with_the_benchmarks() -> None:
+    # docs/benchmarks.md, written by `make bench`, holds the measured footprint; a page that
+    # quotes it must quote the same figure (issue 13: "41 MiB" and "~46 MiB" both appeared).
+    report = (DOCS / "benchmarks.md").read_text()
+    measured = re.search(r"^\| VmRSS \| ([\d.]+) MiB \|", report, re.M)
+    assert measured, "docs/benchmarks.md has no footprint VmRSS row"
+    pages = [
+        *(p for p in DOCS.glob("*.md") if p.name != "benchmarks.md"),
+        ROOT / "README.md",
+        *(p for p in (ROOT / "examples" / "deploy").rglob("*") if p.is_file()),
+    ]
+    wrong = [
+        f"{page.relative_to(ROOT)}: {match.group(0)!r}"
+        for page in pages
+        for match in _RESIDENT.finditer(page.read_text())
+        if round(float(match.group(1))) != round(float(measured.group(1)))
+    ]
+    assert not wrong, f"docs/benchmarks.md measured {measured.group(1)} MiB: " + ", ".join(wrong)

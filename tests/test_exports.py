@@ -3,7 +3,11 @@ private leaks, and every public name is documented."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +19,7 @@ PUBLIC = [reapkit, reapkit.lowlevel]
 
 @pytest.mark.parametrize("module", PUBLIC, ids=lambda m: m.__name__)
 def test_public_modules_only_reexport(module: types.ModuleType) -> None:
-    names = [n for n in vars(module) if not n.startswith("_")]
+    names = [n for n in dir(module) if not n.startswith("_")]  # reapkit's resolve on first use
     assert names, f"{module.__name__} exports nothing"
     for name in names:
         obj = getattr(module, name)
@@ -33,3 +37,47 @@ def test_the_kill_guard_is_the_public_way_to_signal() -> None:
     # Signals go through KillGuard; the raw syscalls live only in reapkit.lowlevel.
     assert not hasattr(reapkit, "pidfd_send_signal")
     assert hasattr(reapkit.lowlevel, "pidfd_send_signal")
+
+
+def test_the_lazy_names_are_the_imports_type_checkers_see() -> None:
+    # reapkit/__init__.py lists each name twice: imports under TYPE_CHECKING, and the table
+    # __getattr__ resolves them from. They must agree, name for name and module for module.
+    tree = ast.parse(Path(reapkit.__file__).read_text())
+    [block] = [n for n in tree.body if isinstance(n, ast.If)]
+    seen = {
+        alias.name: f".{node.module}"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.asname == alias.name
+    }
+    assert len(seen) == len(block.body)
+    assert seen == reapkit._HOME
+    assert sorted(reapkit.__all__) == sorted(["__version__", *seen])
+
+
+#: Every public name of reapkit resolved, in a fresh interpreter; prints the modules loaded.
+_IMPORT_ALL = """
+import sys
+import reapkit
+before = sorted(sys.modules)
+for name in reapkit.__all__:
+    getattr(reapkit, name)
+print(" ".join(before))
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_importing_reapkit_loads_no_pyroute2_rich_or_asyncio() -> None:
+    # What a plugin author or an embedding service pays (issue 13): pyroute2 is no dependency
+    # any more, rich belongs to the interactive commands, asyncio to reapkit.asyncio. The time
+    # it takes is measured by the footprint benchmark (no timing asserts in tests).
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ALL], capture_output=True, text=True, timeout=60, check=True
+    )
+    at_import, after_every_name = (set(line.split()) for line in done.stdout.splitlines())
+    heavy = {"pyroute2", "rich", "asyncio"}
+    assert not {m for m in after_every_name if m.partition(".")[0] in heavy}
+    # `import reapkit` alone loads none of its modules: each name imports its own on first use.
+    assert {m for m in at_import if m.startswith("reapkit")} == {"reapkit", "reapkit._version"}
+    assert "trio" not in at_import

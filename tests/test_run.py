@@ -212,11 +212,28 @@ def test_run_imports_neither_the_other_commands_nor_rich() -> None:
     assert "reapkit.cli._run" in modules
     others = {f"reapkit.cli{module}" for name, module in _main.COMMANDS.items() if name != "run"}
     assert not modules & others
-    assert not {m for m in modules if m.partition(".")[0] == "rich"}
+    assert not {m for m in modules if m.partition(".")[0] in ("rich", "asyncio")}
     # The first-party plugins are installed here (make test installs them) and unused by the
     # default policy, which names built-in plugins only: not even looked up.
     assert not {m for m in modules if m.partition(".")[0] in _PLUGIN_PACKAGES}
     assert "importlib.metadata" not in modules
+
+
+def test_probe_loads_neither_trio_nor_the_policy_layer(tmp_path: Path) -> None:
+    # A liveness probe starts a Python every period, charged to the daemon's cgroup: it reads
+    # one file and needs no event loop, no policy, no plugins.
+    code = (
+        "import sys\nfrom reapkit.cli import main\n"
+        f"assert main(['probe', {str(tmp_path / 'missing')!r}]) == 1\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    modules = set(done.stdout.split())
+    assert "reapkit.cli._probe" in modules
+    assert not {m for m in modules if m.partition(".")[0] in ("trio", "attrs", "attr", "re2")}
+    assert "reapkit._policy" not in modules
 
 
 _PLUGIN_PACKAGES = {"reapkit_prometheus", "reapkit_notify", "reapkit_kubernetes", "hypercorn"}

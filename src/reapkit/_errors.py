@@ -15,6 +15,15 @@ class ReapkitError(Exception):
     """The base of every error reapkit raises on purpose."""
 
 
+class PolicyError(ReapkitError, ValueError):
+    """An invalid policy: names the file, the key path and what was expected."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
 class _OSErrorWithMessage(ReapkitError, OSError):
     """An ``OSError`` whose ``str()`` is the message alone, without ``[Errno N]``."""
 

@@ -15,8 +15,6 @@ import os
 import time
 from typing import Final
 
-import trio
-
 log = logging.getLogger("reapkit")
 
 #: Seconds between two beats of ``reapkit run --heartbeat``.
@@ -55,6 +53,8 @@ async def serve_heartbeat(path: str, every: float = HEARTBEAT_EVERY) -> None:
     disk stalls the heartbeat (the probe then fails), never the loop. A failed beat (a full
     disk) is logged once, retried at the next beat, and the count of failures said when a
     beat works again."""
+    import trio  # noqa: PLC0415 - here only: `reapkit probe`, a short-lived check, needs no trio
+
     limiter = trio.CapacityLimiter(1)  # a hung write cannot pile up threads
     failures = 0
     while True:

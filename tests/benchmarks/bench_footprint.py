@@ -7,17 +7,28 @@ its ``/proc/<pid>/stat`` (utime + stime) and of every thread's ``/proc/<pid>/tas
 VmLck (it calls ``mlockall``). Beside it, in this process and over the same window, the same
 default policy through ``open_reaper`` (dry run) gives each event source's own wakeup count:
 the part of the wakeups that comes from the event sources.
+
+Then the library: wall time of a fresh ``python -c STATEMENT`` for ``import reapkit`` and what
+a plugin or an embedding service imports next, median of ``IMPORT_RUNS``, beside ``pass``
+(the interpreter alone) and ``import trio``; and the peak RSS of ``reapkit probe`` (the
+liveness probe a pod runs every period) and ``reapkit check`` (the systemd unit's
+ExecReload). reapkit's sources are byte-compiled first, as pip does at install (an editable
+checkout run with ``PYTHONDONTWRITEBYTECODE`` would compile them on every import).
 """
 
 from __future__ import annotations
 
+import compileall
 import os
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import trio
 
+import reapkit
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 
@@ -25,6 +36,22 @@ WARMUP = 5.0
 #: The idle window the issue asks for.
 WINDOW = 60.0
 _TICK = os.sysconf("SC_CLK_TCK")
+
+#: Fresh interpreters timed for each import statement.
+IMPORT_RUNS = 15
+#: What each statement stands for, and the statement.
+IMPORTS = (
+    ("the interpreter alone", "pass"),
+    ("the library", "import reapkit"),
+    (
+        "a plugin's names",
+        "from reapkit import Candidate, Ranked, Selector, Situation, register, selector",
+    ),
+    ("an embedding service's names", "from reapkit import load_policy, open_reaper"),
+    ("trio alone, for reference", "import trio"),
+)
+#: The target for ``import reapkit``.
+IMPORT_TARGET_MS = 100
 
 #: Filled by run().
 RESULTS: dict[str, object] = {}
@@ -117,7 +144,79 @@ async def _measure() -> dict[str, object]:
     }
 
 
+def _import_times() -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {statement: [] for _what, statement in IMPORTS}
+    for _ in range(IMPORT_RUNS + 1):  # interleaved; the first round warms the page cache
+        for statement, runs in times.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", statement], check=True)
+            runs.append((time.perf_counter() - start) * 1000)
+    return {statement: runs[1:] for statement, runs in times.items()}
+
+
+#: Runs ``reapkit ARGS...`` as its only child and prints that child's peak RSS in KiB.
+_PEAK = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "reapkit.cli", *sys.argv[1:]],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+#: Short-lived commands that run beside the daemon, in its cgroup: the liveness probe a pod
+#: runs every period (on a missing heartbeat: it exits 1 after trying to read it), and the
+#: policy check of the systemd unit's ExecReload.
+COMMANDS = (
+    ("`reapkit probe` (liveness probe)", ("probe", "/nonexistent/heartbeat")),
+    ("`reapkit check` (ExecReload)", ("check",)),
+)
+
+
+def _peak_kib(args: tuple[str, ...]) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout)
+
+
+def _library_section() -> list[str]:
+    times = _import_times()
+    RESULTS["imports_ms"] = times
+    peaks = {what: _peak_kib(args) for what, args in COMMANDS}
+    RESULTS["peak_kib"] = peaks
+    rows = []
+    for what, statement in IMPORTS:
+        runs = times[statement]
+        med = statistics.median(runs)
+        verdict = ""
+        if statement == "import reapkit":
+            ok = med < IMPORT_TARGET_MS
+            verdict = f"< {IMPORT_TARGET_MS} ms | {'met' if ok else 'missed'}"
+        rows.append(
+            f"| {what}: `{statement}` | {med:.0f} ({min(runs):.0f}-{max(runs):.0f}) ms"
+            f" | {verdict or '|'} |"
+        )
+    return [
+        "",
+        "### The library, and short-lived commands beside the daemon",
+        "",
+        f"Wall time of a fresh `python -c STATEMENT`, median (min-max) of {IMPORT_RUNS},"
+        " interleaved, with reapkit's bytecode compiled as pip compiles it at install."
+        " `import reapkit` resolves each public name on first use, so the rows after it"
+        " are what a plugin or an embedding service pays. Then the peak RSS (`ru_maxrss`)"
+        " of two short-lived commands charged to the daemon's cgroup: the liveness probe a"
+        " pod runs every period, and the policy check of the systemd unit's ExecReload.",
+        "",
+        "| what | value | target | verdict |",
+        "|---|---:|---|---|",
+        *rows,
+        *(f"| {what}, peak RSS | {kib / 1024:.1f} MiB | | |" for what, kib in peaks.items()),
+    ]
+
+
 def run() -> str:
+    # As installed: pip byte-compiles at install; a checkout may not have been (and may be
+    # run with PYTHONDONTWRITEBYTECODE), which would time the compiler and count its memory.
+    compileall.compile_dir(Path(reapkit.__file__).parent, quiet=1)
+    library = _library_section()
     result = trio.run(_measure)
     RESULTS.update(result)
     first, last = result["first"], result["last"]
@@ -158,6 +257,7 @@ def run() -> str:
             f"| wakeups, event sources (sum) | {source_total:.2f} /s | 0 |"
             f" {'met' if source_total == 0 else 'missed'} |",
             *(f"| &nbsp;&nbsp;{name} | {rate:.2f} /s | | |" for name, rate in sources.items()),
+            *library,
         ]
     )
 

@@ -189,7 +189,7 @@ async def test_exec_from_a_thread_reports_the_leaders_exit_first(
 async def test_a_hostile_name_does_not_crash_the_source(
     spawn: Spawn, memory_cgroup: SandboxCgroup
 ) -> None:
-    # pyroute2's own layout decodes the name as strict UTF-8 and would raise here.
+    # Not UTF-8: a strict decoding (pyroute2's, once) would raise here.
     name = b"\xff\xfebad"
     source = ProcConnectorSource()
     send, receive = trio.open_memory_channel[ProcEvent](4096)

@@ -1,7 +1,9 @@
-"""The proc connector's netlink socket (include/uapi/linux/cn_proc.h).
+"""The proc connector's netlink socket and messages (include/uapi/linux/cn_proc.h).
 
-pyroute2 encodes and decodes the messages; its own socket classes run an asyncio loop, so the
-socket itself is opened here and driven by whoever owns it (trio, or a blocking probe).
+The messages are a few fixed C structs of the kernel's ABI, packed and unpacked here with
+:mod:`struct`. (pyroute2 did this before: importing any part of it imports its whole package,
+asyncio and sqlite3 among it, 80 ms and 13 MiB of the daemon's locked memory for five layouts.)
+The socket is opened here and driven by whoever owns it (trio, or a blocking probe).
 """
 
 from __future__ import annotations
@@ -9,20 +11,42 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from typing import Final
-
-from pyroute2.netlink import NETLINK_CONNECTOR, NLMSG_DONE
-from pyroute2.netlink.connector.cn_proc import (
-    CN_IDX_PROC,
-    CN_VAL_PROC,
-    PROC_CN_MCAST_IGNORE,
-    PROC_CN_MCAST_LISTEN,
-    proc_event_control,
-)
 
 from .._errors import AccessDenied
 
 SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+NETLINK_CONNECTOR: Final = 11  # include/uapi/linux/netlink.h
+NLMSG_DONE: Final = 3
+CN_IDX_PROC: Final = 1  # include/uapi/linux/connector.h
+CN_VAL_PROC: Final = 1
+PROC_CN_MCAST_LISTEN: Final = 1
+PROC_CN_MCAST_IGNORE: Final = 2
+
+# enum proc_cn_event; the others (NONE: a subscription's ack, uid, gid, sid, ptrace, coredump)
+# say nothing about which processes exist.
+PROC_EVENT_FORK: Final = 0x1
+PROC_EVENT_EXEC: Final = 0x2
+PROC_EVENT_COMM: Final = 0x200
+PROC_EVENT_EXIT: Final = 0x80000000
+
+# Host byte order, no padding: every field below falls on its natural alignment anyway.
+#: struct nlmsghdr: len, type, flags, seq, pid (the sender's port id).
+NLMSGHDR: Final = struct.Struct("=IHHII")
+#: struct cn_msg: id.idx, id.val, seq, ack, len (of the data that follows), flags.
+CN_MSG: Final = struct.Struct("=IIIIHH")
+#: struct proc_event up to its union: what, cpu, timestamp_ns.
+PROC_EVENT: Final = struct.Struct("=IIQ")
+#: The union's members this package reads, their leading fields only (exit's parent_pid and
+#: parent_tgid came later, in Linux 4.18). pid_t is a C int; exit_code and exit_signal are
+#: __u32 in the header but int in the kernel (exit_signal is -1 for a thread).
+FORK_EVENT: Final = struct.Struct("=iiii")  # parent_pid, parent_tgid, child_pid, child_tgid
+EXEC_EVENT: Final = struct.Struct("=ii")  # process_pid, process_tgid
+COMM_EVENT: Final = struct.Struct("=ii16s")  # process_pid, process_tgid, comm[TASK_COMM_LEN]
+EXIT_EVENT: Final = struct.Struct("=iiii")  # process_pid, process_tgid, exit_code, exit_signal
+#: Where the union starts in a message: nlmsghdr + cn_msg + proc_event's header.
+EVENT_DATA: Final = NLMSGHDR.size + CN_MSG.size + PROC_EVENT.size
 
 
 def open_proc_connector(*, rcvbuf: int | None = None) -> socket.socket:
@@ -54,22 +78,22 @@ def open_proc_connector(*, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+def control_message(*, listen: bool) -> bytes:
+    """The datagram that subscribes to (``listen=True``) or unsubscribes from the proc events."""
+    action = struct.pack("=I", PROC_CN_MCAST_LISTEN if listen else PROC_CN_MCAST_IGNORE)
+    cn_msg = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(action), 0)
+    size = NLMSGHDR.size + len(cn_msg) + len(action)
+    return NLMSGHDR.pack(size, NLMSG_DONE, 0, 0, os.getpid()) + cn_msg + action
+
+
 def proc_connector_control(sock: socket.socket, *, listen: bool) -> None:
     """Subscribe to (``listen=True``) or unsubscribe from the proc events on ``sock``.
 
     The kernel silently ignores a request from outside the initial user and PID namespaces;
     only a received event proves the subscription works.
     """
-    msg = proc_event_control()
-    msg["header"]["type"] = NLMSG_DONE
-    msg["header"]["pid"] = os.getpid()
-    msg["idx"] = CN_IDX_PROC
-    msg["val"] = CN_VAL_PROC
-    msg["len"] = 4
-    msg["action"] = PROC_CN_MCAST_LISTEN if listen else PROC_CN_MCAST_IGNORE
-    msg.encode()
     try:
-        sock.send(msg.data)
+        sock.send(control_message(listen=listen))
     except PermissionError:
         raise AccessDenied(
             None, "the proc connector refused the listen request: it needs CAP_NET_ADMIN"

@@ -2,8 +2,8 @@
 
 The kernel multicasts one netlink datagram per task event to every subscribed socket. This
 source owns its socket (:func:`~reapkit._kernel._netlink.open_proc_connector`), drives it with
-``trio.lowlevel.wait_readable`` and decodes each datagram with pyroute2's ``cn_proc`` layouts
-(``Marshal.parse`` is pure: no I/O, no asyncio).
+``trio.lowlevel.wait_readable`` and decodes each datagram with the ``cn_proc`` layouts of
+:mod:`reapkit._kernel._netlink` (:func:`decode_datagram`: pure, no I/O).
 
 Only process-level events are sent; the kernel reports every *task*, so:
 
@@ -23,10 +23,10 @@ default buffer is large (8 MiB asked, which the kernel doubles; ``SO_RCVBUFFORCE
 
 Traps handled here:
 
-* pyroute2's ``proc_event_comm.decode`` decodes the name as strict UTF-8, and the exception
-  escapes ``Marshal.parse``: any process can set a non-UTF-8 name with ``prctl(PR_SET_NAME)``.
-  Names are decoded here with ``surrogateescape`` instead (lossless, as ``_procfs`` does), and
-  any other decoding failure is counted in ``decode_errors``, never raised.
+* Any process can set a non-UTF-8 name with ``prctl(PR_SET_NAME)``: names are decoded with
+  ``surrogateescape`` (lossless, as ``_procfs`` does), never as strict UTF-8.
+  A message that is short, truncated or not a proc event is counted in ``decode_errors``,
+  never raised.
 * Datagrams not sent by the kernel (netlink port id != 0) are dropped and counted as decode
   errors: only a privileged process could send them, but forged exits would hide processes.
 * Unsubscribing sends ``PROC_CN_MCAST_IGNORE``, which kernels before 6.6 count globally: it is
@@ -38,21 +38,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from typing import Any, ClassVar, Final, TypeAlias
+import struct
+from typing import Final, TypeAlias
 
 import attrs
 import trio
-from pyroute2.netlink.connector.cn_proc import (
+
+from .._kernel._netlink import (
+    CN_IDX_PROC,
+    CN_MSG,
+    CN_VAL_PROC,
+    COMM_EVENT,
+    EVENT_DATA,
+    EXEC_EVENT,
+    EXIT_EVENT,
+    FORK_EVENT,
+    NLMSGHDR,
+    PROC_EVENT,
     PROC_EVENT_COMM,
     PROC_EVENT_EXEC,
     PROC_EVENT_EXIT,
     PROC_EVENT_FORK,
-    ProcEventMarshal,
-    proc_event_base,
-    proc_event_comm,
+    open_proc_connector,
+    proc_connector_control,
 )
-
-from .._kernel._netlink import open_proc_connector, proc_connector_control
 from ._base import SourceStatistics
 
 __all__ = [
@@ -69,31 +78,11 @@ __all__ = [
 # A proc event datagram is 16 (nlmsghdr) + 20 (cn_msg) + 16 (header) + 24 (largest body)
 # bytes; anything longer is not one, and is truncated (then fails to decode) rather than kept.
 _RECV_SIZE: Final = 1024
-_U32_SIGN: Final = 1 << 31
-_U32: Final = 1 << 32
-
-
-def _s32(value: int) -> int:
-    # The layouts decode every field as unsigned; exit_code and exit_signal are C ints
-    # (exit_signal is -1 for a thread, "no signal to the parent").
-    return value - _U32 if value >= _U32_SIGN else value
 
 
 def _comm(raw: bytes) -> str:
     # TASK_COMM_LEN (16) bytes, NUL-terminated; any other byte is legal (prctl(PR_SET_NAME)).
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-class _proc_event_comm(proc_event_comm):  # type: ignore[misc]  # pyroute2 is untyped
-    """pyroute2's layout, with a name decoding that cannot fail."""
-
-    def decode(self) -> None:
-        proc_event_base.decode(self)  # skip proc_event_comm.decode: strict UTF-8
-        self["comm"] = _comm(self["comm"])
-
-
-class _Marshal(ProcEventMarshal):  # type: ignore[misc]  # pyroute2 is untyped
-    msg_map: ClassVar = {**ProcEventMarshal.msg_map, PROC_EVENT_COMM: _proc_event_comm}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +226,6 @@ class ProcConnectorSource:
                 sock.close()
 
     async def _pump(self, sock: socket.socket, send: trio.MemorySendChannel[ProcEvent]) -> None:
-        marshal = _Marshal()
         recvfrom = sock.recvfrom
         send_nowait = send.send_nowait
         max_batch = self.max_batch
@@ -261,7 +249,8 @@ class ProcConnectorSource:
                     if port_id != 0:
                         self._decode_errors += 1
                         continue
-                    events = self._decode(marshal, data, now)
+                    events, errors = decode_datagram(data, now)
+                    self._decode_errors += errors
                 for event in events:
                     try:
                         send_nowait(event)
@@ -274,35 +263,41 @@ class ProcConnectorSource:
                     budget = max_batch
                     now = trio.current_time()
 
-    def _decode(self, marshal: Any, data: bytes, now: float) -> list[ProcEvent]:
-        events: list[ProcEvent] = []
+
+def decode_datagram(data: bytes, now: float) -> tuple[list[ProcEvent], int]:
+    """The process events in one datagram from the kernel, stamped ``now``, and the number of
+    its messages that could not be decoded (short, truncated, or not a proc event)."""
+    events: list[ProcEvent] = []
+    errors = 0
+    offset, end = 0, len(data)
+    while offset < end:
+        length = NLMSGHDR.unpack_from(data, offset)[0] if end - offset >= NLMSGHDR.size else 0
+        if length < NLMSGHDR.size or length > end - offset:
+            return events, errors + 1  # no way to find the next message
+        msg = data[offset : offset + length]
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
         try:
-            for msg in marshal.parse(data):
-                # pyroute2 records a layout's decoding error in the header, then overwrites
-                # it with None: a message that failed to decode is one without its fields.
-                what, kernel_ns = msg["what"], msg["timestamp_ns"]
-                if what == PROC_EVENT_FORK:
-                    if msg["child_pid"] == msg["child_tgid"]:  # else: a new thread
-                        events.append(
-                            ProcFork(now, msg["parent_tgid"], msg["child_tgid"], kernel_ns)
-                        )
-                elif what == PROC_EVENT_EXIT:
-                    if msg["process_pid"] == msg["process_tgid"]:  # else: a thread ended
-                        events.append(
-                            ProcExit(
-                                now,
-                                msg["process_tgid"],
-                                _s32(msg["exit_code"]),
-                                _s32(msg["exit_signal"]),
-                                kernel_ns,
-                            )
-                        )
-                elif what == PROC_EVENT_EXEC:
-                    events.append(ProcExec(now, msg["process_tgid"], kernel_ns))
-                elif what == PROC_EVENT_COMM and msg["process_pid"] == msg["process_tgid"]:
-                    events.append(ProcComm(now, msg["process_tgid"], msg["comm"], kernel_ns))
-                # Others (PROC_EVENT_NONE: the ack of a subscription, uid, gid, sid, ptrace,
-                # coredump) say nothing about which processes exist.
-        except Exception:  # pyroute2 raises whatever a layout raises: never let it out
-            self._decode_errors += 1
-        return events
+            idx, val = CN_MSG.unpack_from(msg, NLMSGHDR.size)[:2]
+            if idx != CN_IDX_PROC or val != CN_VAL_PROC:
+                errors += 1
+                continue
+            what, _cpu, kernel_ns = PROC_EVENT.unpack_from(msg, NLMSGHDR.size + CN_MSG.size)
+            if what == PROC_EVENT_FORK:
+                _ppid, parent_tgid, child_pid, child_tgid = FORK_EVENT.unpack_from(msg, EVENT_DATA)
+                if child_pid == child_tgid:  # else: a new thread
+                    events.append(ProcFork(now, parent_tgid, child_tgid, kernel_ns))
+            elif what == PROC_EVENT_EXIT:
+                pid, tgid, exit_code, exit_signal = EXIT_EVENT.unpack_from(msg, EVENT_DATA)
+                if pid == tgid:  # else: a thread ended
+                    events.append(ProcExit(now, tgid, exit_code, exit_signal, kernel_ns))
+            elif what == PROC_EVENT_EXEC:
+                events.append(ProcExec(now, EXEC_EVENT.unpack_from(msg, EVENT_DATA)[1], kernel_ns))
+            elif what == PROC_EVENT_COMM:
+                pid, tgid, comm = COMM_EVENT.unpack_from(msg, EVENT_DATA)
+                if pid == tgid:  # a thread's name is not the one /proc/<pid>/comm shows
+                    events.append(ProcComm(now, tgid, _comm(comm), kernel_ns))
+            # Others (PROC_EVENT_NONE: the ack of a subscription, uid, gid, sid, ptrace,
+            # coredump) say nothing about which processes exist.
+        except struct.error:  # shorter than its layout
+            errors += 1
+    return events, errors

@@ -11,17 +11,18 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
-from .._errors import AccessDenied, ReapkitError, Unsupported
-from .._policy import PolicyError
+from .._errors import AccessDenied, PolicyError, ReapkitError, Unsupported
 from .._signals import interrupt_on_termination
 from .._version import __version__
 from ._status import (
+    CLI_EXTRA,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     UsageError,
+    extra_missing,
 )
 
 #: Each command's module in this package, in the order ``reapkit --help`` lists them. A command
@@ -40,7 +41,7 @@ COMMANDS: Final = {
 EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
 invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
-controller); 130 interrupted."""
+controller, the extra reapkit[cli]); 130 interrupted."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +64,15 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if command in COMMANDS and name != command:
             continue
-        importlib.import_module(module, __package__).add_parser(commands)
+        try:
+            importlib.import_module(module, __package__).add_parser(commands)
+        except ModuleNotFoundError as exc:
+            missing = extra_missing(name, exc)
+            if missing is None:
+                raise
+            if name == command:
+                raise missing from None
+            commands.add_parser(name, help=f"(needs the extra {CLI_EXTRA}, not installed here)")
     for sub in commands.choices.values():
         # Not given after the command word, they leave what was given before it.
         _add_global_options(sub, default=argparse.SUPPRESS)

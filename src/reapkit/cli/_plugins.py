@@ -11,16 +11,18 @@ import argparse
 import inspect
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from .._plugins import ENTRY_POINT_GROUP, PluginInfo, PluginRegistry, default_registry
 from ..builtin import ensure_registered
-from ._status import EXIT_OK
+from ._status import EXIT_OK, extra_missing
+
+if TYPE_CHECKING:  # rich comes with the cli extra: imported by the table alone, not by --json
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 
 def add_parser(commands: Any) -> None:
@@ -152,6 +154,8 @@ def _show_default(value: Any) -> str:
 
 
 def _describe_options(options: tuple[OptionInfo, ...]) -> Text:
+    from rich.text import Text  # noqa: PLC0415 - the cli extra
+
     if not options:
         return Text("—", style="dim")
     return Text(
@@ -164,6 +168,9 @@ def _describe_options(options: tuple[OptionInfo, ...]) -> Text:
 
 def render(entries: list[PluginEntry]) -> Table:
     """The human listing: a table, failures in red where their options would be."""
+    from rich.table import Table  # noqa: PLC0415 - the cli extra
+    from rich.text import Text  # noqa: PLC0415
+
     failed = sum(1 for e in entries if e.error is not None)
     caption = (
         f"{failed} plugin{'s' if failed != 1 else ''} failed to load; the others are usable."
@@ -193,6 +200,10 @@ def run(
     entries = collect(registry)
     if args.json:
         print(json.dumps([e.as_json() for e in entries], indent=2))
-    else:
-        (console or Console()).print(render(entries))
+        return EXIT_OK
+    try:
+        from rich.console import Console  # noqa: PLC0415 - the cli extra
+    except ModuleNotFoundError as exc:
+        raise extra_missing("plugins", exc, " (or use --json)") or exc from None
+    (console or Console()).print(render(entries))
     return EXIT_OK

@@ -140,7 +140,7 @@ def _dry_run(directory: Path, target: str) -> str:
     return done.stdout
 
 
-def test_make_demo_installs_reapkit_alone_and_make_test_the_rest(tmp_path: Path) -> None:
+def test_make_demo_installs_the_cli_extra_and_make_test_the_rest(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.skip("make(1) is not installed")
     for directory in PROJECTS:  # what the Makefile reads: itself and the pyproject files
@@ -150,7 +150,7 @@ def test_make_demo_installs_reapkit_alone_and_make_test_the_rest(tmp_path: Path)
     shutil.copy(ROOT / "Makefile", tmp_path)
     demo = _dry_run(tmp_path, "demo")
     assert "setting up .venv (once)" in demo
-    assert "pip install --quiet --disable-pip-version-check -e .\n" in demo
+    assert "pip install --quiet --disable-pip-version-check -e '.[cli]'\n" in demo
     assert "[test" not in demo and "plugins/" not in demo
     # The demo's venv, set up: make test still installs the extras and the plugins.
     venv = tmp_path / ".venv"
@@ -159,7 +159,7 @@ def test_make_demo_installs_reapkit_alone_and_make_test_the_rest(tmp_path: Path)
     (venv / ".installed-base").touch()
     assert "pip install" not in _dry_run(tmp_path, "demo")
     test = _dry_run(tmp_path, "test")
-    assert "-e '.[test,dev,docs]'" in test
+    assert "-e '.[cli,test,dev,docs]'" in test
     for plugin in PROJECTS[1:]:
         assert f"-e 'plugins/{plugin.name}[test]'" in test
     # ...and once it has, neither installs again.

@@ -59,8 +59,10 @@ class SelectorStep:
     selector: str
     candidates_in: int
     candidates_out: int
-    #: The candidate ranked first after this step, and why.
+    #: The candidate ranked first after this step; ``None`` for a pure filter (``protect``,
+    #: ``scope``: ``Selector.ranks`` is false), which ranks no one.
     top_pid: int | None
+    #: Why the first candidate is first (for a filter: why it was kept).
     reason: str
     #: Set when the selector failed (raised or overran its deadline) and was skipped.
     error: str | None = None

@@ -29,7 +29,7 @@ from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord
-from ._common import scope_from
+from ._common import POLICY_HELP, choose_policy, scope_from
 from ._output import (
     RECORDS_FLAGS,
     OutputFileError,
@@ -49,11 +49,11 @@ LOG_STOP_TIMEOUT: Final = 2.0
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "run",
-        help="run the reaper daemon with POLICY (the embedded default when none)",
+        help="run the reaper daemon",
         description="Run the reaper until SIGTERM or SIGINT. SIGHUP reloads POLICY (a broken"
         " one keeps the old policy). Speaks sd_notify under systemd (Type=notify).",
     )
-    p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument("policy", nargs="?", help=POLICY_HELP)
     p.add_argument(
         "--scope",
         metavar="CGROUP_DIR",
@@ -125,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stop-timeout must be positive")
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
+    choice = choose_policy(args.policy)
     policy = load_policy(
-        args.policy, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
+        choice.path, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
     )  # PolicyError: exit 2
+    args.policy = choice.path  # what SIGHUP reloads; None (the default): look again then
     # OutputFileError (a symbolic link, a FIFO, another user's file, no such directory): exit 2
     records = RecordsFile.open(args.records) if args.records else None
     if args.heartbeat:
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
     )
     try:
+        log.info("policy: %s", choice.describe())
         _prepare_process(args)
         trio.run(_serve, policy, args, RecordsWriter(records, counters), counters)
         log.info("stopped")
@@ -212,10 +215,11 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
     try:
         # Off the loop: reading the file, and importing a plugin it names for the first
         # time, must not hold up the sources and a decision in progress.
+        choice = choose_policy(args.policy)
         policy = await trio.to_thread.run_sync(
             functools.partial(
                 load_policy,
-                args.policy,
+                choice.path,
                 dry_run=args.dry_run,
                 scope=scope_from(args),
                 require_trusted=True,
@@ -228,7 +232,7 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
         notifier.notify("READY=1", _status(reaper.policy))
         return
     await reaper.reload(policy)
-    log.info("SIGHUP: reloaded %s", policy.source)
+    log.info("SIGHUP: reloaded %s", choice.describe() if args.policy is None else policy.source)
     notifier.notify("READY=1", _status(policy))
 
 

@@ -112,6 +112,19 @@ class KillRecord:
         return json.dumps(self.as_json(), separators=(",", ":"), sort_keys=True)
 
 
+class RecordLine:
+    """A record as its JSON line, for a log call's ``%s``: written only if the log line is
+    (a record logged at DEBUG costs nothing at INFO). A JSON formatter reads ``record``."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: KillRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return self.record.to_json_line()
+
+
 @attrs.frozen
 class KillWarning:
     """A rule is about to act on ``victim`` (sent by the ``warn`` action to observers)."""

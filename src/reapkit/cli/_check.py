@@ -16,7 +16,7 @@ from .._plugins import NoOptions, Plugin, Ranked
 from .._policy import Policy, PolicyError, check_policy_trust, load_policy
 from .._records import SelectorStep
 from ._common import POLICY_HELP, PolicyChoice, choose_policy, preview_notes, scope_from
-from ._status import EXIT_OK, EXIT_USAGE
+from ._status import EXIT_OK
 
 #: The version of ``check --json``'s shape (docs/operations.md#check-json).
 JSON_VERSION: Final = 1
@@ -178,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
                 "version": JSON_VERSION, "policy": choice.path or "<default policy>",
                 "found": choice.why, "valid": False, "error": str(exc),
             })  # fmt: skip
-        print(f"reapkit check: invalid policy: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise  # one line on stderr and exit status 2, as for every command
     trust = None
     if choice.path is not None and os.geteuid() != 0:
         try:

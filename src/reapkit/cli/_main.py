@@ -15,6 +15,7 @@ from .._errors import AccessDenied, ReapkitError, Unsupported
 from .._policy import PolicyError
 from .._signals import interrupt_on_termination
 from .._version import __version__
+from ._journal import JournalFormatter, prefixed, under_journald
 from ._status import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -41,6 +42,10 @@ EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
 invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
 controller); 130 interrupted."""
+
+
+#: How the commands other than ``run`` log (warnings only, or debug with ``-v``).
+_LOG_FORMAT: Final = "%(name)s: %(levelname)s: %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = _build_parser(command)
         args = parser.parse_args(argv)
         verbose = args.verbose
+        handler, formatter = logging.StreamHandler(), logging.Formatter(_LOG_FORMAT)
+        handler.setFormatter(JournalFormatter(formatter) if under_journald() else formatter)
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(name)s: %(levelname)s: %(message)s",
+            level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler]
         )
         run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
         if run is None:
@@ -127,7 +133,8 @@ def _report(exc: BaseException, prog: str, *, verbose: bool) -> int:
     """One line on stderr and the documented exit status."""
 
     def say(message: str) -> None:
-        print(f"{prog}: {message}", file=sys.stderr)
+        line = f"{prog}: {message}"
+        print(prefixed(line, logging.ERROR) if under_journald() else line, file=sys.stderr)
 
     if isinstance(exc, UsageError):
         say(f"error: {exc}")

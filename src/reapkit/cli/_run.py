@@ -28,8 +28,9 @@ from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
-from .._records import KillRecord
+from .._records import KillRecord, RecordLine
 from ._common import POLICY_HELP, choose_policy, scope_from
+from ._journal import JournalFormatter, under_journald
 from ._output import (
     RECORDS_FLAGS,
     OutputFileError,
@@ -78,27 +79,49 @@ def add_parser(commands: Any) -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (and a refusal's fields)."""
+    """One JSON object per log line: time, level, logger, message, and the structured fields
+    of what the line is about: a refusal's, a kill record's (``record``, never as JSON text
+    inside the message)."""
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "time": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         refusal = getattr(record, "refusal", None)
         if refusal is not None:
             data["refusal"] = {"pid": refusal.pid, "reason": refusal.reason.value}
+        kill: KillRecord | None = getattr(record, "kill_record", None)
+        if kill is not None:
+            data["record"] = kill.as_json()
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
 
 
-def _formatter(fmt: str) -> logging.Formatter:
+def _message(record: logging.LogRecord) -> str:
+    """The line's message, a record quoted whole (``RecordLine``) named instead: its fields
+    are the line's ``record``."""
+    args = record.args
+    if isinstance(args, tuple) and any(isinstance(a, RecordLine) for a in args):
+        named = (f"rule {a.record.rule}, {a.record.outcome}" if isinstance(a, RecordLine) else a
+                 for a in args)  # fmt: skip
+        return str(record.msg) % tuple(named)
+    return record.getMessage()
+
+
+def _formatter(fmt: str, *, journal: bool) -> logging.Formatter:
+    """Text or JSON lines; under journald without our own time (the journal has it) and with
+    each line's priority."""
     if fmt == "json":
-        return JsonFormatter()
-    return logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+        inner: logging.Formatter = JsonFormatter()
+    elif journal:
+        inner = logging.Formatter("%(name)s %(levelname)s: %(message)s")
+    else:
+        inner = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return JournalFormatter(inner) if journal else inner
 
 
 def _prepare_process(args: argparse.Namespace) -> None:
@@ -136,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
         _check_heartbeat(args.heartbeat)
     counters = OutputCounters()
     listener = start_logging(
-        _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
+        _formatter(args.log_format, journal=under_journald()),
+        logging.DEBUG if args.verbose else logging.INFO,
+        counters,
     )
     try:
         log.info("policy: %s", choice.describe())

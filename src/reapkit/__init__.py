@@ -4,6 +4,7 @@ Public names only; the code lives in private modules (trio's style). Kernel-leve
 in :mod:`reapkit.lowlevel`.
 """
 
+from . import _hangup  # noqa: F401 - first: under `python -m reapkit`, SIGHUP is ignored now
 from ._engine import ActionContext as ActionContext
 from ._engine import ManualTrigger as ManualTrigger
 from ._errors import AccessDenied as AccessDenied

@@ -73,6 +73,32 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: The completions' hints for arguments that name files or directories (shtab's FILE and
+#: DIRECTORY, for the shells ``make completions`` writes for), by metavar or, without one,
+#: by name.
+_FILE: Final = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_COMPLETE: Final = {
+    "policy": _FILE,
+    "PATH": _FILE,
+    "HEARTBEAT": _FILE,
+    "CGROUP_DIR": {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command: what the man page and the shell completions are made
+    from (``make man``, ``make completions``), with hints where files are named."""
+    parser = _build_parser()
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for sub in [parser, *(p for a in commands for p in a.choices.values())]:
+        for action in sub._actions:
+            name = action.metavar or action.dest
+            hint = _COMPLETE.get(name) if isinstance(name, str) else None
+            if hint is not None:
+                action.complete = hint  # shtab reads it
+    return parser
+
+
 def _command_in(argv: Sequence[str]) -> str | None:
     """The command word of ``argv``: its first word that is not an option (``reapkit``'s own
     options take no value); ``None`` when help is asked for before it (every command listed)."""

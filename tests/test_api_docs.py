@@ -1,0 +1,58 @@
+"""The API reference (``docs/api.md``, mkdocstrings): every public name of every public
+module has its entry, and the site says where it lives (``site_url``, ``repo_url``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import reapkit
+import reapkit.asyncio
+import reapkit.lowlevel
+import reapkit.testing
+import reapkit.units
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC = [reapkit, reapkit.lowlevel, reapkit.units, reapkit.testing, reapkit.asyncio]
+
+
+def _public_names(module: types.ModuleType) -> list[str]:
+    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    return [
+        n for n in names
+        if not isinstance(getattr(module, n), types.ModuleType | str | int | float)
+    ]  # fmt: skip
+
+
+def test_the_site_says_where_it_lives() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^site_url: https://\S+/$", config, re.MULTILINE)
+    assert re.search(r"^repo_url: https://github.com/reapkit/reapkit$", config, re.MULTILINE)
+
+
+def test_every_public_name_is_in_the_api_reference(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed ('docs' extra)")
+    pytest.importorskip("material", reason="mkdocs-material is not installed ('docs' extra)")
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    page = (site / "api" / "index.html").read_text(encoding="utf-8")
+    entries = set(re.findall(r'<h\d id="(reapkit[\w.]*)"', page))
+    missing = [
+        f"{module.__name__}.{name}"
+        for module in PUBLIC
+        for name in _public_names(module)
+        if f"{module.__name__}.{name}" not in entries
+    ]
+    assert missing == []
+    assert ":class:" not in page  # the docstrings' roles read as code (docs/_hooks/api_roles.py)

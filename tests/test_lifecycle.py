@@ -241,6 +241,17 @@ def test_a_beat_never_follows_a_planted_symlink(tmp_path: Path) -> None:
     assert heartbeat_age(str(shared / "heartbeat")) >= 0
 
 
+def test_a_beat_read_at_once_is_not_from_the_future(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written rounded to the nearest millisecond, 100.0006 s became "100.001": read in the
+    # same instant, the beat was -0.4 ms old (seen as a flaky failure of the test above).
+    monkeypatch.setattr(time, "monotonic_ns", lambda: 100_000_600_000)
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0006)
+    beat(str(tmp_path / "heartbeat"))
+    assert 0 <= heartbeat_age(str(tmp_path / "heartbeat")) < 0.001
+
+
 @pytest.mark.parametrize("where", ["no such directory", "a symbolic link"])
 def test_an_unusable_heartbeat_path_is_refused_with_status_2(
     memory_cgroup: SandboxCgroup, tmp_path: Path, where: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Final
@@ -115,7 +116,9 @@ class Preview:
         if self.chosen is not None:
             c = self.chosen.candidate
             chosen = {"pid": c.pid, "comm": c.comm, "rss": c.rss, "oom_score": c.oom_score}
-            chosen |= {"score": self.chosen.score, "reason": self.chosen.reason}
+            score = self.chosen.score  # a plugin's: JSON has no nan or inf
+            chosen |= {"score": score if math.isfinite(score) else None}
+            chosen |= {"reason": self.chosen.reason}
         return {
             "rule": self.rule, "chosen": chosen, "place": self.place, "ranked": self.ranked,
             "in_scope": self.in_scope, "refused": self.refused, "notes": list(self.notes),

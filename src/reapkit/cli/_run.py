@@ -29,7 +29,7 @@ from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord, RecordLine
-from ._common import POLICY_HELP, choose_policy, scope_from
+from ._common import POLICY_HELP, PolicyChoice, choose_policy, scope_from
 from ._journal import JournalFormatter, under_journald
 from ._output import (
     RECORDS_FLAGS,
@@ -148,10 +148,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stop-timeout must be positive")
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
-    choice = choose_policy(args.policy)
-    policy = load_policy(
-        choice.path, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
-    )  # PolicyError: exit 2
+    choice, policy = _load(args)  # PolicyError: exit 2
     args.policy = choice.path  # what SIGHUP reloads; None (the default): look again then
     # OutputFileError (a symbolic link, a FIFO, another user's file, no such directory): exit 2
     records = RecordsFile.open(args.records) if args.records else None
@@ -171,6 +168,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         listener.stop_within(LOG_STOP_TIMEOUT)
     return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> tuple[PolicyChoice, Policy]:
+    """The policy named or found (``choose_policy``), loaded as the daemon runs it."""
+    choice = choose_policy(args.policy)
+    policy = load_policy(
+        choice.path, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
+    )
+    return choice, policy
 
 
 def _check_heartbeat(path: str) -> None:
@@ -240,15 +246,9 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
     try:
         # Off the loop: reading the file, and importing a plugin it names for the first
         # time, must not hold up the sources and a decision in progress.
-        choice = choose_policy(args.policy)
-        policy = await trio.to_thread.run_sync(
-            functools.partial(
-                load_policy,
-                choice.path,
-                dry_run=args.dry_run,
-                scope=scope_from(args),
-                require_trusted=True,
-            ),
+        choice, policy = await trio.to_thread.run_sync(
+            _load,
+            args,
             abandon_on_cancel=True,  # the load has no effect until reaper.reload
         )
     except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way

@@ -33,7 +33,8 @@ def test_the_site_says_where_it_lives() -> None:
 
 
 def check_the_api_reference(site: Path) -> None:
-    """Every public name has its entry in the built ``site`` (test_docs.py builds it)."""
+    """Every public name has its entry in the built ``site`` (test_docs.py builds it), and
+    the header links to the repository without asking GitHub for its stars."""
     page = (site / "api" / "index.html").read_text(encoding="utf-8")
     entries = set(re.findall(r'<h\d id="(reapkit[\w.]*)"', page))
     missing = [
@@ -44,3 +45,7 @@ def check_the_api_reference(site: Path) -> None:
     ]
     assert missing == []
     assert ":class:" not in page  # the docstrings' roles read as code (docs/_hooks/api_roles.py)
+    # The repository link is there, and asks GitHub's API nothing (docs/_overrides/).
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'href="https://github.com/reapkit/reapkit" title=' in home
+    assert 'data-md-component="source"' not in home

@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vm lint wheels bench bench-vm docs clean
+.PHONY: demo test test-vm lint wheels bench bench-vm docs man completions clean
 
 # First-party plugins: each directory under plugins/ is its own distribution, installed
 # (editable) beside reapkit so its entry points register and make test runs its tests.
@@ -53,8 +53,8 @@ test-vm: $(STAMP)
 		$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(VM_TESTS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples plugins .ci
-	$(BIN)/ruff format --check src tests examples plugins .ci
+	$(BIN)/ruff check src tests examples plugins .ci man
+	$(BIN)/ruff format --check src tests examples plugins .ci man
 	$(BIN)/mypy --strict src
 
 # The four distributions (reapkit, plugins/*) built into dist/ and installed from their wheels
@@ -73,6 +73,14 @@ bench-vm: $(STAMP)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The man page and the bash and zsh completions, made from the command's argument parser
+# (man/generate.py says where to install them).
+man: $(STAMP)
+	$(BIN)/python man/generate.py --man build/man
+
+completions: $(STAMP)
+	$(BIN)/python man/generate.py --completions build/completions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -166,16 +166,18 @@ def test_unit_syscall_filter_allows_process_mrelease(
 
 
 def _fake_install(tmp_path: Path) -> Path:
-    """A copy of the unit whose /usr/bin/reapkit is an executable that exists."""
+    """A copy of the unit whose ``reapkit`` is an executable that exists (verify looks a bare
+    name up in systemd's own search path, where this checkout's is not)."""
     binary = tmp_path / "bin" / "reapkit"
     binary.parent.mkdir()
     binary.write_text("#!/bin/sh\nexit 0\n", encoding="ascii")
     binary.chmod(0o755)
     text = UNIT.read_text(encoding="utf-8")
-    assert "/usr/bin/reapkit " in text
+    text, found = re.subn(r"^(Exec\w+=)reapkit ", rf"\g<1>{binary} ", text, flags=re.MULTILINE)
+    assert found == 2, "ExecStart= and ExecReload= name reapkit"
     copy = tmp_path / "units" / UNIT.name
     copy.parent.mkdir()
-    copy.write_text(text.replace("/usr/bin/reapkit", str(binary)), encoding="utf-8")
+    copy.write_text(text, encoding="utf-8")
     return copy
 
 
@@ -395,6 +397,15 @@ def _parse_cli(argv: list[str]) -> Any:
         return _build_parser().parse_args(argv[1:])
     except UsageError as exc:
         pytest.fail(f"{shlex.join(argv)}: {exc}")
+
+
+def test_the_unit_finds_reapkit_where_pip_puts_it(unit: dict[str, dict[str, list[str]]]) -> None:
+    # /usr/bin/reapkit failed with 203/EXEC after `pip install` (which writes /usr/local/bin):
+    # a bare name is looked up in systemd's search path, /usr/local/bin and /usr/bin among it.
+    commands = [shlex.split(line)[0] for line in service(unit, "ExecStart")]
+    commands += [shlex.split(line)[0] for line in service(unit, "ExecReload")]
+    assert [c for c in commands if c.endswith("reapkit")] == ["reapkit", "reapkit"]
+    assert "/opt/reapkit/bin/reapkit" in UNIT.read_text(encoding="utf-8")  # the venv's way
 
 
 def test_the_command_lines_parse(

@@ -46,6 +46,8 @@ from reapkit.builtin import builtin_plugins
 from reapkit.cli import _main, _status
 from reapkit.testing import FakeProc
 
+from .test_api_docs import check_the_api_reference
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -443,6 +445,7 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stderr, result.stderr
+    check_the_api_reference(site)
     for page in ("tutorial", "policies", "plugins", "embedding", "operations", "benchmarks"):
         assert (site / page / "index.html").is_file(), page
     # Repository files that pages link to are published beside them.

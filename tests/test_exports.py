@@ -13,8 +13,9 @@ import pytest
 
 import reapkit
 import reapkit.lowlevel
+import reapkit.units
 
-PUBLIC = [reapkit, reapkit.lowlevel]
+PUBLIC = [reapkit, reapkit.lowlevel, reapkit.units]
 
 
 @pytest.mark.parametrize("module", PUBLIC, ids=lambda m: m.__name__)

@@ -40,10 +40,13 @@ def _policy(path: Path, cgroup: SandboxCgroup, actions: str = '"kill"') -> Path:
 
 
 def _start(
-    commands: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None
+    commands: list[subprocess.Popen[str]],
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: tuple[str, ...] = (str(REAPKIT),),
 ) -> subprocess.Popen[str]:
     p = subprocess.Popen(
-        [str(REAPKIT), "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [*command, "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     commands.append(p)
@@ -58,12 +61,22 @@ def _ignores_sighup(pid: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize(
+    "command",
+    [(str(REAPKIT),), (sys.executable, "-m", "reapkit"), (sys.executable, "-mreapkit.cli")],
+    ids=["console script", "python -m reapkit", "python -mreapkit.cli"],
+)
 def test_sighup_while_the_daemon_starts_does_not_end_it(
-    commands: list[subprocess.Popen[str]], memory_cgroup: SandboxCgroup, tmp_path: Path
+    commands: list[subprocess.Popen[str]],
+    memory_cgroup: SandboxCgroup,
+    tmp_path: Path,
+    command: tuple[str, ...],
 ) -> None:
-    p = _start(commands, str(_policy(tmp_path / "p.toml", memory_cgroup)), "--dry-run")
+    policy = str(_policy(tmp_path / "p.toml", memory_cgroup))
+    p = _start(commands, policy, "--dry-run", command=command)
     # The interpreter's own start-up cannot be covered; from the console script's first
-    # line on, SIGHUP must be ignored, long before reapkit's imports are done.
+    # line on (or the package's first import, under `python -m`), SIGHUP must be ignored,
+    # long before reapkit's imports are done.
     deadline = time.monotonic() + 30
     while not _ignores_sighup(p.pid):
         assert p.poll() is None, f"exited with {p.returncode}"
@@ -89,6 +102,25 @@ def test_sighup_while_the_daemon_starts_does_not_end_it(
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
     assert os.path.exists(REAPKIT)
+
+
+@pytest.mark.parametrize(
+    ("argv", "ignored"),
+    [
+        (["python3", "-m", "reapkit", "run"], True),
+        (["python3", "-X", "dev", "-m", "reapkit.cli", "run"], True),
+        (["python3", "-mreapkit"], True),
+        (["python3", "-m", "pytest", "tests"], False),
+        (["python3", "-m", "reapkit.units"], False),
+        (["python3", "-c", "import reapkit"], False),
+        (["python3", "service.py", "-m", "reapkit"], False),
+        (["/usr/bin/reapkit", "run"], False),  # the console script ignores it itself
+    ],
+)
+def test_sighup_is_ignored_on_import_only_for_the_command(argv: list[str], ignored: bool) -> None:
+    from reapkit._hangup import run_as_the_command
+
+    assert run_as_the_command(argv) is ignored
 
 
 def _pidfd_exits(pidfd: int, timeout: float) -> bool:
@@ -207,6 +239,17 @@ def test_a_beat_never_follows_a_planted_symlink(tmp_path: Path) -> None:
     st = (shared / "heartbeat").lstat()
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert heartbeat_age(str(shared / "heartbeat")) >= 0
+
+
+def test_a_beat_read_at_once_is_not_from_the_future(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written rounded to the nearest millisecond, 100.0006 s became "100.001": read in the
+    # same instant, the beat was -0.4 ms old (seen as a flaky failure of the test above).
+    monkeypatch.setattr(time, "monotonic_ns", lambda: 100_000_600_000)
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0006)
+    beat(str(tmp_path / "heartbeat"))
+    assert 0 <= heartbeat_age(str(tmp_path / "heartbeat")) < 0.001
 
 
 @pytest.mark.parametrize("where", ["no such directory", "a symbolic link"])

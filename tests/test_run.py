@@ -299,7 +299,7 @@ def test_the_first_decision_is_recorded(
     )
     records = tmp_path / "records.jsonl"
     p = _start(commands, str(policy), "--dry-run", "--records", str(records))
-    _wait_for_line(p, "kill record:")  # the reaper's own line, whoever subscribed
+    _wait_for_line(p, "rule sandbox: no-candidate")  # said once the record was written
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
     (line,) = records.read_bytes().splitlines()

@@ -9,6 +9,7 @@ only the plugin layer's names does not load the reaper's. Type checkers read the
 below as plain re-exports.
 """
 
+from . import _hangup  # noqa: F401 - first: under `python -m reapkit`, SIGHUP is ignored now
 import importlib as _importlib
 import typing as _typing
 

@@ -594,7 +594,7 @@ class Engine:
             before = len(ranked)
             ranked, error = await self._apply(rule, sel, situation, ranked)
             if error is None:
-                steps.append(_step(sel.name, before, ranked))
+                steps.append(_step(sel.name, before, ranked, ranks=sel.ranks))
                 continue
             why = describe(error)
             steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
@@ -766,11 +766,12 @@ def _oom(r: Ranked) -> str:
     return f"oom_score {r.candidate.oom_score}"
 
 
-def _step(name: str, before: int, ranked: Sequence[Ranked]) -> SelectorStep:
+def _step(name: str, before: int, ranked: Sequence[Ranked], *, ranks: bool = True) -> SelectorStep:
+    """A step of the chain. The first a pure filter kept is no choice of its own (see
+    ``Selector.ranks``): its step names no ``top_pid``."""
     top = ranked[0] if ranked else None
-    return SelectorStep(
-        name, before, len(ranked), top.candidate.pid if top else None, top.reason if top else ""
-    )
+    pid = top.candidate.pid if top is not None and ranks else None
+    return SelectorStep(name, before, len(ranked), pid, top.reason if top else "")
 
 
 def _validated(given: tuple[Ranked, ...], result: Any) -> tuple[Ranked, ...]:

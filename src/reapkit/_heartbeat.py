@@ -33,7 +33,9 @@ def beat(path: str) -> None:
     fd = os.open(partial, _TEMP_FLAGS, 0o600)
     try:
         with open(fd, "w", encoding="ascii") as f:
-            f.write(f"{time.monotonic():.3f}\n")
+            # Milliseconds, rounded down: rounded to nearest, a beat read at once was "from
+            # the future" (a negative age).
+            f.write(f"{time.monotonic_ns() // 1_000_000 / 1000:.3f}\n")
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -405,6 +405,10 @@ class Selector(Plugin):
     #: A filter that spares processes (``protect``, ``scope``): when it fails, overruns or is
     #: switched off, the decision fails safe (no victim) instead of falling back past it.
     protective: ClassVar[bool] = False
+    #: Orders what it keeps: the first it returns is its choice. ``False`` for a pure filter
+    #: (``protect``, ``scope``), which keeps the rest in their incoming order: its step in a
+    #: kill record then names no ``top_pid``.
+    ranks: ClassVar[bool] = True
 
     @abc.abstractmethod
     def select(

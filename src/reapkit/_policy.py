@@ -126,6 +126,9 @@ class Policy:
     triggers: tuple[Trigger, ...] = ()
     #: ``[reaper] keep_score_files``: ``oom_score`` files kept open between decisions.
     keep_score_files: int = 0
+    #: ``[reaper] dry_run`` as the policy itself says it; ``dry_run`` is what holds, which
+    #: ``load_policy(dry_run=True)`` (``--dry-run``, ``reapkit check``) forces on.
+    dry_run_in_file: bool = False
 
     @property
     def needs_reaper(self) -> bool:
@@ -310,6 +313,7 @@ def _build(
         )
     if keep > MAX_KEPT_FILES:
         raise fail("reaper.keep_score_files", f"at most {MAX_KEPT_FILES}, not {keep}")
+    in_file = dry_run
     if force_dry_run:
         dry_run = True
     reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
@@ -359,7 +363,7 @@ def _build(
         _plugin(t, f"trigger[{i}]", "trigger", registry, fail)
         for i, t in enumerate(_list(data.get("trigger", []), "trigger", fail))
     )
-    return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep)
+    return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep, in_file)
 
 
 def _rule(

@@ -26,7 +26,7 @@ from ._plugins import Plugin, PluginCalls, Trigger, describe, isolated
 from ._policy import Policy
 from ._procfs import FILES_SPARE, ProcFS
 from ._reap import ReapStage
-from ._records import KillRecord
+from ._records import KillRecord, RecordLine
 from ._sources._base import SourceStatistics
 from ._sources.memory import MemoryThresholdSource
 from ._sources.psi import PsiTriggerSource
@@ -166,7 +166,7 @@ class Reaper:
         """Hand ``record`` to every subscriber and queue it for the observers; never waits
         (no checkpoint either: a cancelled caller still gets it out)."""
         self._records += 1
-        log.info("kill record: %s", record.to_json_line())
+        log.debug("kill record: %s", RecordLine(record), extra={"kill_record": record})
         for send in list(self._subscribers):
             try:
                 send.send_nowait(record)

@@ -59,8 +59,10 @@ class SelectorStep:
     selector: str
     candidates_in: int
     candidates_out: int
-    #: The candidate ranked first after this step, and why.
+    #: The candidate ranked first after this step; ``None`` for a pure filter (``protect``,
+    #: ``scope``: ``Selector.ranks`` is false), which ranks no one.
     top_pid: int | None
+    #: Why the first candidate is first (for a filter: why it was kept).
     reason: str
     #: Set when the selector failed (raised or overran its deadline) and was skipped.
     error: str | None = None
@@ -108,6 +110,19 @@ class KillRecord:
     def to_json_line(self) -> str:
         """The record as one line of JSON (no newline inside)."""
         return json.dumps(self.as_json(), separators=(",", ":"), sort_keys=True)
+
+
+class RecordLine:
+    """A record as its JSON line, for a log call's ``%s``: written only if the log line is
+    (a record logged at DEBUG costs nothing at INFO). A JSON formatter reads ``record``."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: KillRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return self.record.to_json_line()
 
 
 @attrs.frozen

@@ -75,9 +75,12 @@ class Size:
         return f"{self.percent:g}%" if self.percent is not None else f"{self.bytes} bytes"
 
 
-def parse_size(text: str | int) -> Size:
+def parse_size(text: str | int | Size) -> Size:
     """``"512MiB"``, ``"1G"``, ``"1.5GiB"``, ``"5%"``, ``4096`` → :class:`Size`. ``k/M/G``
-    without ``i`` are binary, like ``free`` and earlyoom; ``kB/MB/GB`` are decimal."""
+    without ``i`` are binary, like ``free`` and earlyoom; ``kB/MB/GB`` are decimal. A
+    :class:`Size` is returned as it is (an attrs converter must take its own output)."""
+    if isinstance(text, Size):
+        return text
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise InvalidValue(f"{text} is not a size: it must not be negative")
@@ -97,6 +100,15 @@ def parse_size(text: str | int) -> Size:
     if not size < math.inf:
         raise InvalidValue(f"{text!r} is not a size: too large")
     return Size(bytes=int(size))
+
+
+def parse_bytes(text: str | int) -> int:
+    """An absolute size (``"512MiB"``, ``"1G"``, ``4096``) → bytes; a percentage is
+    :class:`InvalidValue` (use :func:`parse_size` where one makes sense)."""
+    size = parse_size(text)
+    if size.bytes is None:
+        raise InvalidValue(f"{text!r} is not an absolute size: expected e.g. '512MiB' or '2GiB'")
+    return size.bytes
 
 
 @attrs.frozen

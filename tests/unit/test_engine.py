@@ -171,6 +171,22 @@ async def test_pressure_alone_does_nothing_when_memory_is_plentiful(
     assert engine.statistics().decisions == 0
 
 
+async def test_a_filter_step_names_no_top_pid(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    # protect keeps the others in their incoming order, PID 1 first: that is no choice, and
+    # the record must not read as if PID 1 had been chosen.
+    records, _ = await _run(fake, [_rule(fake, Protect(), ByOomScore())], [_pressure()])
+    (record,) = records
+    protect, ranked = record.selectors[:2]
+    assert (protect.selector, protect.top_pid) == ("protect", None)
+    assert (protect.candidates_in, protect.candidates_out) == (5, 4)
+    assert "protected 1 of 5" in protect.reason
+    assert (ranked.selector, ranked.top_pid) == ("test-oom-score", 600)
+    assert record.victim is not None and record.victim.pid == 600
+    assert '"top_pid":null' in record.to_json_line()
+
+
 async def test_memory_alone_waits_for_pressure_unless_the_rule_says_so(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import shutil
@@ -28,13 +27,6 @@ from .._sources._base import owned_fd
 from .._units import parse_duration
 
 log = logging.getLogger("reapkit.actions")
-
-
-def _duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if not 0 <= seconds < math.inf:
-        raise InvalidValue(f"{value!r} is not a usable duration")
-    return seconds
 
 
 class LogAction(Action):
@@ -145,7 +137,7 @@ class HookOptions:
     #: The command and its arguments (no shell).
     command: tuple[str, ...] = attrs.field(converter=_argv)
     #: After this long the hook's whole process group is killed.
-    timeout: float = attrs.field(default=5.0, converter=_duration)
+    timeout: float = attrs.field(default=5.0, converter=parse_duration)
     #: Run as this user and group (names, resolved when the policy loads, or ids) instead of
     #: the daemon's (root's).
     user: int | None = attrs.field(default=None, converter=_user)
@@ -253,7 +245,7 @@ class PrekillHook(Action):
 @attrs.frozen
 class TerminateOptions:
     #: How long the victim gets to exit after SIGTERM before SIGKILL.
-    grace: float = attrs.field(default=2.0, converter=_duration)
+    grace: float = attrs.field(default=2.0, converter=parse_duration)
 
 
 #: ``terminate`` sends SIGKILL this long before its deadline when the grace would outlast it.

@@ -245,6 +245,7 @@ class Scope(Selector):
     Options: ClassVar[type[Any]] = ScopeOptions
     inline: ClassVar[bool] = True
     protective: ClassVar[bool] = True
+    ranks: ClassVar[bool] = False
     options: ScopeOptions
 
     def __init__(self, options: ScopeOptions | None = None) -> None:
@@ -443,6 +444,7 @@ class Protect(Selector):
     Options: ClassVar[type[Any]] = ProtectOptions
     inline: ClassVar[bool] = True
     protective: ClassVar[bool] = True
+    ranks: ClassVar[bool] = False
     options: ProtectOptions
 
     def __init__(self, options: ProtectOptions | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Final, NoReturn
 from .._errors import AccessDenied, PolicyError, ReapkitError, Unsupported
 from .._signals import interrupt_on_termination
 from .._version import __version__
+from ._journal import JournalFormatter, prefixed, under_journald
 from ._status import (
     CLI_EXTRA,
     EXIT_FAILURE,
@@ -42,6 +43,10 @@ EPILOG = """\
 exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
 invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
 controller, the extra reapkit[cli]); 130 interrupted."""
+
+
+#: How the commands other than ``run`` log (warnings only, or debug with ``-v``).
+_LOG_FORMAT: Final = "%(name)s: %(levelname)s: %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,6 +93,32 @@ def _add_global_options(parser: argparse.ArgumentParser, *, default: object) -> 
     )  # fmt: skip
 
 
+#: The completions' hints for arguments that name files or directories (shtab's FILE and
+#: DIRECTORY, for the shells ``make completions`` writes for), by metavar or, without one,
+#: by name.
+_FILE: Final = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_COMPLETE: Final = {
+    "policy": _FILE,
+    "PATH": _FILE,
+    "HEARTBEAT": _FILE,
+    "CGROUP_DIR": {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command: what the man page and the shell completions are made
+    from (``make man``, ``make completions``), with hints where files are named."""
+    parser = _build_parser()
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for sub in [parser, *(p for a in commands for p in a.choices.values())]:
+        for action in sub._actions:
+            name = action.metavar or action.dest
+            hint = _COMPLETE.get(name) if isinstance(name, str) else None
+            if hint is not None:
+                action.complete = hint  # shtab reads it
+    return parser
+
+
 def _command_in(argv: Sequence[str]) -> str | None:
     """The command word of ``argv``: its first word that is not an option (``reapkit``'s own
     options take no value); ``None`` when help is asked for before it (every command listed)."""
@@ -111,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = _build_parser(command)
         args = parser.parse_args(argv)
         verbose = args.verbose
+        handler, formatter = logging.StreamHandler(), logging.Formatter(_LOG_FORMAT)
+        handler.setFormatter(JournalFormatter(formatter) if under_journald() else formatter)
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(name)s: %(levelname)s: %(message)s",
+            level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler]
         )
         run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
         if run is None:
@@ -147,7 +179,8 @@ def _report(exc: BaseException, prog: str, *, verbose: bool) -> int:
     """One line on stderr and the documented exit status."""
 
     def say(message: str) -> None:
-        print(f"{prog}: {message}", file=sys.stderr)
+        line = f"{prog}: {message}"
+        print(prefixed(line, logging.ERROR) if under_journald() else line, file=sys.stderr)
 
     if isinstance(exc, UsageError):
         say(f"error: {exc}")

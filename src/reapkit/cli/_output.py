@@ -53,6 +53,8 @@ RECORDS_STOP_TIMEOUT: Final = 2.0
 SUPPRESSED_VERSION: Final = 1
 #: Log lines queued for stderr; beyond it lines are dropped (counted).
 LOG_QUEUE: Final = 1024
+#: Decisions that changed nothing, logged at INFO; the others at WARNING.
+QUIET_OUTCOMES: Final = frozenset({"dry-run", "abandoned"})
 
 _KINDS: Final = {"p": "FIFO", "s": "socket", "c": "character device", "b": "block device"}
 
@@ -410,11 +412,16 @@ def _announce(line: _Line | None) -> None:
 
 
 def log_record(record: KillRecord) -> None:
-    """The decision's one WARNING line."""
+    """The decision's one line: at INFO when nothing was done (``QUIET_OUTCOMES``), else at
+    WARNING. The whole record rides along (``kill_record``) for a JSON formatter."""
     v = record.victim
     victim = f"{v.comm!r} (pid {v.pid})" if v else "nobody"
     freed = f", {record.bytes_freed >> 20} MiB back" if record.bytes_freed else ""
-    log.warning("rule %s: %s %s: %s%s", record.rule, record.outcome, victim, record.reason, freed)
+    level = logging.INFO if record.outcome in QUIET_OUTCOMES else logging.WARNING
+    log.log(
+        level, "rule %s: %s %s: %s%s", record.rule, record.outcome, victim, record.reason, freed,
+        extra={"kill_record": record},
+    )  # fmt: skip
 
 
 # -- the log -------------------------------------------------------------------------------------

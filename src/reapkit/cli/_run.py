@@ -28,8 +28,9 @@ from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
-from .._records import KillRecord
-from ._common import scope_from
+from .._records import KillRecord, RecordLine
+from ._common import POLICY_HELP, PolicyChoice, choose_policy, scope_from
+from ._journal import JournalFormatter, under_journald
 from ._output import (
     RECORDS_FLAGS,
     OutputFileError,
@@ -49,11 +50,11 @@ LOG_STOP_TIMEOUT: Final = 2.0
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "run",
-        help="run the reaper daemon with POLICY (the embedded default when none)",
+        help="run the reaper daemon",
         description="Run the reaper until SIGTERM or SIGINT. SIGHUP reloads POLICY (a broken"
         " one keeps the old policy). Speaks sd_notify under systemd (Type=notify).",
     )
-    p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument("policy", nargs="?", help=POLICY_HELP)
     p.add_argument(
         "--scope",
         metavar="CGROUP_DIR",
@@ -78,27 +79,49 @@ def add_parser(commands: Any) -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (and a refusal's fields)."""
+    """One JSON object per log line: time, level, logger, message, and the structured fields
+    of what the line is about: a refusal's, a kill record's (``record``, never as JSON text
+    inside the message)."""
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "time": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         refusal = getattr(record, "refusal", None)
         if refusal is not None:
             data["refusal"] = {"pid": refusal.pid, "reason": refusal.reason.value}
+        kill: KillRecord | None = getattr(record, "kill_record", None)
+        if kill is not None:
+            data["record"] = kill.as_json()
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
 
 
-def _formatter(fmt: str) -> logging.Formatter:
+def _message(record: logging.LogRecord) -> str:
+    """The line's message, a record quoted whole (``RecordLine``) named instead: its fields
+    are the line's ``record``."""
+    args = record.args
+    if isinstance(args, tuple) and any(isinstance(a, RecordLine) for a in args):
+        named = (f"rule {a.record.rule}, {a.record.outcome}" if isinstance(a, RecordLine) else a
+                 for a in args)  # fmt: skip
+        return str(record.msg) % tuple(named)
+    return record.getMessage()
+
+
+def _formatter(fmt: str, *, journal: bool) -> logging.Formatter:
+    """Text or JSON lines; under journald without our own time (the journal has it) and with
+    each line's priority."""
     if fmt == "json":
-        return JsonFormatter()
-    return logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+        inner: logging.Formatter = JsonFormatter()
+    elif journal:
+        inner = logging.Formatter("%(name)s %(levelname)s: %(message)s")
+    else:
+        inner = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return JournalFormatter(inner) if journal else inner
 
 
 def _prepare_process(args: argparse.Namespace) -> None:
@@ -125,24 +148,35 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stop-timeout must be positive")
     if args.nice is not None and not -20 <= args.nice <= 19:
         raise UsageError("--nice must be within -20..19")
-    policy = load_policy(
-        args.policy, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
-    )  # PolicyError: exit 2
+    choice, policy = _load(args)  # PolicyError: exit 2
+    args.policy = choice.path  # what SIGHUP reloads; None (the default): look again then
     # OutputFileError (a symbolic link, a FIFO, another user's file, no such directory): exit 2
     records = RecordsFile.open(args.records) if args.records else None
     if args.heartbeat:
         _check_heartbeat(args.heartbeat)
     counters = OutputCounters()
     listener = start_logging(
-        _formatter(args.log_format), logging.DEBUG if args.verbose else logging.INFO, counters
+        _formatter(args.log_format, journal=under_journald()),
+        logging.DEBUG if args.verbose else logging.INFO,
+        counters,
     )
     try:
+        log.info("policy: %s", choice.describe())
         _prepare_process(args)
         trio.run(_serve, policy, args, RecordsWriter(records, counters), counters)
         log.info("stopped")
     finally:
         listener.stop_within(LOG_STOP_TIMEOUT)
     return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> tuple[PolicyChoice, Policy]:
+    """The policy named or found (``choose_policy``), loaded as the daemon runs it."""
+    choice = choose_policy(args.policy)
+    policy = load_policy(
+        choice.path, dry_run=args.dry_run, scope=scope_from(args), require_trusted=True
+    )
+    return choice, policy
 
 
 def _check_heartbeat(path: str) -> None:
@@ -212,14 +246,9 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
     try:
         # Off the loop: reading the file, and importing a plugin it names for the first
         # time, must not hold up the sources and a decision in progress.
-        policy = await trio.to_thread.run_sync(
-            functools.partial(
-                load_policy,
-                args.policy,
-                dry_run=args.dry_run,
-                scope=scope_from(args),
-                require_trusted=True,
-            ),
+        choice, policy = await trio.to_thread.run_sync(
+            _load,
+            args,
             abandon_on_cancel=True,  # the load has no effect until reaper.reload
         )
     except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way
@@ -228,7 +257,7 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
         notifier.notify("READY=1", _status(reaper.policy))
         return
     await reaper.reload(policy)
-    log.info("SIGHUP: reloaded %s", policy.source)
+    log.info("SIGHUP: reloaded %s", choice.describe() if args.policy is None else policy.source)
     notifier.notify("READY=1", _status(policy))
 
 

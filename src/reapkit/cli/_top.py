@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import attrs
@@ -37,8 +37,9 @@ from .._errors import InvalidValue, ReapkitError
 from .._plugins import Ranked
 from .._policy import Policy, load_policy
 from .._procfs import MemInfo, ProcFS
-from .._records import KillRecord, SelectorStep
+from .._records import KillRecord
 from .._sources.psi import PressureSnapshot, parse_pressure
+from ._common import POLICY_HELP, choose_policy, preview_notes
 from ._status import EXIT_OK, UsageError
 
 #: Pressure samples kept for the sparklines (one per refresh).
@@ -74,13 +75,13 @@ def add_parser(commands: Any) -> None:
         "top",
         help="a live, read-only view: pressure, memory, what each rule would choose, kills",
         description="Show memory pressure (PSI some/full avg10 with a short history),"
-        " MemAvailable and SwapFree, the top candidates of each rule of POLICY (the embedded"
-        " default when none) with score and reason, and the recent kills of a records file"
+        " MemAvailable and SwapFree, the top candidates of each rule of POLICY with score and"
+        " reason, and the recent kills of a records file"
         " with their timelines. Read-only: it never signals anything. Refreshes every"
         " --interval seconds until Ctrl-C (exit 130); when stdout is not a terminal it prints"
         " one frame after another. --once prints one frame and exits 0.",
     )
-    p.add_argument("policy", nargs="?", help="a policy file (TOML)")
+    p.add_argument("policy", nargs="?", help=POLICY_HELP)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument(
         "--interval",
@@ -294,16 +295,6 @@ def _conditions(rule: Rule, meminfo: MemInfo | None) -> tuple[ConditionView, ...
     return tuple(views)
 
 
-def _notes(steps: Sequence[SelectorStep]) -> tuple[str, ...]:
-    notes = []
-    for step in steps:
-        if step.error is not None:
-            notes.append(f"selector {step.selector} failed and was skipped: {step.error}")
-        elif step.selector == "guard" and step.reason:
-            notes.append(f"guard: {step.reason}")
-    return tuple(notes)
-
-
 async def _no_records(_record: KillRecord) -> None:
     return None
 
@@ -387,7 +378,7 @@ class Collector:
             chosen=None if chosen is None else chosen.candidate.pid,
             ranked=len(ranked),
             in_scope=first.candidates_in if first is not None else len(ranked),
-            notes=_notes(steps),
+            notes=preview_notes(steps),
         )
 
     async def collect(self) -> Snapshot:
@@ -653,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
             f"--interval must be within {MIN_INTERVAL:g}..{MAX_INTERVAL:g} seconds,"
             f" got {interval:g}"
         )
-    policy = load_policy(args.policy, dry_run=True)
+    policy = load_policy(choose_policy(args.policy).path, dry_run=True)
     collector = Collector(policy, records_path=args.records, interval=interval)
     console = Console()
     if args.once:

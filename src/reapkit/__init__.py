@@ -9,10 +9,10 @@ only the plugin layer's names does not load the reaper's. Type checkers read the
 below as plain re-exports.
 """
 
-from . import _hangup  # noqa: F401 - first: under `python -m reapkit`, SIGHUP is ignored now
 import importlib as _importlib
 import typing as _typing
 
+from . import _hangup  # noqa: F401 - first: under `python -m reapkit`, SIGHUP is ignored now
 from ._version import __version__ as __version__
 
 if _typing.TYPE_CHECKING:

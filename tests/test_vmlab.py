@@ -64,3 +64,17 @@ def test_the_scenarios_refuse_to_run_outside_a_guest(monkeypatch: Any) -> None:
     """They exhaust the machine's memory: never on the host."""
     monkeypatch.delenv("REAPKIT_IN_GUEST", raising=False)
     assert scenarios.main(["--repeats", "1"]) == 2
+
+
+def test_runs_with_a_niced_heartbeat_are_reported_beside_the_main_ones() -> None:
+    records = [
+        _run("earlyoom", 100.0),
+        _run("reapkit-default", 40.0),
+        _run("earlyoom", 20.0, heartbeat_nice=-10),
+        _run("reapkit-default", 5.0, heartbeat_nice=-10),
+    ]
+    text = bench.report(records)
+    assert "| leak | yes | 0.40x | met |" in text  # the main table: nice 0 only
+    assert "### The heartbeat at nice -10" in text
+    assert "| leak | reapkit-default | 1 | 1/1 | 5 (5-5) | 0.25x |" in text
+    assert bench.runs_file(-10).name == "vm-runs-nice-10.jsonl"

@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "benchmarks.md"
 PLOTS = REPORT.parent / "benchmarks"
 RUNS = PLOTS / "vm-runs.jsonl"
+
+
+def runs_file(nice: int) -> Path:
+    """Where the runs of a heartbeat at ``nice`` are kept (the main ones: nice 0)."""
+    return RUNS if nice == 0 else PLOTS / f"vm-runs-nice{nice}.jsonl"
+
+
 START, END = "<!-- bench-vm:start -->", "<!-- bench-vm:end -->"
 #: The target of the head-to-head: reapkit's default policy against earlyoom.
 OURS, PEER, TARGET = "reapkit-default", "earlyoom", 0.5
@@ -38,12 +45,15 @@ SCENARIO_TEXT = {
 }
 
 
-def run_guest(repeats: int, scenario_names: str, contenders: str, timeout: float) -> list[str]:
+def run_guest(
+    repeats: int, scenario_names: str, contenders: str, timeout: float, nice: int
+) -> list[str]:
     """Run the scenarios in a guest; return the ``RKBENCH`` lines it printed (and show all)."""
     command = [
         sys.executable, "-m", "tests.vmlab.guest", "--memory", "2G", "--zram", "1G",
         "--timeout", str(timeout), "--", sys.executable, "-m", "tests.vmlab.scenarios",
         "--repeats", str(repeats), "--scenarios", scenario_names, "--contenders", contenders,
+        "--heartbeat-nice", str(nice),
     ]  # fmt: skip
     lines = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT) as guest:
@@ -82,9 +92,15 @@ def _recoveries(runs: Iterable[dict[str, Any]]) -> list[float]:
     return [r["onset_to_back_ms"] for r in runs if r.get("onset_to_back_ms") is not None]
 
 
+def _nice(run: dict[str, Any]) -> int:
+    return int(run.get("heartbeat_nice", 0))
+
+
 def report(records: list[dict[str, Any]]) -> str:
     guest = next((r for r in records if r.get("type") == "guest"), {})
-    runs = [r for r in records if r.get("type") == "run"]
+    every = [r for r in records if r.get("type") == "run"]
+    runs = [r for r in every if _nice(r) == 0]
+    niced = sorted({_nice(r) for r in every} - {0})
     names = [s for s in scenarios.SCENARIOS if any(r["scenario"] == s for r in runs)]
     contenders = [c for c in scenarios.CONTENDERS if any(r["contender"] == c for r in runs)]
     repeats = max((r["repeat"] for r in runs), default=-1) + 1
@@ -156,8 +172,37 @@ def report(records: list[dict[str, Any]]) -> str:
             f"| {name} | {'yes' if right else 'no'} | {_fmt_ratio(ratio)} "
             f"| {'met' if met else '**missed**'} |"
         )
+    for nice in niced:
+        out += ["", *_niced_section(nice, [r for r in every if _nice(r) == nice])]
     out += ["", "![worst stall](benchmarks/vm-stall.png)", "", END]
     return "\n".join(out)
+
+
+def _niced_section(nice: int, runs: list[dict[str, Any]]) -> list[str]:
+    """The same shortages with the heartbeat at another nice value: with CPU contention set
+    aside, what is left of its stalls is mostly memory."""
+    out = [
+        f"### The heartbeat at nice {nice}",
+        "",
+        f"The same runs with the heartbeat at nice {nice}, so that the CPU scheduler favours "
+        "it over the hogs: what still stalls it is mostly memory (reclaim, refaults), not a "
+        "busy CPU.",
+        "",
+        "| scenario | contender | runs | saved, right victim | worst stall, ms | vs earlyoom |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in scenarios.SCENARIOS:
+        here = [r for r in runs if r["scenario"] == name and "error" not in r]
+        peer = _stalls(r for r in here if r["contender"] == PEER)
+        for contender in scenarios.CONTENDERS:
+            mine = [r for r in here if r["contender"] == contender]
+            if mine:
+                good = sum(r["saved"] and r["right_victim"] for r in mine)
+                out.append(
+                    f"| {name} | {contender} | {len(mine)} | {good}/{len(mine)} "
+                    f"| {_span(_stalls(mine))} | {_fmt_ratio(_ratio(_stalls(mine), peer))} |"
+                )
+    return out
 
 
 def write_plot(records: list[dict[str, Any]]) -> Path | None:
@@ -169,7 +214,7 @@ def write_plot(records: list[dict[str, Any]]) -> Path | None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return None
-    runs = [r for r in records if r.get("type") == "run" and "error" not in r]
+    runs = [r for r in records if r.get("type") == "run" and "error" not in r and not _nice(r)]
     names = [s for s in scenarios.SCENARIOS if any(r["scenario"] == s for r in runs)]
     contenders = [c for c in scenarios.CONTENDERS if any(r["contender"] == c for r in runs)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -221,15 +266,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIOS))
     parser.add_argument("--contenders", default=",".join(scenarios.CONTENDERS))
     parser.add_argument("--timeout", type=float, default=5400.0, help="the guest's hard limit")
-    parser.add_argument("--from", dest="source", type=Path, help="report these runs (JSON lines)")
+    parser.add_argument(
+        "--heartbeat-nice", type=int, default=0,
+        help="run the heartbeat at this nice value; its runs are kept in a file of their own "
+        "and reported beside the main ones",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from", dest="sources", type=Path, action="append",
+        help="report these runs (JSON lines; may be given more than once)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.source:
-        lines = args.source.read_text().splitlines()
+    if args.sources:
+        lines = [line for source in args.sources for line in source.read_text().splitlines()]
     else:
-        lines = run_guest(args.repeats, args.scenarios, args.contenders, args.timeout)
+        lines = run_guest(
+            args.repeats, args.scenarios, args.contenders, args.timeout, args.heartbeat_nice
+        )
+        runs = runs_file(args.heartbeat_nice)
         PLOTS.mkdir(exist_ok=True)
-        RUNS.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
-        print(f"wrote {RUNS}", file=sys.stderr)
+        runs.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+        print(f"wrote {runs}", file=sys.stderr)
+        others = sorted(p for p in PLOTS.glob("vm-runs*.jsonl") if p != runs)
+        lines += [line for other in others for line in other.read_text().splitlines()]
     records = [json.loads(line) for line in lines if line.strip()]
     REPORT.write_text(splice(REPORT.read_text(), report(records)))
     print(f"wrote {REPORT}", file=sys.stderr)

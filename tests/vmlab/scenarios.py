@@ -126,9 +126,11 @@ def _child_stuck(size_mib: int, device: str) -> None:
     time.sleep(3600)
 
 
-def _child_heartbeat() -> None:
+def _child_heartbeat(nice: int) -> None:
     """Tick every 10 ms touching a little memory; on SIGUSR1 print every gap over 20 ms
-    (monotonic end time and length, in seconds) as JSON, and exit."""
+    (monotonic end time and length, in seconds) as JSON, and exit. At a ``nice`` below 0 the
+    CPU scheduler favours it over the hogs, so what stalls it is mostly memory."""
+    os.nice(nice)
     buf = _filled(4 * MiB)
     ones = b"\x03" * (4 * MiB // PAGE)
     gaps: list[tuple[float, float]] = []
@@ -155,7 +157,7 @@ CHILDREN: dict[str, Callable[..., None]] = {
     "grow": lambda *a: _child_grow(int(a[0]), float(a[1]), int(a[2]), a[3] == "1"),
     "keep": lambda *a: _child_keep(int(a[0])),
     "stuck": lambda *a: _child_stuck(int(a[0]), a[1]),
-    "heartbeat": lambda *a: _child_heartbeat(),
+    "heartbeat": lambda *a: _child_heartbeat(int(a[0])),
 }
 
 
@@ -227,8 +229,9 @@ def _killable() -> None:
 class Run:
     """One scenario under one contender: the processes it started, by role."""
 
-    def __init__(self, scenario: str, contender: str, repeat: int) -> None:
+    def __init__(self, scenario: str, contender: str, repeat: int, heartbeat_nice: int) -> None:
         self.scenario, self.contender, self.repeat = scenario, contender, repeat
+        self.heartbeat_nice = heartbeat_nice  # 0, as a user's program runs
         self.roles: dict[int, str] = {}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.exits: dict[int, tuple[float, int]] = {}  # pid -> (when, signal or -status)
@@ -398,8 +401,8 @@ def _start_shortage(run: Run) -> None:
         run.child("pusher", "grow", 16, 0.02, size, 0)
 
 
-def run_one(scenario: str, contender: str, repeat: int) -> dict[str, Any]:
-    run = Run(scenario, contender, repeat)
+def run_one(scenario: str, contender: str, repeat: int, heartbeat_nice: int) -> dict[str, Any]:
+    run = Run(scenario, contender, repeat, heartbeat_nice)
     _swap(scenario == "zram")
     if scenario == "stuck":
         _setup_stuck_device()
@@ -408,7 +411,7 @@ def run_one(scenario: str, contender: str, repeat: int) -> dict[str, Any]:
         _start_contender(run)
         for i in range(2):
             run.child(f"bystander-{i}", "keep", 64)
-        heartbeat = run.child("heartbeat", "heartbeat")
+        heartbeat = run.child("heartbeat", "heartbeat", run.heartbeat_nice)
         time.sleep(1.0)
         kernel = KernelLog()
         started = time.monotonic()
@@ -459,6 +462,7 @@ def _watch(run: Run, started: float, kernel: KernelLog, heartbeat: int) -> dict[
     return {
         "scenario": run.scenario,
         "contender": run.contender,
+        "heartbeat_nice": run.heartbeat_nice,
         "repeat": run.repeat,
         "saved": saved,
         "died": victims + bystanders,
@@ -498,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--heartbeat-nice", type=int, default=0)
     opts = parser.parse_args(args)
     if os.environ.get("REAPKIT_IN_GUEST") != "1":
         print("refusing: these scenarios exhaust the machine's memory; run them in the guest "
@@ -513,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for scenario in opts.scenarios.split(","):
             for contender in opts.contenders.split(","):
                 try:
-                    result = run_one(scenario, contender, repeat)
+                    result = run_one(scenario, contender, repeat, opts.heartbeat_nice)
                 except Exception as exc:  # one broken run is reported, not fatal
                     result = {"scenario": scenario, "contender": contender, "repeat": repeat,
                               "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip

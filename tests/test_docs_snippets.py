@@ -17,8 +17,9 @@ The pages: ``docs/*.md``, ``README.md``, ``examples/**/README.md``, ``plugins/*/
   through their entry points), so a snippet that registers a plugin can run in every test.
 * Checks on a fake ``/proc`` tree where the kernel is not the point. A check that kills does
   so in a memory cgroup the test made, to a process the test started (marked ``kernel``).
-* The ``sh`` and ``console`` blocks: every ``reapkit`` command line parses with the command's
-  own parser, every ``make`` target exists, and every repository file named is there.
+* The ``sh`` and ``console`` blocks (and the ``Exec...=`` lines of ``ini`` drop-ins): every
+  ``reapkit`` command line parses with the command's own parser, every ``make`` target
+  exists, and every repository file named is there.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import trio.testing
 import reapkit
 from reapkit import _plugins
 from reapkit.cli import _main
+from reapkit.cli._status import UsageError
 from reapkit.lowlevel import Engine, ProcFS
 from reapkit.testing import FakeProc
 
@@ -393,16 +395,23 @@ def _entry_point(run: Run) -> None:
     assert registry.get("selector", "largest-background") is run.namespace["LargestBackground"]
 
 
-@exercises("docs/plugins.md", "class Snapshot(reapkit.Action)")
-def _action(run: Run) -> None:
+def _registered_on_a_fake_tree(
+    run: Run, plugin: str, policy_text: str
+) -> tuple[ProcFS, reapkit.Policy]:
+    """Run the snippet and register the ``plugin`` class it defines; load ``policy_text`` on a
+    fake tree of one process."""
     run.exec()
-    reapkit.register(run.namespace["Snapshot"])
+    reapkit.register(run.namespace[plugin])
     fake = FakeProc(run.tmp_path / "proc")
     fake.add_process(100, comm="victim", rss=100 * MiB)
     procfs = ProcFS(fake.root)
-    policy = reapkit.load_policy(
-        text=_rule('select = ["largest-rss"]', actions='actions = ["snapshot", "kill"]'),
-        procfs=procfs,
+    return procfs, reapkit.load_policy(text=policy_text, procfs=procfs)
+
+
+@exercises("docs/plugins.md", "class Snapshot(reapkit.Action)")
+def _action(run: Run) -> None:
+    procfs, policy = _registered_on_a_fake_tree(
+        run, "Snapshot", _rule('select = ["largest-rss"]', actions='actions = ["snapshot", "kill"]')
     )
     record = trio.run(functools.partial(_first_record, policy, procfs=procfs))
     assert record.outcome == "dry-run"  # a fake tree's guard never signals
@@ -441,14 +450,8 @@ def _observer(run: Run) -> None:
 
 @exercises("docs/plugins.md", "class Every(reapkit.Trigger)")
 def _trigger(run: Run) -> None:
-    run.exec()
-    reapkit.register(run.namespace["Every"])
-    fake = FakeProc(run.tmp_path / "proc")
-    fake.add_process(100, comm="victim", rss=100 * MiB)
-    procfs = ProcFS(fake.root)
-    policy = reapkit.load_policy(
-        text=_rule('select = ["largest-rss"]') + '[[trigger]]\nname = "every-minute"\n',
-        procfs=procfs,
+    procfs, policy = _registered_on_a_fake_tree(
+        run, "Every", _rule('select = ["largest-rss"]') + '[[trigger]]\nname = "every-minute"\n'
     )
 
     async def a_minute() -> tuple[float, reapkit.KillRecord]:
@@ -686,9 +689,10 @@ _MADE = ("build/",)
 
 
 def _command_lines(page: str) -> Iterator[tuple[int, list[str]]]:
-    """(line, argv) of each command of the page's ``sh`` blocks and, of its ``console``
-    blocks, the lines after a ``$`` prompt. Comments go; continued lines are joined."""
-    for language in ("sh", "console"):
+    """(line, argv) of each command of the page's ``sh`` blocks, of its ``console`` blocks
+    the lines after a ``$`` prompt, and of its ``ini`` blocks (systemd drop-ins) the
+    ``Exec...=`` commands. Comments go; continued lines are joined."""
+    for language in ("sh", "console", "ini"):
         for start, code in _snippets(ROOT / page, language):
             lines = code.splitlines()
             i = 0
@@ -702,6 +706,8 @@ def _command_lines(page: str) -> Iterator[tuple[int, list[str]]]:
                     if not line.startswith("$ "):
                         continue
                     line = line[2:]
+                elif language == "ini":
+                    line = line.partition("=")[2] if line.startswith("Exec") else ""
                 argv = shlex.split(line, comments=True)
                 if argv:
                     yield number, argv
@@ -713,7 +719,7 @@ def _files_named(argv: list[str]) -> list[str]:
         return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-f"]
     if argv[0] == "install":
         named = [argv[-2]]
-    elif argv[0] in ("reapkit", ".venv/bin/python"):
+    elif Path(argv[0]).name in ("reapkit", "python"):
         named = argv[1:]
     else:
         return []
@@ -732,12 +738,14 @@ def test_the_commands_shown_exist() -> None:
     for page in _pages():
         for line, argv in _command_lines(page):
             where = f"{page}:{line}: {shlex.join(argv)}"
-            if argv[0] == "reapkit":
+            if Path(argv[0]).name == "reapkit":  # or where a drop-in says it is
                 out = io.StringIO()
                 try:
                     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                         parser.parse_args(argv[1:])
-                except SystemExit as exc:
+                except UsageError as exc:
+                    problems.append(f"{where}: {exc}")
+                except SystemExit as exc:  # --version, --help
                     if exc.code:
                         problems.append(f"{where}: {out.getvalue().strip()}")
             elif argv[0] == "make":

@@ -9,7 +9,8 @@
 3. The site builds with ``mkdocs build --strict``: no warning at all (skipped, saying so,
    where mkdocs is not installed: it comes with the ``docs`` extra).
 4. The code snippets run: every Python block of ``docs/embedding.md``, on a sandbox policy;
-   the tutorial's kill records have the fields and the reasons reapkit writes.
+   the tutorial's kill records have the fields and the reasons reapkit writes. (Every other
+   page's snippets: ``tests/test_docs_snippets.py``.)
 """
 
 from __future__ import annotations
@@ -455,8 +456,9 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
 # -- 4. the code snippets run ------------------------------------------------------------------
 
 
-def _snippets(page: str, language: str = "python") -> list[tuple[int, str]]:
-    """(first line, code) of each fenced ``language`` block of a page."""
+def _snippets(page: str | Path, language: str = "python") -> list[tuple[int, str]]:
+    """(first line, code) of each fenced ``language`` block of a page: a name in ``docs/``,
+    or any Markdown file's absolute path."""
     found, start, code = [], 0, None
     for number, line in enumerate((DOCS / page).read_text(encoding="utf-8").splitlines(), 1):
         if code is None and line.strip() == f"```{language}":
@@ -467,6 +469,30 @@ def _snippets(page: str, language: str = "python") -> list[tuple[int, str]]:
         elif code is not None:
             code.append(line)
     return found
+
+
+def _run_snippet(code: str, where: str, namespace: dict[str, Any]) -> None:
+    """Run ``code`` in ``namespace``. A snippet that awaits at its top (the body of an async
+    function, as a page shows it: ``async with reapkit.open_reaper(...)``) runs under
+    ``trio.run``, for at most 60 s."""
+    compiled = compile(code, where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    result = eval(compiled, namespace)  # an `async with` at the top: a coroutine to await
+    if inspect.iscoroutine(result):
+
+        async def top_level() -> None:
+            with trio.fail_after(60):
+                await result
+
+        trio.run(top_level)
+
+
+def _sandbox_rule(cgroup_dir: str) -> str:
+    """A rule that may kill only in ``cgroup_dir`` (a cgroup the test made), and only when
+    asked (it has no conditions)."""
+    return (
+        f'[[rule]]\nname = "sandbox"\nscope = {{ cgroup = "{cgroup_dir}" }}\n'
+        'select = ["largest-rss"]\nactions = ["kill"]\nvictim_timeout = "3s"\n'
+    )
 
 
 #: The policy file the snippets load: replaced by a sandbox policy when they run.
@@ -487,10 +513,7 @@ def test_every_embedding_snippet_runs(
     line, code = snippet
     victim = spawn(cgroups=[memory_cgroup])
     policy = tmp_path / "policy.toml"
-    policy.write_text(
-        f'[[rule]]\nname = "sandbox"\nscope = {{ cgroup = "{memory_cgroup.directory}" }}\n'
-        'select = ["largest-rss"]\nactions = ["kill"]\nvictim_timeout = "3s"\n'
-    )
+    policy.write_text(_sandbox_rule(memory_cgroup.directory))
     assert _POLICY_FILE in code, f"embedding.md:{line}: a snippet loads {_POLICY_FILE}"
     code = code.replace(_POLICY_FILE, str(policy))
     code = code.replace(_THE_REST, "await _the_rest_of_the_service(reaper, nursery)")
@@ -514,17 +537,7 @@ def test_every_embedding_snippet_runs(
         "print": print_,
         "_the_rest_of_the_service": _the_rest_of_the_service,
     }
-    compiled = compile(
-        code, f"docs/embedding.md:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    )
-    result = eval(compiled, namespace)  # an `async with` at the top: a coroutine to await
-    if inspect.iscoroutine(result):
-
-        async def top_level() -> None:
-            with trio.fail_after(60):
-                await result
-
-        trio.run(top_level)
+    _run_snippet(code, f"docs/embedding.md:{line}", namespace)
     if "trigger(" in code:
         assert victim.wait(10) == -signal.SIGKILL
         assert len(printed) == 1, printed

@@ -1,11 +1,9 @@
 """``reapkit.units``: sizes and durations for plugin options, as ``docs/plugins.md#units``
-shows them (its snippet runs here, in a process of its own: it registers a plugin)."""
+shows them (its snippet runs with the page's others, in ``tests/test_docs_snippets.py``)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import attrs
@@ -21,14 +19,6 @@ def _units_section() -> str:
     text = DOC.read_text(encoding="utf-8")
     start = text.index("{#units}")
     return text[start : text.index("\n### ", start)]
-
-
-def test_the_documented_snippet_runs() -> None:
-    (snippet,) = re.findall(r"```python\n(.*?)```", _units_section(), re.DOTALL)
-    done = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def test_the_documented_error_is_the_one_a_policy_gives() -> None:

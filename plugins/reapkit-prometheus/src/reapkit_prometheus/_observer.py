@@ -79,8 +79,8 @@ class PrometheusObserver(Observer):
 
     def attach(self, reaper: Reaper) -> None:
         """Also export ``reaper``'s own counters (decisions, skips, failures, reaps) and start
-        each of its rules' series at 0. The reaper does not hand its observers a handle on
-        itself: an embedder calls this with the reaper ``open_reaper`` gave it."""
+        each of its rules' series at 0. The reaper calls this when it starts, before
+        :meth:`serve`."""
         self.metrics.reaper.statistics = reaper.statistics
         self.metrics.know_rules(rule.name for rule in reaper.policy.rules)
 

@@ -184,7 +184,14 @@ def report(records: list[dict[str, Any]]) -> str:
         out += ["", "Where it missed, the figures beside the stall:", "", *missed]
     for nice in niced:
         out += ["", *_niced_section(nice, [r for r in every if _nice(r) == nice])]
-    out += ["", "![worst stall](benchmarks/vm-stall.png)", "", END]
+    out += [
+        "",
+        "![worst stall](benchmarks/vm-stall.png)",
+        "",
+        "No bar on the right: that contender did not get the memory back within the run's limit.",
+        "",
+        END,
+    ]
     return "\n".join(out)
 
 

@@ -66,7 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]' && $(BIN)/python -m tests.benchmarks.run
 
 # The whole-machine head-to-head in a guest (tests/vmlab/bench.py): reapkit against the kernel's
-# OOM killer, earlyoom and nohang; writes its section of docs/benchmarks.md. About 75 minutes.
+# OOM killer, earlyoom and nohang; writes its section of docs/benchmarks.md. About an hour.
 bench-vm: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[vm,bench]'
 	$(BIN)/python -m tests.vmlab.bench $(BENCH_VM_ARGS)

@@ -158,6 +158,7 @@ class Reaper:
             log.warning("reload: reaper.keep_score_files is not reloaded; restart to change it")
         self._policy = policy
         self._engine.replace_rules(policy.rules)
+        self._engine.prepare_ranking = policy.prepare_ranking
         self._restart_sources.set()
         await trio.lowlevel.checkpoint()
 
@@ -223,7 +224,9 @@ def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
     sources: list[Any] = [PsiTriggerSource(spec) for spec in specs]
     sources.extend(policy.triggers)
     if thresholds:
-        sources.append(MemoryThresholdSource(thresholds, procfs=procfs))
+        # The line's approach prepares rankings (Engine.prepare_ranking) within the same time.
+        lead = policy.prepare_ranking
+        sources.append(MemoryThresholdSource(thresholds, procfs=procfs, lead=lead))
     return sources
 
 
@@ -313,7 +316,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         raised_from = _files_for(policy.keep_score_files)
         engine = Engine(
             policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
-            keep_score_files=policy.keep_score_files,
+            keep_score_files=policy.keep_score_files, prepare_ranking=policy.prepare_ranking,
         )  # fmt: skip
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(

@@ -151,6 +151,8 @@ class _Preparation:
     """The preparation running now, for which rules; ``done`` is set when it ends."""
 
     rules: frozenset[str]
+    #: When it began (trio clock): no scan of it began earlier.
+    started: float
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -462,7 +464,7 @@ class Engine:
             and not self._fresh(rule, now, self.prepare_ranking / 2)
         ]
         if rules:
-            self._preparing = _Preparation(frozenset(r.name for r in rules))
+            self._preparing = _Preparation(frozenset(r.name for r in rules), now)
             nursery.start_soon(self._prepare, rules, event, self._preparing)
 
     def _fresh(self, rule: Rule, at: float, age: float) -> bool:
@@ -530,14 +532,18 @@ class Engine:
     async def _take_prepared(self, rule: Rule, trigger_at: float) -> _Prepared | None:
         """``rule``'s prepared ranking if its scan began at most ``prepare_ranking`` before
         ``trigger_at``, taken (each is used once). One being prepared for the rule right now
-        is waited for: it is nearer its end than a fresh scan would be."""
+        is waited for if it will be fresh enough: it is nearer its end than a fresh scan would
+        be; one that will not is stopped (the fresh scan needs the CPU)."""
         if self.prepare_ranking <= 0:
             return None
         job = self._preparing
         if not self._fresh(rule, trigger_at, self.prepare_ranking) and (
             job is not None and rule.name in job.rules
         ):
-            await job.done.wait()
+            if trigger_at - job.started <= self.prepare_ranking:
+                await job.done.wait()
+            else:
+                job.scope.cancel()
         prepared = self._prepared.pop(rule.name, None)
         if prepared is None or prepared.rule is not rule:
             return None

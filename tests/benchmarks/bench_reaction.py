@@ -65,6 +65,8 @@ COMM = "rkbenchhog"
 SLEEPERS_LIMIT = 4 * GiB
 #: PIDs left free beside the sleepers (pid_max, threads-max).
 PID_MARGIN = 2_000
+#: ``[reaper] prepare_ranking`` for reapkit's policy; None: the default (``--prepare=0s``: off).
+PREPARE: str | None = None
 _SIGNALLED = re.compile(r"sending (SIG\w+) to process (\d+)")
 
 #: Filled by run(), for the plot: (processes, condition) -> daemon -> runs.
@@ -298,9 +300,10 @@ def _wait_dead(pidfd: int, timeout: float) -> bool:
 
 async def _reapkit_once(scope: SandboxCgroup) -> dict[str, float] | None:
     with _Run(scope) as run:
+        reaper_table = f'[reaper]\nprepare_ranking = "{PREPARE}"\n\n' if PREPARE else ""
         policy = load_policy(
             text=(
-                '[[rule]]\nname = "bench-reaction"\n'
+                reaper_table + '[[rule]]\nname = "bench-reaction"\n'
                 f'when = ["mem_available < {run.line}"]\n'
                 f'scope = {{ cgroup = "{scope.directory}" }}\n'
                 'select = ["largest-rss"]\nactions = ["terminate"]\n'
@@ -468,7 +471,7 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
     ]
     return "\n".join(
         [
-            "## Reaction: MemAvailable line crossed -> SIGTERM received",
+            "## Reaction: MemAvailable line crossed -> SIGTERM received {#reaction}",
             "",
             f"A hog (comm `{COMM}`) allocating {HOG_SIZE // MiB} MiB of anonymous memory in"
             " 1 MiB chunks as fast as it faults them in, in a memory cgroup limited to"
@@ -518,10 +521,23 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
 
 if __name__ == "__main__":
     # python -m tests.benchmarks.bench_reaction [N[:REPEATS] ...] [--quiet-only|--loaded-only]
+    #   [--prepare=DURATION] [--write]
+    for arg in sys.argv[1:]:
+        if arg.startswith("--prepare="):
+            PREPARE = arg.split("=", 1)[1]
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     chosen = {int(a.split(":")[0]): int(a.split(":")[1]) if ":" in a else 3 for a in args}
     which = [
         c for c in CONDITIONS if f"--{'loaded' if c == 'quiet' else 'quiet'}-only" not in sys.argv
     ]
     out = measure(tuple(chosen) or SCALES, chosen or None, which)
-    print(report(*out))
+    text = report(*out)
+    print(text)
+    if "--write" in sys.argv:  # replace this section of docs/benchmarks.md, and the plot
+        from . import run as bench_run
+
+        old = bench_run.REPORT.read_text()
+        head, rest = old.split("\n## Reaction", 1)
+        tail = rest.split("\n## ", 1)[1]
+        bench_run.REPORT.write_text(f"{head}\n{text.strip()}\n\n## {tail}")
+        bench_run.write_plots()

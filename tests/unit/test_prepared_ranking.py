@@ -363,3 +363,19 @@ async def test_a_signal_discards_what_was_prepared(
     # for the first rule, from a fresh scan: the ranking prepared for it was used, the other
     # rule's was discarded with the signal.
     assert [("prepared" in _steps(r)) for r in records] == [True, False]
+
+
+async def test_a_preparation_too_old_to_be_used_is_stopped_not_waited_for(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = Calls()
+    calls.delay = 0.7  # longer than the bound: what it prepares would be stale
+    h = _Harness(fake, _rule(fake, calls, LargestRss()))
+    async with trio.open_nursery() as nursery:
+        await h.engine.handle(_event(h.rule, "approaching"), nursery)
+        await trio.sleep(MAX_AGE + 0.1)  # the preparation is still inside the selector
+        record = await h.cross(nursery)
+        nursery.cancel_scope.cancel()
+    assert "prepared" not in _steps(record) and record.victim is not None
+    assert calls.calls == 2  # the preparation's call, and the fresh scan's
+    assert h.engine.statistics().prepared == 0  # stopped before it finished

@@ -125,12 +125,17 @@ os._exit(0)
 """.replace("@COMM@", COMM)
 
 _SPAWNER = r"""
-import os, sys
+import os, signal, sys
 with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))
 sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
-for _ in range(int(sys.argv[2])):
-    os.posix_spawn(sleep, [sleep, "3600"], os.environ)
+kids = [os.posix_spawn(sleep, [sleep, "3600"], os.environ) for _ in range(int(sys.argv[2]))]
+print("ready", flush=True)
+sys.stdin.read()  # until the bench is done with them (or gone)
+for pid in kids:  # our own children, not yet waited for: the PIDs are still theirs
+    os.kill(pid, signal.SIGKILL)
+for pid in kids:
+    os.waitpid(pid, 0)
 """
 
 _BUSY = r"""
@@ -168,24 +173,32 @@ def _free_pids() -> int:
 def _scope(sleepers: int) -> Iterator[SandboxCgroup]:
     """The scope cgroup, ``sleepers`` sleeping processes inside it; all gone afterwards."""
     with SandboxCgroup.create("memory", prefix="reapkit-bench") as scope:
-        if sleepers:
-            directory = os.path.join(scope.directory, "sleepers")
-            os.mkdir(directory)
-            _write(os.path.join(directory, "memory.limit_in_bytes"), str(SLEEPERS_LIMIT))
-            subprocess.run(
-                [sys.executable, "-c", _SPAWNER, directory, str(sleepers)], check=True, timeout=300
-            )
-            deadline = time.monotonic() + 60
-            while len(_pids(directory)) < sleepers:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {len(_pids(directory))} of {sleepers} sleepers")
-                time.sleep(0.1)
-        yield scope  # remove() kills every member, the sub-cgroups' too
-
-
-def _pids(directory: str) -> list[int]:
-    with open(os.path.join(directory, "cgroup.procs"), "rb") as f:
-        return [int(p) for p in f.read().split()]
+        if not sleepers:
+            yield scope
+            return
+        directory = os.path.join(scope.directory, "sleepers")
+        os.mkdir(directory)
+        _write(os.path.join(directory, "memory.limit_in_bytes"), str(SLEEPERS_LIMIT))
+        # Their parent kills and reaps them itself when its stdin closes (PID 1 here may be
+        # slow to reap orphans); remove() kills whatever is left, the sub-cgroups' too.
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", _SPAWNER, directory, str(sleepers)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert spawner.stdout is not None
+            if spawner.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the sleepers' spawner failed ({spawner.wait()})")
+            yield scope
+        finally:
+            assert spawner.stdin is not None and spawner.stdout is not None
+            spawner.stdin.close()
+            try:
+                spawner.wait(120)
+            except subprocess.TimeoutExpired:
+                spawner.kill()
+                spawner.wait()
+            spawner.stdout.close()
 
 
 @contextmanager

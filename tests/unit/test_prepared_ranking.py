@@ -7,7 +7,7 @@ signalled" here means never the record's victim, never reached by an action.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -121,6 +121,18 @@ class _Harness:
         await trio.testing.wait_all_tasks_blocked()  # the record comes from its confirmation
         return self.records[-1]
 
+    async def prepared_then_crossed(
+        self, between: Callable[[], object] = lambda: None, *, wait: float = 0.0
+    ) -> KillRecord:
+        """Prepare, call ``between()`` (the machine changes), wait, cross: the record."""
+        async with trio.open_nursery() as nursery:
+            await self.approach(nursery)
+            between()
+            await trio.sleep(wait)
+            record = await self.cross(nursery)
+            nursery.cancel_scope.cancel()
+        return record
+
 
 def _steps(record: KillRecord) -> list[str]:
     return [s.selector for s in record.selectors]
@@ -135,12 +147,11 @@ async def test_an_approaching_line_prepares_the_ranking_and_the_crossing_uses_it
 ) -> None:
     calls = Calls()
     h = _Harness(fake, _rule(fake, calls, LargestRss()))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        assert calls.calls == 1 and h.records == []  # prepared: nothing decided, nothing sent
-        await trio.sleep(0.1)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+
+    def prepared() -> None:
+        assert calls.calls == 1 and h.records == []  # nothing decided, nothing sent
+
+    record = await h.prepared_then_crossed(prepared, wait=0.1)
     assert calls.calls == 1  # the crossing ran no selector chain of its own
     assert record.victim is not None and record.victim.pid == 600
     assert _steps(record) == ["test-calls", "largest-rss", "prepared"]
@@ -154,13 +165,11 @@ async def test_a_prepared_ranking_older_than_the_bound_is_not_used(
 ) -> None:
     calls = Calls()
     h = _Harness(fake, _rule(fake, calls, LargestRss()))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
+    record = await h.prepared_then_crossed(
         # Meanwhile the editor became the largest: a fresh scan must see it.
-        fake.add_process(700, comm="editor", rss=5 * GiB, oom_score=900, start_time=7000)
-        await trio.sleep(MAX_AGE + 0.01)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+        lambda: fake.add_process(700, comm="editor", rss=5 * GiB, oom_score=900, start_time=7000),
+        wait=MAX_AGE + 0.01,
+    )
     assert calls.calls == 2  # the crossing scanned afresh
     assert "prepared" not in _steps(record)
     assert record.victim is not None and record.victim.pid == 700
@@ -186,11 +195,7 @@ async def test_a_victim_that_exited_since_the_preparation_is_never_chosen(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
     h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        fake.remove_process(600)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    record = await h.prepared_then_crossed(lambda: fake.remove_process(600))
     assert record.victim is not None and record.victim.pid == 700
     assert "600 exited" in _prepared_step(record)
     assert h.engine.statistics().prepared_used == 1
@@ -201,13 +206,12 @@ async def test_a_victim_replaced_since_the_preparation_is_never_chosen(
 ) -> None:
     # PID 600 was reaped and reused by a newcomer (another start time), larger still: the
     # prepared entry is not the newcomer, and the newcomer was never ranked.
-    h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
+
+    def reused() -> None:
         fake.remove_process(600)
         fake.add_process(600, comm="newcomer", rss=6 * GiB, oom_score=900, start_time=9000)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+
+    record = await _Harness(fake, _rule(fake)).prepared_then_crossed(reused)
     assert record.victim is not None and record.victim.pid == 700
     assert "600 is another process now" in _prepared_step(record)
 
@@ -215,12 +219,9 @@ async def test_a_victim_replaced_since_the_preparation_is_never_chosen(
 async def test_a_zombie_since_the_preparation_is_never_chosen(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
-    h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        fake.add_process(600, comm="browser", state="Z", start_time=6000, oom_score=0)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    record = await _Harness(fake, _rule(fake)).prepared_then_crossed(
+        lambda: fake.add_process(600, comm="browser", state="Z", start_time=6000, oom_score=0)
+    )
     assert record.victim is not None and record.victim.pid == 700
 
 
@@ -230,12 +231,9 @@ async def test_protect_applies_afresh_to_a_prepared_shortlist(
     # The browser exec'd into a protected program after the preparation (same PID, same
     # start time, another comm): protect, run again on fresh reads, spares it.
     protect = Protect(ProtectOptions(comm=("^keeper$",)))
-    h = _Harness(fake, _rule(fake, protect, LargestRss()))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        fake.add_process(600, comm="keeper", rss=3 * GiB, oom_score=700, start_time=6000)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    record = await _Harness(fake, _rule(fake, protect, LargestRss())).prepared_then_crossed(
+        lambda: fake.add_process(600, comm="keeper", rss=3 * GiB, oom_score=700, start_time=6000)
+    )
     assert record.victim is not None and record.victim.pid == 700
     assert _steps(record) == ["protect", "largest-rss", "prepared", "protect"]
     assert record.selectors[-1].candidates_out == record.selectors[-1].candidates_in - 1
@@ -245,14 +243,11 @@ async def test_the_guard_applies_afresh_to_a_prepared_shortlist(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
     # oom_score_adj set to -1000 after the preparation: the guard refuses it at the crossing.
-    h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        fake.add_process(
+    record = await _Harness(fake, _rule(fake)).prepared_then_crossed(
+        lambda: fake.add_process(
             600, comm="browser", rss=3 * GiB, oom_score=0, oom_score_adj=-1000, start_time=6000
         )
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    )
     assert record.victim is not None and record.victim.pid == 700
     assert record.selectors[-1].selector == "guard"
     assert "600: oom-score-adj-min" in record.selectors[-1].reason
@@ -262,10 +257,7 @@ async def test_a_protective_selector_failing_at_the_crossing_fails_safe(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
     h = _Harness(fake, _rule(fake, FailsFromTheSecondCall(), LargestRss()))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    record = await h.prepared_then_crossed()
     assert record.outcome == "failed" and record.victim is None
     assert "failed safe" in record.reason and record.actions == ()
 
@@ -273,14 +265,14 @@ async def test_a_protective_selector_failing_at_the_crossing_fails_safe(
 async def test_an_empty_shortlist_means_a_fresh_scan(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
-    h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
+
+    def replaced() -> None:
         for pid in (500, 600, 700):  # everyone on the shortlist is gone ...
             fake.remove_process(pid)
         fake.add_process(800, comm="late", rss=GiB, oom_score=300)  # ... and a newcomer came
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+
+    h = _Harness(fake, _rule(fake))
+    record = await h.prepared_then_crossed(replaced)
     assert record.victim is not None and record.victim.pid == 800
     assert _steps(record)[-2:] == ["prepared", "largest-rss"]
     stats = h.engine.statistics()
@@ -293,11 +285,7 @@ async def test_the_shortlist_holds_the_best_the_guard_allowed(
     for pid in range(1000, 1000 + 2 * PREPARED_SHORTLIST):
         fake.add_process(pid, comm="many", rss=(pid - 900) * MiB, oom_score=50)
     fake.add_process(900, comm="shielded", rss=9 * GiB, oom_score_adj=-1000)
-    h = _Harness(fake, _rule(fake))
-    async with trio.open_nursery() as nursery:
-        await h.approach(nursery)
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
+    record = await _Harness(fake, _rule(fake)).prepared_then_crossed()
     prepared = next(s for s in record.selectors if s.selector == "prepared")
     assert prepared.candidates_in == PREPARED_SHORTLIST
     guard_at_preparation = record.selectors[_steps(record).index("prepared") - 1]

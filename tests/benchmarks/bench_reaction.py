@@ -279,6 +279,7 @@ class _Run:
             "done_first": float(hog["done"] is not None),
             "within_chunk": float(hog["within"]),
             "crossing_s": hog["crossed"] - hog["start"],
+            "crossed_at": hog["crossed"],
             "signal_at": hog["signal"],
         }
 
@@ -338,10 +339,13 @@ async def _reapkit_once(scope: SandboxCgroup) -> dict[str, float] | None:
         if record is not None and record.timeline.signal_sent is not None:
             if record.victim is None or record.victim.pid != run.pid:
                 raise RuntimeError(f"reapkit chose another victim than the hog: {record}")
-            # reapkit's own account: from the signal sent to the hog's receipt.
-            result["delivery_ms"] = (
-                result["signal_at"] - record.timeline.signal_sent - offset
-            ) * 1000
+            # reapkit's own account, on its timeline (the trio clock + offset: monotonic).
+            t = record.timeline
+            chosen = t.victim_chosen if t.victim_chosen is not None else t.signal_sent
+            result["detect_ms"] = (t.trigger_seen + offset - result["crossed_at"]) * 1000
+            result["choose_ms"] = (chosen - t.trigger_seen) * 1000
+            result["act_ms"] = (t.signal_sent - chosen) * 1000
+            result["delivery_ms"] = (result["signal_at"] - t.signal_sent - offset) * 1000
             result["prepared"] = float(any(s.selector == "prepared" for s in record.selectors))
         return result
 
@@ -479,9 +483,13 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
         f"Target at {max(SCALES):,} processes, quiet and loaded: ≤ 0.5 —"
         f" {'; '.join(verdicts) if verdicts else 'not checked'}."
     )
-    deliveries = [
-        r["delivery_ms"] for rs in RESULTS.values() for r in rs["reapkit"] if "delivery_ms" in r
-    ]
+    account = []
+    for (n, condition), runs in sorted(RESULTS.items()):
+        own = [r for r in runs["reapkit"] if "delivery_ms" in r]
+        if own:
+            keys = ("detect_ms", "choose_ms", "act_ms", "delivery_ms")
+            cells = " | ".join(_fmt([r[key] for r in own], 1) for key in keys)
+            account.append(f"| {n:,} | {condition} | {cells} |")
     return "\n".join(
         [
             "## Reaction: MemAvailable line crossed -> SIGTERM received {#reaction}",
@@ -519,10 +527,17 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
             *(
                 [
                     "",
-                    "reapkit's own account, from its KillRecord's `signal_sent` to the hog's"
-                    f" receipt: {_fmt(deliveries, 1)} ms.",
+                    "reapkit's own account (its KillRecord's timeline), ms: *detection*, the"
+                    " hog's crossing to the trigger (the memory sampler's event); *choice*,"
+                    " the trigger to the victim chosen; *to the signal*, the victim chosen to"
+                    " `signal_sent` (the memory re-check, the pidfd, the guard); *delivery*,"
+                    " `signal_sent` to the hog's receipt.",
+                    "",
+                    "| processes | condition | detection | choice | to the signal | delivery |",
+                    "|---:|---|---|---|---|---|",
+                    *account,
                 ]
-                if deliveries
+                if account
                 else []
             ),
             *([""] + [f"- {note}" for note in notes] if notes else []),

@@ -138,8 +138,11 @@ class _Prepared:
     """A rule's ranking made before its line was crossed: the best the guard then allowed."""
 
     rule: Rule
-    #: When its candidate scan began (trio clock): its age is counted from here.
+    #: When its candidate scan began and when its shortlist was ready (trio clock). Its age
+    #: is counted from ``finished``: what it read is at most that age + its own scan time old
+    #: at the decision, as a scan begun at the trigger would be its scan time old at the end.
     started: float
+    finished: float
     shortlist: tuple[Ranked, ...]
     steps: tuple[SelectorStep, ...]
     #: How many candidates the selector chain ranked.
@@ -151,8 +154,6 @@ class _Preparation:
     """The preparation running now, for which rules; ``done`` is set when it ends."""
 
     rules: frozenset[str]
-    #: When it began (trio clock): no scan of it began earlier.
-    started: float
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -464,14 +465,20 @@ class Engine:
             and not self._fresh(rule, now, self.prepare_ranking / 2)
         ]
         if rules:
-            self._preparing = _Preparation(frozenset(r.name for r in rules), now)
+            self._preparing = _Preparation(frozenset(r.name for r in rules))
             nursery.start_soon(self._prepare, rules, event, self._preparing)
 
     def _fresh(self, rule: Rule, at: float, age: float) -> bool:
-        """Whether ``rule`` has a prepared ranking whose scan began ``age`` or less before
-        ``at``."""
+        """Whether ``rule`` has a prepared ranking finished ``age`` or less before ``at``."""
         prepared = self._prepared.get(rule.name)
-        return prepared is not None and prepared.rule is rule and at - prepared.started <= age
+        return prepared is not None and prepared.rule is rule and at - prepared.finished <= age
+
+    async def _settled(self, rule: Rule) -> None:
+        """Wait for the preparation running for ``rule``, if any: it ends sooner than a scan
+        begun now would, and the rule's selectors are then called by one task at a time."""
+        job = self._preparing
+        if job is not None and rule.name in job.rules:
+            await job.done.wait()
 
     async def _prepare(self, rules: list[Rule], event: MemoryEvent, job: _Preparation) -> None:
         """Run each rule's candidates and selector chain now; keep a shortlist of the best
@@ -485,7 +492,10 @@ class Engine:
                     started = trio.current_time()
                     situation = Situation(rule.name, event, meminfo, self.procfs, started)
                     candidates = await self._candidates(rule, serial)
-                    ranked, steps, halt = await self._select(rule, situation, candidates)
+                    # Inline selectors on their threads: the memory sampler must not wait.
+                    ranked, steps, halt = await self._select(
+                        rule, situation, candidates, offload=True
+                    )
                     if halt is not None:  # the decision runs the chain again, and says why
                         self._prepared.pop(rule.name, None)
                         continue
@@ -497,8 +507,9 @@ class Engine:
                         why = "; ".join(refusals[:5])
                         steps.append(SelectorStep("guard", len(ranked), kept, top, why))
                     self._prepared[rule.name] = _Prepared(
-                        rule, started, tuple(shortlist), tuple(steps), len(ranked)
-                    )
+                        rule, started, trio.current_time(), tuple(shortlist), tuple(steps),
+                        len(ranked),
+                    )  # fmt: skip
                     self._counts["prepared"] += 1
                     await trio.lowlevel.checkpoint()
         except Exception:  # an optimisation: never the end of the reaper
@@ -530,24 +541,17 @@ class Engine:
             self._preparing.scope.cancel()
 
     async def _take_prepared(self, rule: Rule, trigger_at: float) -> _Prepared | None:
-        """``rule``'s prepared ranking if its scan began at most ``prepare_ranking`` before
-        ``trigger_at``, taken (each is used once). One being prepared for the rule right now
-        is waited for if it will be fresh enough: it is nearer its end than a fresh scan would
-        be; one that will not is stopped (the fresh scan needs the CPU)."""
+        """``rule``'s prepared ranking if it was finished at most ``prepare_ranking`` before
+        ``trigger_at``, taken (each is used once). Without one, one being prepared for the
+        rule is waited for."""
         if self.prepare_ranking <= 0:
             return None
-        job = self._preparing
-        if not self._fresh(rule, trigger_at, self.prepare_ranking) and (
-            job is not None and rule.name in job.rules
-        ):
-            if trigger_at - job.started <= self.prepare_ranking:
-                await job.done.wait()
-            else:
-                job.scope.cancel()
+        if not self._fresh(rule, trigger_at, self.prepare_ranking):
+            await self._settled(rule)
         prepared = self._prepared.pop(rule.name, None)
         if prepared is None or prepared.rule is not rule:
             return None
-        if trigger_at - prepared.started > self.prepare_ranking:
+        if trigger_at - prepared.finished > self.prepare_ranking:
             self._counts["prepared_unused"] += 1
             return None
         return prepared
@@ -579,11 +583,12 @@ class Engine:
                 else:
                     fresh.append(r._of(c))
         steps = list(prepared.steps)
-        age = (trigger_at - prepared.started) * 1000
+        began = (trigger_at - prepared.started) * 1000
+        took = (prepared.finished - prepared.started) * 1000
         top = fresh[0].candidate.pid if fresh else None
         note = (
-            f"ranking of {prepared.ranked} prepared {age:.0f} ms before the trigger; its best"
-            f" {len(prepared.shortlist)} read afresh"
+            f"ranking of {prepared.ranked} prepared from {began:.0f} ms before the trigger (in"
+            f" {took:.0f} ms); its best {len(prepared.shortlist)} read afresh"
         ) + (f": {', '.join(dropped)}" if dropped else "")
         steps.append(SelectorStep("prepared", len(prepared.shortlist), len(fresh), top, note))
         ranked = tuple(fresh)
@@ -616,11 +621,13 @@ class Engine:
         at = situation.now if trigger_at is None else trigger_at
         prepared = await self._take_prepared(rule, at)
         if prepared is None:
+            await self._settled(rule)
             chosen, _ranked, steps, halt = await self._choose(rule, situation)
             return chosen, steps, halt
         chosen, steps, halt = await self._choose_prepared(rule, situation, prepared, at)
         if chosen is None and halt is None:  # nothing on the shortlist may be chosen now
             self._counts["prepared_unused"] += 1
+            await self._settled(rule)
             chosen, _ranked, more, halt = await self._choose(rule, situation)
             steps += more
         elif chosen is not None:
@@ -814,7 +821,7 @@ class Engine:
             self._kept.close()
 
     async def _select(
-        self, rule: Rule, situation: Situation, candidates: list[Ranked]
+        self, rule: Rule, situation: Situation, candidates: list[Ranked], *, offload: bool = False
     ) -> tuple[list[Ranked], list[SelectorStep], str | None]:
         """Run the selector chain: the ranking, its steps, and why it failed safe (or None).
 
@@ -830,7 +837,7 @@ class Engine:
             if fell_back and not sel.protective:
                 continue
             before = len(ranked)
-            ranked, error = await self._apply(rule, sel, situation, ranked)
+            ranked, error = await self._apply(rule, sel, situation, ranked, offload=offload)
             if error is None:
                 steps.append(_step(sel.name, before, ranked))
                 continue
@@ -852,14 +859,22 @@ class Engine:
         return list(ranked), steps, None
 
     async def _apply(
-        self, rule: Rule, sel: Selector, situation: Situation, ranked: tuple[Ranked, ...]
+        self,
+        rule: Rule,
+        sel: Selector,
+        situation: Situation,
+        ranked: tuple[Ranked, ...],
+        *,
+        offload: bool = False,
     ) -> tuple[tuple[Ranked, ...], BaseException | None]:
         """One selector, isolated: its validated ranking, or ``ranked`` and its failure
-        (counted). A protective selector is never switched off: it would end the rule's kills."""
+        (counted). A protective selector is never switched off: it would end the rule's kills.
+        ``offload``: an inline selector runs on its worker thread (a preparation)."""
         with isolated() as failed:
             result = await self._calls.call(
                 sel, "select", situation, ranked,
                 deadline=rule.plugin_deadline, may_switch_off=not sel.protective,
+                offload=offload,
             )  # fmt: skip
             ranked_now = _validated(ranked, result)
         if failed.error is not None:

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
@@ -69,6 +69,8 @@ PID_MARGIN = 2_000
 PREPARE: str | None = None
 _SIGNALLED = re.compile(r"sending (SIG\w+) to process (\d+)")
 
+#: Why runs were missed, for the report.
+MISSED: list[str] = []
 #: Filled by run(), for the plot: (processes, condition) -> daemon -> runs.
 RESULTS: dict[tuple[int, str], dict[str, list[dict[str, float]]]] = {}
 
@@ -111,6 +113,7 @@ try:
             else:
                 above = time.monotonic()
     done = time.monotonic()
+    print(json.dumps({"done": done, "crossed": crossed}), flush=True)
     while True:
         time.sleep(3600)
 except Term:
@@ -151,6 +154,21 @@ def _mem_available() -> int:
     with open("/proc/meminfo", encoding="ascii") as f:
         kib = int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
     return kib * 1024
+
+
+def _settled_available() -> int:
+    """MemAvailable once it holds still (two readings 0.2 s apart within 32 MiB, for at most
+    5 s): memory freed by the run before may take a moment to count as available again (here,
+    free page reporting to the hypervisor holds freed pages for a while)."""
+    deadline = time.monotonic() + 5
+    last = _mem_available()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _mem_available()
+        if abs(now - last) < 32 * MiB:
+            return now
+        last = now
+    return last
 
 
 def _write(path: str, value: str) -> None:
@@ -231,7 +249,7 @@ class _Run:
 
     def __init__(self, scope: SandboxCgroup) -> None:
         _Run.serial += 1
-        self.line = _mem_available() - GAP
+        self.line = _settled_available() - GAP
         self.directory = os.path.join(scope.directory, f"hog-{_Run.serial}")
         self.hog: subprocess.Popen[str] | None = None
         self.pidfd = -1
@@ -265,14 +283,24 @@ class _Run:
     def report(self) -> dict[str, float] | None:
         """The hog's own account, once it ended after a SIGTERM (None: it never got one)."""
         assert self.hog is not None and self.hog.stdout is not None
-        if self.hog.poll() is None or not select.select([self.hog.stdout], [], [], 0)[0]:
+        alive = self.hog.poll() is None
+        lines = []
+        while select.select([self.hog.stdout], [], [], 0)[0]:
+            line = self.hog.stdout.readline().strip()
+            if not line:
+                break
+            lines.append(json.loads(line))
+        hog = lines[-1] if lines else {}
+        if alive and "done" in hog and hog["crossed"] is None:
+            raise _Early(f"the hog allocated all without crossing the line: {hog}")
+        if alive:
+            MISSED.append(f"the hog {self.pid} got no SIGTERM within {TIMEOUT:g} s")
             return None
-        text = self.hog.stdout.readline().strip()
-        if not text:
-            return None  # killed without a SIGTERM first (SIGKILL, its cgroup's OOM killer)
-        hog = json.loads(text)
+        if "signal" not in hog:  # killed without a SIGTERM first (SIGKILL, a cgroup OOM)
+            MISSED.append(f"the hog {self.pid} ended without a SIGTERM ({self.hog.returncode})")
+            return None
         if hog["crossed"] is None:
-            raise RuntimeError(f"the hog was signalled before MemAvailable crossed the line: {hog}")
+            raise _Early(f"signalled before the hog's reading crossed the line: {hog}")
         return {
             "ms": (hog["signal"] - hog["crossed"]) * 1000,
             "past_line_mib": (self.line - hog["available"]) / MiB,
@@ -306,6 +334,12 @@ class _Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Early(Exception):
+    """MemAvailable moved without the hog (another process on the machine allocated or freed
+    memory): a daemon reacted to that, not to the hog, or the hog could not cross the line.
+    The run is discarded."""
 
 
 def _wait_dead(pidfd: int, timeout: float) -> bool:
@@ -419,14 +453,41 @@ def measure(
                 RESULTS[(n, condition)] = runs
                 with _cpu_load(condition == "loaded"):
                     for _ in range(repeats.get(n, 3)):  # interleaved: the same conditions
-                        result = trio.run(_reapkit_once, scope)
+                        result = _discarding(
+                            misses, "reapkit", lambda: trio.run(_reapkit_once, scope)
+                        )
                         _keep(runs, misses, "reapkit", n, condition, result)
                         time.sleep(0.3)
                         if binary is not None:
-                            eo_result, _text = _earlyoom_once(binary, scope)
+                            eo_result = _discarding(
+                                misses, "earlyoom", lambda: _earlyoom_once(binary, scope)[0]
+                            )
                             _keep(runs, misses, "earlyoom", n, condition, eo_result)
                             time.sleep(0.3)
+    notes.extend(f"missed: {why}" for why in MISSED)
+    discarded = {n: misses.get(f"discarded {n}", 0) for n in ("reapkit", "earlyoom")}
+    if any(discarded.values()):
+        notes.append(
+            f"Runs discarded and run again (reapkit {discarded['reapkit']}, earlyoom"
+            f" {discarded['earlyoom']}): MemAvailable moved without"
+            " the hog (other memory on the machine came or went), so a daemon signalled before"
+            " the hog's own reading crossed the line, or the hog could not cross it."
+        )
     return notes, misses, binary
+
+
+def _discarding(
+    misses: dict[str, int], name: str, once: Callable[[], dict[str, float] | None]
+) -> dict[str, float] | None:
+    """``once()``, run again (at most twice) when it was disturbed (:class:`_Early`); None
+    (a miss) when it was disturbed every time."""
+    for _attempt in range(3):
+        try:
+            return once()
+        except _Early:
+            misses[f"discarded {name}"] = misses.get(f"discarded {name}", 0) + 1
+            time.sleep(0.3)
+    return None
 
 
 def _keep(
@@ -519,7 +580,7 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
             *(["", missing] if missing else []),
             "",
             "| processes | condition | reapkit | earlyoom | reapkit / earlyoom | prepared |"
-            " past the line, MiB | hog done first | no SIGTERM within 20 s |",
+            " past the line, MiB | hog done first | missed |",
             "|---:|---|---|---|---:|---|---|---|---|",
             *rows,
             "",

@@ -35,6 +35,8 @@ from ._units import PsiSpec
 
 log = logging.getLogger("reapkit")
 
+#: A memory line is announced as approaching this many times ``prepare_ranking`` ahead.
+PREPARE_LEAD = 2
 #: Events buffered between the sources and the engine (a slow decision applies backpressure).
 EVENT_BUFFER = 64
 #: Records buffered per subscriber; one that falls further behind loses the newest (counted).
@@ -224,8 +226,10 @@ def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
     sources: list[Any] = [PsiTriggerSource(spec) for spec in specs]
     sources.extend(policy.triggers)
     if thresholds:
-        # The line's approach prepares rankings (Engine.prepare_ranking) within the same time.
-        lead = policy.prepare_ranking
+        # A line that approaches prepares rankings (Engine.prepare_ranking). Announced twice
+        # that time ahead: a preparation that takes up to that time (10,000 processes beside
+        # a CPU load) still ends before the crossing, and is not too old at it.
+        lead = PREPARE_LEAD * policy.prepare_ranking
         sources.append(MemoryThresholdSource(thresholds, procfs=procfs, lead=lead))
     return sources
 

@@ -449,9 +449,9 @@ class Engine:
     # -- prepared rankings ------------------------------------------------------------------
 
     def _approaching(self, event: MemoryEvent, now: float, nursery: trio.Nursery) -> None:
-        """A line is approaching: prepare the rankings of the rules that watch it and have
-        none younger than half ``prepare_ranking`` — one preparation at a time, none while a
-        victim is dying."""
+        """A line is approaching: prepare the rankings of the rules that watch it, unless
+        theirs is young (see :meth:`_due`) — one preparation at a time, none while a victim is
+        dying."""
         if self.prepare_ranking <= 0 or self._preparing is not None:
             return
         if any(t > now for t in self._dying.values()):
@@ -462,11 +462,22 @@ class Engine:
             if any(
                 isinstance(c, MemoryCondition) and c.threshold == event.threshold for c in rule.when
             )
-            and not self._fresh(rule, now, self.prepare_ranking / 2)
+            and self._due(rule, now)
         ]
         if rules:
             self._preparing = _Preparation(frozenset(r.name for r in rules))
             nursery.start_soon(self._prepare, rules, event, self._preparing)
+
+    def _due(self, rule: Rule, now: float) -> bool:
+        """Whether ``rule``'s ranking should be prepared again now: it has none, or its
+        ranking is older than half ``prepare_ranking``, or so old that a preparation taking as
+        long as it did would end after it expired (then the next one is ready in time)."""
+        prepared = self._prepared.get(rule.name)
+        if prepared is None or prepared.rule is not rule:
+            return True
+        took = prepared.finished - prepared.started
+        young = min(self.prepare_ranking / 2, self.prepare_ranking - took)
+        return not self._fresh(rule, now, young)
 
     def _fresh(self, rule: Rule, at: float, age: float) -> bool:
         """Whether ``rule`` has a prepared ranking finished ``age`` or less before ``at``."""

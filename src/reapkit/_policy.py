@@ -120,7 +120,7 @@ class ReapOptions:
 
 
 #: ``[reaper] prepare_ranking`` by default, in seconds.
-PREPARE_RANKING: Final = 0.5
+PREPARE_RANKING: Final = 1.0
 #: The largest ``prepare_ranking``: a ranking older than this is no view of a crisis.
 PREPARE_RANKING_MAX: Final = 10.0
 

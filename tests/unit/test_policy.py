@@ -129,9 +129,9 @@ def test_errors_name_the_file_and_key_path(
 
 @pytest.mark.parametrize(
     ("line", "seconds"),
-    [("", 0.5), ('prepare_ranking = "0s"', 0.0), ('prepare_ranking = "250ms"', 0.25)],
+    [("", 1.0), ('prepare_ranking = "0s"', 0.0), ('prepare_ranking = "250ms"', 0.25)],
 )
-def test_prepare_ranking_is_a_duration_half_a_second_by_default(line: str, seconds: float) -> None:
+def test_prepare_ranking_is_a_duration_a_second_by_default(line: str, seconds: float) -> None:
     policy = load_policy(text=GOOD.replace("[[rule]]", f"[reaper]\n{line}\n\n[[rule]]", 1))
     assert policy.prepare_ranking == seconds
 

@@ -375,3 +375,20 @@ async def test_a_preparation_slower_than_the_bound_is_still_waited_for(
         nursery.cancel_scope.cancel()
     assert "prepared from 600 ms before the trigger (in 700 ms)" in _prepared_step(record)
     assert calls.calls == 1
+
+
+async def test_a_slow_preparation_is_renewed_sooner(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Renewed once older than half the bound, or sooner when a preparation as slow as the
+    # last would otherwise end after it expired: here 0.3 s to make, 0.5 s bound, so at 0.2 s.
+    calls = Calls()
+    calls.delay = 0.3
+    h = _Harness(fake, _rule(fake, calls, LargestRss()))
+    async with trio.open_nursery() as nursery:
+        await h.approach(nursery)
+        for wait, made in ((0.15, 1), (0.07, 2)):
+            await trio.sleep(wait)
+            await h.approach(nursery)
+            assert h.engine.statistics().prepared == made
+        nursery.cancel_scope.cancel()

@@ -22,7 +22,7 @@ For cgroup v2 thresholds the kernel also notifies changes of ``memory.events`` (
 
 With ``lead`` above 0, an armed threshold whose headroom shrank since the sample before, fast
 enough to reach the line within ``lead`` seconds at that rate, sends ``state="approaching"``
-(at most every ``lead / 4`` seconds): the engine prepares its ranking then, so that at the
+(at most every ``lead / 8`` seconds): the engine prepares its ranking then, so that at the
 crossing only the best few candidates need a fresh read (see docs/architecture.md).
 """
 
@@ -234,8 +234,8 @@ class MemoryThresholdSource:
         self, before: tuple[float, float] | None, now: float, headroom: float, announced: float
     ) -> bool:
         """Whether the line is within ``lead`` seconds at the rate the headroom shrank since
-        the sample ``before`` (and the last ``approaching`` is ``lead / 4`` old)."""
-        if self.lead <= 0 or before is None or now <= before[0] or now - announced < self.lead / 4:
+        the sample ``before`` (and the last ``approaching`` is ``lead / 8`` old)."""
+        if self.lead <= 0 or before is None or now <= before[0] or now - announced < self.lead / 8:
             return False
         rate = (before[1] - headroom) / (now - before[0])  # bytes per second, toward the line
         return rate > 0 and headroom <= rate * self.lead

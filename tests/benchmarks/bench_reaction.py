@@ -47,7 +47,7 @@ from contextlib import contextmanager
 import trio
 
 from reapkit._demo import MiB
-from reapkit._policy import load_policy
+from reapkit._policy import PREPARE_RANKING, load_policy
 from reapkit._reaper import open_reaper
 from reapkit._sandbox import SandboxCgroup
 
@@ -423,6 +423,12 @@ def _fmt(values: Sequence[float], digits: int = 0) -> str:
     )
 
 
+def _prepare_text() -> str:
+    if PREPARE is None:
+        return f"{PREPARE_RANKING:g}s (the default)"
+    return PREPARE
+
+
 def _count(runs: list[dict[str, float]], key: str) -> int:
     return int(sum(r[key] for r in runs))
 
@@ -564,11 +570,13 @@ def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
             " `CLOCK_MONOTONIC` in its SIGTERM handler (the receipt): both times are the hog's"
             " own, the same for both daemons. reapkit: `open_reaper`, one rule"
             " `mem_available < LINE`, scope = the scope cgroup (the sleepers and the hog),"
-            " `largest-rss` (reads `stat` of every candidate), `terminate`, the default"
-            " `prepare_ranking`. earlyoom 1.7: `earlyoom -r 0 -M LINE,LINE-1GiB --prefer"
-            f" '^{COMM}$' --avoid '.*'` (SIGTERM at the line; with the expressions it reads"
-            " `comm` of every process beside `oom_score`), scanning the whole machine; its"
-            " output showed it signalled the hog's PID and nothing else. Both start"
+            " `largest-rss` (reads `stat` of every candidate), `terminate`,"
+            f" `prepare_ranking` {_prepare_text()}. earlyoom 1.7: `earlyoom -r 0 -M"
+            f" LINE,LINE-1GiB --prefer '^{COMM}$' --avoid '.*'` (SIGTERM at the line; with"
+            " the expressions it reads `comm` of every process beside `oom_score`), scanning"
+            " the whole machine; its output showed it signalled the hog's PID and nothing"
+            " else. Before each run MemAvailable is let settle (freed memory can take a moment"
+            " to count again here). Both start"
             f" {SETTLE} s before the hog. *Loaded*: one busy loop per CPU"
             f" ({os.cpu_count()}) beside, in a cgroup of its own. Milliseconds from the"
             " crossing to the receipt, median (min-max), runs interleaved; the ratio is of the"
@@ -629,4 +637,6 @@ if __name__ == "__main__":
         head, rest = old.split("\n## Reaction", 1)
         tail = rest.split("\n## ", 1)[1]
         bench_run.REPORT.write_text(f"{head}\n{text.strip()}\n\n## {tail}")
-        bench_run.write_plots()
+        bench_run.bench_reaction.RESULTS.update(RESULTS)  # this module runs as __main__
+        for path in bench_run.write_plots():
+            print(f"wrote {path}", file=sys.stderr)

@@ -300,21 +300,6 @@ async def test_the_shortlist_holds_the_best_the_guard_allowed(
     assert record.victim is not None and record.victim.pid == 600
 
 
-async def test_a_crossing_during_the_preparation_waits_for_it(
-    fake: FakeProc, autojump_clock: trio.testing.MockClock
-) -> None:
-    calls = Calls()
-    calls.delay = 0.2
-    h = _Harness(fake, _rule(fake, calls, LargestRss()))
-    async with trio.open_nursery() as nursery:
-        await h.engine.handle(_event(h.rule, "approaching"), nursery)
-        await trio.sleep(0.05)  # the preparation is inside the slow selector
-        record = await h.cross(nursery)
-        nursery.cancel_scope.cancel()
-    assert calls.calls == 1
-    assert "prepared" in _steps(record) and record.victim is not None
-
-
 async def test_off_when_prepare_ranking_is_zero(
     fake: FakeProc, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -360,21 +345,24 @@ async def test_a_signal_discards_what_was_prepared(
     assert [("prepared" in _steps(r)) for r in records] == [True, False]
 
 
-async def test_a_preparation_slower_than_the_bound_is_still_waited_for(
-    fake: FakeProc, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(("delay", "cross_at"), [(0.2, 0.05), (0.7, MAX_AGE + 0.1)])
+async def test_a_crossing_during_the_preparation_waits_for_it(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock, delay: float, cross_at: float
 ) -> None:
-    # Begun 0.6 s before the trigger, it ends after it: what it read is no older than what
-    # a scan begun at the trigger would have read by its end, and it ends sooner.
+    # Even one begun longer before the trigger than the bound: it ends after the trigger, and
+    # what it read is no older than what a scan begun at the trigger would have read by its
+    # end, which comes later.
     calls = Calls()
-    calls.delay = 0.7
+    calls.delay = delay
     h = _Harness(fake, _rule(fake, calls, LargestRss()))
     async with trio.open_nursery() as nursery:
         await h.engine.handle(_event(h.rule, "approaching"), nursery)
-        await trio.sleep(MAX_AGE + 0.1)  # the preparation is still inside the selector
+        await trio.sleep(cross_at)  # the preparation is inside the slow selector
         record = await h.cross(nursery)
         nursery.cancel_scope.cancel()
-    assert "prepared from 600 ms before the trigger (in 700 ms)" in _prepared_step(record)
-    assert calls.calls == 1
+    began, took = round(cross_at * 1000), round(delay * 1000)
+    assert f"prepared from {began} ms before the trigger (in {took} ms)" in _prepared_step(record)
+    assert calls.calls == 1 and record.victim is not None
 
 
 async def test_a_slow_preparation_is_renewed_sooner(

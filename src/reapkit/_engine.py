@@ -14,10 +14,10 @@ goes on; a failed signalling action ends it, and a chain cut after a signal went
 SIGKILL for a victim that has not exited.
 
 Prepared rankings (``prepare_ranking`` seconds, 0: off): when the memory source says a line is
-approaching (its headroom shrinks toward it fast enough to reach it within that time), the
-rules watching that line get their candidates and selector chain run beforehand, in a task of
-its own, and keep a shortlist of the best the guard allowed. A decision whose rule has one
-whose scan began at most ``prepare_ranking`` before its trigger uses it: the shortlist is read
+approaching (its headroom shrinks toward it fast enough to reach it soon), the rules watching
+that line get their candidates and selector chain run beforehand, in a task of their own, and
+keep a shortlist of the best the guard allowed. A decision whose rule has one finished at most
+``prepare_ranking`` before its trigger (or being finished) uses it: the shortlist is read
 afresh (a process that exited or whose start time changed is dropped), the protective
 selectors and the guard run on it again, and only if nothing on it may be chosen does the
 decision scan afresh. Each is used once; a signal discards them all. See
@@ -303,7 +303,7 @@ class Engine:
     _kept: KeptScoreFiles | None = attrs.field(default=None, init=False)
     _scope_pids: dict[object, set[int]] = attrs.field(factory=dict, init=False)
     #: Prepare rankings when a line is approaching, and use one at most this old (seconds,
-    #: from the start of its scan to the decision's trigger); 0: never.
+    #: from its end to the decision's trigger); 0: never.
     prepare_ranking: float = attrs.field(default=0.0, kw_only=True)
     _prepared: dict[str, _Prepared] = attrs.field(factory=dict, init=False)
     _preparing: _Preparation | None = attrs.field(default=None, init=False)

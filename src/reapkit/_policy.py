@@ -141,7 +141,7 @@ class Policy:
     #: ``[reaper] keep_score_files``: ``oom_score`` files kept open between decisions.
     keep_score_files: int = 0
     #: ``[reaper] prepare_ranking``: rankings prepared before a memory line is crossed, used
-    #: at most this many seconds after their scan began (0: off).
+    #: until this many seconds after they were finished (0: off).
     prepare_ranking: float = PREPARE_RANKING
 
     @property

@@ -12,6 +12,16 @@ selectors after it still filter. A protective selector (``protect``) that fails 
 decision fail safe: no victim. A failed action that does not signal is recorded and the chain
 goes on; a failed signalling action ends it, and a chain cut after a signal went out ends in
 SIGKILL for a victim that has not exited.
+
+Prepared rankings (``prepare_ranking`` seconds, 0: off): when the memory source says a line is
+approaching (its headroom shrinks toward it fast enough to reach it soon), the rules watching
+that line get their candidates and selector chain run beforehand, in a task of their own, and
+keep a shortlist of the best the guard allowed. A decision whose rule has one finished at most
+``prepare_ranking`` before its trigger (or being finished) uses it: the shortlist is read
+afresh (a process that exited or whose start time changed is dropped), the protective
+selectors and the guard run on it again, and only if nothing on it may be chosen does the
+decision scan afresh. Each is used once; a signal discards them all. See
+docs/architecture.md, "Prepared rankings".
 """
 
 from __future__ import annotations
@@ -72,6 +82,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _NEVER = sys.maxsize
 #: Memory counts as back when the victim's anonymous memory + swap fell below this share.
 MEMORY_BACK_FRACTION = 0.1
+#: How many of a prepared ranking's best (that the guard allowed) it keeps for the decision.
+PREPARED_SHORTLIST = 8
 
 
 @attrs.frozen
@@ -122,6 +134,31 @@ class Rule:
 
 
 @attrs.frozen
+class _Prepared:
+    """A rule's ranking made before its line was crossed: the best the guard then allowed."""
+
+    rule: Rule
+    #: When its candidate scan began and when its shortlist was ready (trio clock). Its age
+    #: is counted from ``finished``: what it read is at most that age + its own scan time old
+    #: at the decision, as a scan begun at the trigger would be its scan time old at the end.
+    started: float
+    finished: float
+    shortlist: tuple[Ranked, ...]
+    steps: tuple[SelectorStep, ...]
+    #: How many candidates the selector chain ranked.
+    ranked: int
+
+
+@attrs.define(eq=False)
+class _Preparation:
+    """The preparation running now, for which rules; ``done`` is set when it ends."""
+
+    rules: frozenset[str]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.frozen
 class EngineStatistics:
     events: int
     decisions: int
@@ -139,6 +176,13 @@ class EngineStatistics:
     plugins_disabled: int = 0
     #: Decisions that chose no victim because a protective selector failed.
     fail_safe: int = 0
+    #: Rankings prepared before a crossing (``prepare_ranking``).
+    prepared: int = 0
+    #: Decisions that chose from a prepared ranking's shortlist.
+    prepared_used: int = 0
+    #: Decisions that found their rule's prepared ranking too old, or nothing on its shortlist
+    #: that could be chosen now, and scanned afresh.
+    prepared_unused: int = 0
 
 
 @attrs.define
@@ -252,12 +296,17 @@ class Engine:
     _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _epoch_offset: float = attrs.field(factory=lambda: 0.0, init=False)
     _event_serial: int = attrs.field(default=0, init=False)
-    _scan_cache: dict[object, tuple[int, list[Ranked]]] = attrs.field(factory=dict, init=False)
+    _scan_cache: dict[object, tuple[object, list[Ranked]]] = attrs.field(factory=dict, init=False)
     _meminfo_read: tuple[int, MemInfo] | None = attrs.field(default=None, init=False)
     #: Keep up to this many ``oom_score`` files open between decisions (0: read them afresh).
     keep_score_files: int = attrs.field(default=0, kw_only=True)
     _kept: KeptScoreFiles | None = attrs.field(default=None, init=False)
     _scope_pids: dict[object, set[int]] = attrs.field(factory=dict, init=False)
+    #: Prepare rankings when a line is approaching, and use one at most this old (seconds,
+    #: from its end to the decision's trigger); 0: never.
+    prepare_ranking: float = attrs.field(default=0.0, kw_only=True)
+    _prepared: dict[str, _Prepared] = attrs.field(factory=dict, init=False)
+    _preparing: _Preparation | None = attrs.field(default=None, init=False)
     #: Calls the rules' selectors and actions (deadlines, worker threads, switching off).
     _calls: PluginCalls = attrs.field(init=False)
 
@@ -274,6 +323,8 @@ class Engine:
             c["events"], c["decisions"], c["kills"], c["dry_runs"], c["abandoned"], c["refused"],
             c["no_candidate"], c["plugin_failures"], c["skipped_busy"], c["skipped_cooldown"],
             c["skipped_cap"], plugins_disabled=self._calls.switched_off, fail_safe=c["fail_safe"],
+            prepared=c["prepared"], prepared_used=c["prepared_used"],
+            prepared_unused=c["prepared_unused"],
         )  # fmt: skip
 
     def replace_rules(self, rules: Sequence[Rule]) -> None:
@@ -281,6 +332,7 @@ class Engine:
         self.rules = tuple(rules)
         self._calls.keep_only(p for r in self.rules for p in (*r.selectors, *r.actions))
         self._scope_pids.clear()  # the old scopes' kept files close at the next decision
+        self._discard_prepared()
 
     async def handle(self, event: object, nursery: trio.Nursery) -> None:
         """Handle one event; confirmation of kills continues in ``nursery``."""
@@ -296,6 +348,9 @@ class Engine:
         elif isinstance(event, MemoryEvent) and event.state in ("recovered", "gone"):
             if event.state == "gone":
                 log.warning("memory watch ended: %s (its cgroup was removed)", event.threshold)
+            return
+        elif isinstance(event, MemoryEvent) and event.state == "approaching":
+            self._approaching(event, now, nursery)
             return
         elif not isinstance(event, MemoryEvent | ManualTrigger):
             return
@@ -391,7 +446,204 @@ class Engine:
                     return f"{cond} no longer holds ({numbers})"
         return None
 
+    # -- prepared rankings ------------------------------------------------------------------
+
+    def _approaching(self, event: MemoryEvent, now: float, nursery: trio.Nursery) -> None:
+        """A line is approaching: prepare the rankings of the rules that watch it, unless
+        theirs is young (see :meth:`_due`) — one preparation at a time, none while a victim is
+        dying."""
+        if self.prepare_ranking <= 0 or self._preparing is not None:
+            return
+        if any(t > now for t in self._dying.values()):
+            return
+        rules = [
+            rule
+            for rule in self.rules
+            if any(
+                isinstance(c, MemoryCondition) and c.threshold == event.threshold for c in rule.when
+            )
+            and self._due(rule, now)
+        ]
+        if rules:
+            self._preparing = _Preparation(frozenset(r.name for r in rules))
+            nursery.start_soon(self._prepare, rules, event, self._preparing)
+
+    def _due(self, rule: Rule, now: float) -> bool:
+        """Whether ``rule``'s ranking should be prepared again now: it has none, or its
+        ranking is older than half ``prepare_ranking``, or so old that a preparation taking as
+        long as it did would end after it expired (then the next one is ready in time)."""
+        prepared = self._prepared.get(rule.name)
+        if prepared is None or prepared.rule is not rule:
+            return True
+        took = prepared.finished - prepared.started
+        young = min(self.prepare_ranking / 2, self.prepare_ranking - took)
+        return not self._fresh(rule, now, young)
+
+    def _fresh(self, rule: Rule, at: float, age: float) -> bool:
+        """Whether ``rule`` has a prepared ranking finished ``age`` or less before ``at``."""
+        prepared = self._prepared.get(rule.name)
+        return prepared is not None and prepared.rule is rule and at - prepared.finished <= age
+
+    async def _settled(self, rule: Rule) -> None:
+        """Wait for the preparation running for ``rule``, if any: it ends sooner than a scan
+        begun now would, and the rule's selectors are then called by one task at a time."""
+        job = self._preparing
+        if job is not None and rule.name in job.rules:
+            await job.done.wait()
+
+    async def _prepare(self, rules: list[Rule], event: MemoryEvent, job: _Preparation) -> None:
+        """Run each rule's candidates and selector chain now; keep a shortlist of the best
+        the guard allows. Cancelled when a decision signals; a failure is logged, not raised:
+        the decision then scans afresh."""
+        serial = ("prepare", id(job))  # its own scan cache key: never a decision's
+        try:
+            with job.scope:
+                meminfo = self.procfs.meminfo()
+                for rule in rules:
+                    started = trio.current_time()
+                    situation = Situation(rule.name, event, meminfo, self.procfs, started)
+                    candidates = await self._candidates(rule, serial)
+                    # Inline selectors on their threads: the memory sampler must not wait.
+                    ranked, steps, halt = await self._select(
+                        rule, situation, candidates, offload=True
+                    )
+                    if halt is not None:  # the decision runs the chain again, and says why
+                        self._prepared.pop(rule.name, None)
+                        continue
+                    with _collector_paused():
+                        shortlist, refusals = self._shortlist(rule, ranked)
+                    if refusals:
+                        top = shortlist[0].candidate.pid if shortlist else None
+                        kept = len(ranked) - len(refusals)
+                        why = "; ".join(refusals[:5])
+                        steps.append(SelectorStep("guard", len(ranked), kept, top, why))
+                    self._prepared[rule.name] = _Prepared(
+                        rule, started, trio.current_time(), tuple(shortlist), tuple(steps),
+                        len(ranked),
+                    )  # fmt: skip
+                    self._counts["prepared"] += 1
+                    await trio.lowlevel.checkpoint()
+        except Exception:  # an optimisation: never the end of the reaper
+            log.warning("preparing a ranking failed; decisions scan afresh", exc_info=True)
+        finally:
+            job.done.set()
+            if self._preparing is job:
+                self._preparing = None
+
+    def _shortlist(self, rule: Rule, ranked: list[Ranked]) -> tuple[list[Ranked], list[str]]:
+        """The first ``PREPARED_SHORTLIST`` of ``ranked`` the guard allows now, and the
+        refusals passed over on the way."""
+        shortlist: list[Ranked] = []
+        refusals: list[str] = []
+        for r in ranked:
+            refusal = rule.guard.check(r.candidate.pid, r.candidate.start_time)
+            if refusal is not None:
+                refusals.append(f"{r.candidate.pid}: {refusal.reason.value}")
+                continue
+            shortlist.append(r)
+            if len(shortlist) == PREPARED_SHORTLIST:
+                break
+        return shortlist, refusals
+
+    def _discard_prepared(self) -> None:
+        """Forget every prepared ranking and stop the preparation running, if any."""
+        self._prepared.clear()
+        if self._preparing is not None:
+            self._preparing.scope.cancel()
+
+    async def _take_prepared(self, rule: Rule, trigger_at: float) -> _Prepared | None:
+        """``rule``'s prepared ranking if it was finished at most ``prepare_ranking`` before
+        ``trigger_at``, taken (each is used once). Without one, one being prepared for the
+        rule is waited for."""
+        if self.prepare_ranking <= 0:
+            return None
+        if not self._fresh(rule, trigger_at, self.prepare_ranking):
+            await self._settled(rule)
+        prepared = self._prepared.pop(rule.name, None)
+        if prepared is None or prepared.rule is not rule:
+            return None
+        if trigger_at - prepared.finished > self.prepare_ranking:
+            self._counts["prepared_unused"] += 1
+            return None
+        return prepared
+
+    async def _choose_prepared(
+        self, rule: Rule, situation: Situation, prepared: _Prepared, trigger_at: float
+    ) -> tuple[Ranked | None, list[SelectorStep], str | None]:
+        """The victim from a prepared shortlist, read afresh: each candidate's ``oom_score``
+        and ``stat`` again (one that exited, or whose start time differs, is dropped), the
+        rule's protective selectors on what is left, then the guard. Returns (the victim or
+        None, the steps, why it failed safe or None)."""
+        procfs, real = self.procfs, self.procfs.root == REAL_PROC
+        with _collector_paused():
+            born = _boot_tick() if real else _NEVER  # before the reads, as in a scan
+            pids = [r.candidate.pid for r in prepared.shortlist]
+            scores = dict(procfs.oom_scores(pids, self._kept))
+            fresh: list[Ranked] = []
+            dropped: list[str] = []
+            for r in prepared.shortlist:
+                old = r.candidate
+                score = scores.get(old.pid)
+                c = None
+                if score is not None:
+                    c = Candidate.lazy(old.pid, score, procfs, born_from=born)
+                if c is None or c.state in _DEAD:
+                    dropped.append(f"{old.pid} exited")
+                elif c.start_time != old.start_time:
+                    dropped.append(f"{old.pid} is another process now")
+                else:
+                    fresh.append(r._of(c))
+        steps = list(prepared.steps)
+        began = (trigger_at - prepared.started) * 1000
+        took = (prepared.finished - prepared.started) * 1000
+        top = fresh[0].candidate.pid if fresh else None
+        note = (
+            f"ranking of {prepared.ranked} prepared from {began:.0f} ms before the trigger (in"
+            f" {took:.0f} ms); its best {len(prepared.shortlist)} read afresh"
+        ) + (f": {', '.join(dropped)}" if dropped else "")
+        steps.append(SelectorStep("prepared", len(prepared.shortlist), len(fresh), top, note))
+        ranked = tuple(fresh)
+        for sel in rule.selectors:
+            if not sel.protective:
+                continue
+            before = len(ranked)
+            ranked, error = await self._apply(rule, sel, situation, ranked)
+            if error is not None:
+                why = describe(error)
+                steps.append(SelectorStep(sel.name, before, before, None, "", error=why))
+                log.error("rule %s: protective selector %s %s; no victim", rule.name, sel.name, why)
+                return None, steps, f"failed safe: the protective selector {sel.name} {why}"
+            steps.append(_step(sel.name, before, ranked))
+        with _collector_paused():
+            chosen, refusals = self._first_allowed(rule, list(ranked))
+        if refusals:
+            top = chosen.candidate.pid if chosen else None
+            kept = len(ranked) - len(refusals)
+            steps.append(SelectorStep("guard", len(ranked), kept, top, "; ".join(refusals[:5])))
+        return chosen, steps, None
+
     # -- one decision ------------------------------------------------------------------------
+
+    async def _choose_now(
+        self, rule: Rule, situation: Situation, trigger_at: float | None
+    ) -> tuple[Ranked | None, list[SelectorStep], str | None]:
+        """The decision's choice: from the rule's prepared ranking if it has a fresh one and
+        something on its shortlist may be chosen, else from a fresh scan."""
+        at = situation.now if trigger_at is None else trigger_at
+        prepared = await self._take_prepared(rule, at)
+        if prepared is None:
+            await self._settled(rule)
+            chosen, _ranked, steps, halt = await self._choose(rule, situation)
+            return chosen, steps, halt
+        chosen, steps, halt = await self._choose_prepared(rule, situation, prepared, at)
+        if chosen is None and halt is None:  # nothing on the shortlist may be chosen now
+            self._counts["prepared_unused"] += 1
+            await self._settled(rule)
+            chosen, _ranked, more, halt = await self._choose(rule, situation)
+            steps += more
+        elif chosen is not None:
+            self._counts["prepared_used"] += 1
+        return chosen, steps, halt
 
     async def _decide(
         self, rule: Rule, event: object, condition: str, now: float, nursery: trio.Nursery
@@ -416,7 +668,7 @@ class Engine:
                 **kw,
             )
 
-        chosen, _ranked, steps, halt = await self._choose(rule, situation)
+        chosen, steps, halt = await self._choose_now(rule, situation, timeline["trigger_seen"])
         if chosen is None:  # none, or the selection failed safe (halt says why)
             self._counts["no_candidate" if halt is None else "fail_safe"] += 1
             nobody = ("no-candidate", "no process in scope could be chosen")
@@ -489,8 +741,10 @@ class Engine:
             )
             return False
         # A signal went out (a SIGKILL refused after SIGTERM still means the victim is on its
-        # way): count it, keep every rule off new victims until it is confirmed gone.
+        # way): count it, keep every rule off new victims until it is confirmed gone. What was
+        # prepared before it ranked a machine that is changing now.
         self._count_signalled(rule, context, now, dying=True)
+        self._discard_prepared()
         nursery.start_soon(self._confirm, rule, context, info, steps, record, failure)
         return True
 
@@ -510,7 +764,7 @@ class Engine:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.emit(record)
 
-    async def _candidates(self, rule: Rule) -> list[Ranked]:
+    async def _candidates(self, rule: Rule, serial: object = None) -> list[Ranked]:
         """The processes a rule may choose from: its cgroup's members, or every process
         (the live table, else a /proc scan), its sub-tree picked out by parent PIDs.
 
@@ -523,8 +777,10 @@ class Engine:
 
         Rules with the same scope share one read per event. The read yields to the loop every
         ``CHECKPOINT_EVERY`` processes: other tasks — the connector, reap results, an
-        embedding service — must not wait for a whole scan of 10,000 processes."""
-        scope, serial = rule.guard.scope, self._event_serial
+        embedding service — must not wait for a whole scan of 10,000 processes. ``serial``
+        keys the sharing (default: the current event's)."""
+        scope = rule.guard.scope
+        serial = self._event_serial if serial is None else serial
         cached = self._scan_cache.get(scope)
         if cached is not None and cached[0] == serial:
             return cached[1]
@@ -576,7 +832,7 @@ class Engine:
             self._kept.close()
 
     async def _select(
-        self, rule: Rule, situation: Situation, candidates: list[Ranked]
+        self, rule: Rule, situation: Situation, candidates: list[Ranked], *, offload: bool = False
     ) -> tuple[list[Ranked], list[SelectorStep], str | None]:
         """Run the selector chain: the ranking, its steps, and why it failed safe (or None).
 
@@ -592,7 +848,7 @@ class Engine:
             if fell_back and not sel.protective:
                 continue
             before = len(ranked)
-            ranked, error = await self._apply(rule, sel, situation, ranked)
+            ranked, error = await self._apply(rule, sel, situation, ranked, offload=offload)
             if error is None:
                 steps.append(_step(sel.name, before, ranked, ranks=sel.ranks))
                 continue
@@ -614,14 +870,22 @@ class Engine:
         return list(ranked), steps, None
 
     async def _apply(
-        self, rule: Rule, sel: Selector, situation: Situation, ranked: tuple[Ranked, ...]
+        self,
+        rule: Rule,
+        sel: Selector,
+        situation: Situation,
+        ranked: tuple[Ranked, ...],
+        *,
+        offload: bool = False,
     ) -> tuple[tuple[Ranked, ...], BaseException | None]:
         """One selector, isolated: its validated ranking, or ``ranked`` and its failure
-        (counted). A protective selector is never switched off: it would end the rule's kills."""
+        (counted). A protective selector is never switched off: it would end the rule's kills.
+        ``offload``: an inline selector runs on its worker thread (a preparation)."""
         with isolated() as failed:
             result = await self._calls.call(
                 sel, "select", situation, ranked,
                 deadline=rule.plugin_deadline, may_switch_off=not sel.protective,
+                offload=offload,
             )  # fmt: skip
             ranked_now = _validated(ranked, result)
         if failed.error is not None:

@@ -610,17 +610,24 @@ class PluginCalls:
         *args: Any,
         deadline: float,
         may_switch_off: bool = True,
+        offload: bool = False,
     ) -> Any:
         """``plugin.<method>(*args)`` under ``deadline`` seconds: its result, awaited if it is
-        awaitable. Raises what the plugin raised, ``trio.TooSlowError`` if it overran."""
+        awaitable. Raises what the plugin raised, ``trio.TooSlowError`` if it overran.
+
+        ``offload``: an ``inline`` plugin's sync call runs on its worker thread instead, to its
+        end and without a deadline, as it would on the trio thread (the engine's preparations:
+        a ranking of 10,000 processes must not hold the event loop)."""
         state = self._state(plugin)
         if state.off:
             raise PluginSwitchedOff(
                 f"switched off after {OVERRUNS_TO_SWITCH_OFF} overruns in a row"
             )
+        func = getattr(plugin, method)
+        if offload and plugin.inline and not inspect.iscoroutinefunction(func):
+            return await trio.to_thread.run_sync(_drained, func, *args, limiter=state.limiter)
         try:
             with trio.fail_after(deadline):
-                func = getattr(plugin, method)
                 if inspect.iscoroutinefunction(func):
                     result = await func(*args)
                 elif plugin.inline:

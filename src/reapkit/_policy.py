@@ -111,6 +111,12 @@ class ReapOptions:
         )
 
 
+#: ``[reaper] prepare_ranking`` by default, in seconds.
+PREPARE_RANKING: Final = 1.0
+#: The largest ``prepare_ranking``: a ranking older than this is no view of a crisis.
+PREPARE_RANKING_MAX: Final = 10.0
+
+
 @attrs.frozen
 class Policy:
     """A loaded, validated policy: its rules (plugins built, guards made), the reap stage's
@@ -129,6 +135,9 @@ class Policy:
     #: ``[reaper] dry_run`` as the policy itself says it; ``dry_run`` is what holds, which
     #: ``load_policy(dry_run=True)`` (``--dry-run``, ``reapkit check``) forces on.
     dry_run_in_file: bool = False
+    #: ``[reaper] prepare_ranking``: rankings prepared before a memory line is crossed, used
+    #: until this many seconds after they were finished (0: off).
+    prepare_ranking: float = PREPARE_RANKING
 
     @property
     def needs_reaper(self) -> bool:
@@ -297,9 +306,12 @@ def _build(
         )
     reaper = _table(data.get("reaper", {}), "reaper", fail)
     for key in reaper:
-        if key not in ("dry_run", "keep_score_files", "reap"):
+        if key not in ("dry_run", "keep_score_files", "prepare_ranking", "reap"):
             # A typo here must not pass silently: 'dry-run = true' would otherwise kill.
-            raise fail(f"reaper.{key}", "unknown key (keys: dry_run, keep_score_files, reap)")
+            raise fail(
+                f"reaper.{key}",
+                "unknown key (keys: dry_run, keep_score_files, prepare_ranking, reap)",
+            )
     dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
     keep = _typed(reaper.get("keep_score_files", 0), int, "reaper.keep_score_files", fail)
     if keep < 0:
@@ -314,6 +326,7 @@ def _build(
     if keep > MAX_KEPT_FILES:
         raise fail("reaper.keep_score_files", f"at most {MAX_KEPT_FILES}, not {keep}")
     in_file = dry_run
+    prepare = _prepare_ranking(reaper.get("prepare_ranking", PREPARE_RANKING), fail)
     if force_dry_run:
         dry_run = True
     reap_table = _table(reaper.get("reap", {}), "reaper.reap", fail)
@@ -363,7 +376,18 @@ def _build(
         _plugin(t, f"trigger[{i}]", "trigger", registry, fail)
         for i, t in enumerate(_list(data.get("trigger", []), "trigger", fail))
     )
-    return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep, in_file)
+    return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep, in_file, prepare)
+
+
+def _prepare_ranking(value: Any, fail: Any) -> float:
+    """``[reaper] prepare_ranking``, in seconds."""
+    try:
+        seconds = parse_duration(value)
+    except InvalidValue as exc:
+        raise fail("reaper.prepare_ranking", str(exc)) from None
+    if seconds > PREPARE_RANKING_MAX:
+        raise fail("reaper.prepare_ranking", f"at most {PREPARE_RANKING_MAX:g}s, not {seconds:g}s")
+    return seconds
 
 
 def _rule(

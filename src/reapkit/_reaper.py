@@ -35,6 +35,8 @@ from ._units import PsiSpec
 
 log = logging.getLogger("reapkit")
 
+#: A memory line is announced as approaching this many times ``prepare_ranking`` ahead.
+PREPARE_LEAD = 2
 #: Events buffered between the sources and the engine (a slow decision applies backpressure).
 EVENT_BUFFER = 64
 #: Records buffered per subscriber; one that falls further behind loses the newest (counted).
@@ -159,6 +161,7 @@ class Reaper:
             log.warning("reload: reaper.keep_score_files is not reloaded; restart to change it")
         self._policy = policy
         self._engine.replace_rules(policy.rules)
+        self._engine.prepare_ranking = policy.prepare_ranking
         self._restart_sources.set()
         await trio.lowlevel.checkpoint()
 
@@ -224,7 +227,11 @@ def _sources_for(policy: Policy, procfs: ProcFS) -> list[Any]:
     sources: list[Any] = [PsiTriggerSource(spec) for spec in specs]
     sources.extend(policy.triggers)
     if thresholds:
-        sources.append(MemoryThresholdSource(thresholds, procfs=procfs))
+        # A line that approaches prepares rankings (Engine.prepare_ranking). Announced twice
+        # that time ahead: a preparation that takes up to that time (10,000 processes beside
+        # a CPU load) still ends before the crossing, and is not too old at it.
+        lead = PREPARE_LEAD * policy.prepare_ranking
+        sources.append(MemoryThresholdSource(thresholds, procfs=procfs, lead=lead))
     return sources
 
 
@@ -314,7 +321,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         raised_from = _files_for(policy.keep_score_files)
         engine = Engine(
             policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
-            keep_score_files=policy.keep_score_files,
+            keep_score_files=policy.keep_score_files, prepare_ranking=policy.prepare_ranking,
         )  # fmt: skip
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(

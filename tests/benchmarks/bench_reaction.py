@@ -1,26 +1,37 @@
-"""Reaction: a MemAvailable line truly crossed -> the signal, reapkit vs earlyoom.
+"""Reaction: a MemAvailable line crossed -> the SIGTERM the hog receives, reapkit vs earlyoom,
+with 0, 1,000 and 10,000 sleeping processes in scope, on a quiet machine and beside a CPU load.
 
-A hog (comm ``rkbenchhog``, set with ``prctl(PR_SET_NAME)``) allocates private anonymous memory
-as fast as one core can fault it in, inside a memory cgroup with a hard limit created here. The
-line is MemAvailable at the start of each run minus ``GAP``; the hog's size is ``GAP`` + 1 GiB
-and its cgroup limit that + 512 MiB, so only the hog can cross the line and never pushes the
-machine further than its limit. An independent process reads ``/proc/meminfo`` every ~0.2 ms
-and records when MemAvailable first fell below the line, and the MemAvailable it saw last
-before the hog died (the headroom left).
+For each process count, one scope cgroup (memory, created here) holds the sleepers (``sleep``
+processes, spawned from one Python parent inside ``<scope>/sleepers``) and, per run, the hog in
+``<scope>/hog-<n>`` with a hard limit. reapkit's rule is scoped to the scope cgroup, so it ranks
+the sleepers too; earlyoom always scans the whole machine, sleepers included.
 
-reapkit: ``open_reaper`` with one rule ``mem_available < LINE``, scope = the hog's cgroup,
-``largest-rss``, ``kill``. earlyoom: ``earlyoom -r 0 -M LINE,LINE --prefer '^rkbenchhog$'
---avoid '.*'`` (SIGKILL at the line; every other process's badness lowered by 300), started
-for the measurement only and stopped through its own Popen right after; its output must show
-that it signalled the hog's PID and nothing else, or the benchmark stops.
+The hog (comm ``rkbenchhog``, set with ``prctl(PR_SET_NAME)``) allocates private anonymous
+memory in 1 MiB chunks as fast as it can fault them in, and after each chunk reads
+``/proc/meminfo``: it is the only process moving MemAvailable, so the first reading below the
+line is the crossing, within one chunk (~0.3 ms). It catches SIGTERM and records
+``CLOCK_MONOTONIC`` in its handler: the receipt. Both times are the hog's own clock readings,
+so the figure is timed the same way for both daemons. The line is MemAvailable at the start of
+each run minus ``GAP``; the hog's size is ``GAP`` + 1 GiB and its cgroup limit that + 512 MiB.
 
-"The signal" is timed the same way for both: the hog's death (its pidfd becomes readable),
-which includes the kernel's exit of a ~3 GiB process. For reapkit the KillRecord's
-``signal_sent`` (trio clock converted to CLOCK_MONOTONIC) is shown too.
+reapkit: ``open_reaper`` with one rule ``mem_available < LINE``, scope = the scope cgroup,
+``largest-rss``, ``terminate``. earlyoom 1.7: ``earlyoom -r 0 -M LINE,LINE-1GiB --prefer
+'^rkbenchhog$' --avoid '.*'`` (SIGTERM at the line, SIGKILL 1 GiB below it; every other
+process's badness lowered by 300), started for the measurement only and stopped through its own
+Popen right after; its output must show that it signalled the hog's PID and nothing else, or
+the benchmark stops. With the regular expressions earlyoom reads ``comm`` of every process
+beside ``oom_score``; ``largest-rss`` reads ``stat`` of every candidate beside ``oom_score``:
+two reads per process each.
+
+The CPU load: one busy Python loop per CPU, in a sandbox cgroup of its own (not in either
+daemon's reach: earlyoom's regular expressions lower them, reapkit's scope does not hold them),
+started before a condition's runs and killed after them. Runs are interleaved: reapkit, then
+earlyoom, repeated.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -30,68 +41,113 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import trio
 
 from reapkit._demo import MiB
-from reapkit._policy import load_policy
+from reapkit._policy import PREPARE_RANKING, load_policy
 from reapkit._reaper import open_reaper
 from reapkit._sandbox import SandboxCgroup
 
 GiB = 1024 * MiB
 GAP = 2 * GiB
 HOG_SIZE = GAP + GiB
-REPEATS = 5
+#: Process counts in scope, and the interleaved runs per daemon at each (per condition).
+SCALES = (0, 1_000, 10_000)
+REPEATS = {0: 3, 1_000: 3, 10_000: 5}
+CONDITIONS = ("quiet", "loaded")
 SETTLE = 1.2  # the reaper (or earlyoom) runs this long before the hog starts, as in real life
 TIMEOUT = 20.0
 COMM = "rkbenchhog"
-_SIGNALLED = re.compile(r"sending SIG\w+ to process (\d+)")
+#: Memory the sleepers' cgroup may use (a ``sleep`` costs ~100 KiB of its own).
+SLEEPERS_LIMIT = 4 * GiB
+#: PIDs left free beside the sleepers (pid_max, threads-max).
+PID_MARGIN = 2_000
+#: ``[reaper] prepare_ranking`` for reapkit's policy; None: the default (``--prepare=0s``: off).
+PREPARE: str | None = None
+_SIGNALLED = re.compile(r"sending (SIG\w+) to process (\d+)")
 
-#: Filled by run(), for the plots.
-RESULTS: dict[str, list[dict[str, float]]] = {}
+#: Why runs were missed, for the report.
+MISSED: list[str] = []
+#: Filled by run(), for the plot: (processes, condition) -> daemon -> runs.
+RESULTS: dict[tuple[int, str], dict[str, list[dict[str, float]]]] = {}
 
 _HOG = r"""
-import ctypes, mmap, os, sys, time
+import ctypes, json, mmap, os, signal, sys, time
 ctypes.CDLL(None).prctl(15, b"@COMM@", 0, 0, 0)  # PR_SET_NAME
-size = int(sys.argv[1])
-for d in sys.argv[2:]:
-    with open(os.path.join(d, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+size, line = int(sys.argv[1]), int(sys.argv[2])
+
+class Term(BaseException):
+    pass
+
+got = []
+
+def on_term(signum, frame):
+    got.append(time.monotonic())
+    raise Term
+
+signal.signal(signal.SIGTERM, on_term)
+with open(os.path.join(sys.argv[3], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+meminfo = os.open("/proc/meminfo", os.O_RDONLY)
+
+def available():
+    data = os.pread(meminfo, 8192, 0)
+    i = data.index(b"MemAvailable:")
+    return int(data[i + 13 : data.index(b"kB", i)]) * 1024
+
 print("joined", flush=True)
 sys.stdin.readline()
 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 chunk = b"\x5a" * (1 << 20)
-for _ in range(size // len(chunk)):
-    m.write(chunk)
-print(time.monotonic(), flush=True)
-while True:
-    time.sleep(3600)
+crossed = done = None
+start = above = time.monotonic()
+try:
+    for _ in range(size // len(chunk)):
+        m.write(chunk)
+        if crossed is None:
+            if available() < line:
+                crossed = time.monotonic()
+            else:
+                above = time.monotonic()
+    done = time.monotonic()
+    print(json.dumps({"done": done, "crossed": crossed}), flush=True)
+    while True:
+        time.sleep(3600)
+except Term:
+    pass
+at_signal = available()
+within = crossed is None and at_signal < line
+if within:  # the signal came within the chunk that crossed: count from the chunk's start
+    crossed = above
+print(json.dumps({"start": start, "crossed": crossed, "signal": got[0], "done": done,
+                  "available": at_signal, "within": within}), flush=True)
+os._exit(0)
 """.replace("@COMM@", COMM)
 
-_WATCHER = r"""
-import os, select, sys, time
-line = int(sys.argv[1])
-fd = os.open("/proc/meminfo", os.O_RDONLY)
-print("watching", flush=True)
-crossed = None
-samples = []
+_SPAWNER = r"""
+import os, signal, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
+kids = [os.posix_spawn(sleep, [sleep, "3600"], os.environ) for _ in range(int(sys.argv[2]))]
+print("ready", flush=True)
+sys.stdin.read()  # until the bench is done with them (or gone)
+for pid in kids:  # our own children, not yet waited for: the PIDs are still theirs
+    os.kill(pid, signal.SIGKILL)
+for pid in kids:
+    os.waitpid(pid, 0)
+"""
+
+_BUSY = r"""
+import os, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
 while True:
-    data = os.pread(fd, 8192, 0)
-    t = time.monotonic()
-    i = data.index(b"MemAvailable:")
-    avail = int(data[i + 13 : data.index(b"kB", i)]) * 1024
-    samples.append((t, avail))
-    if crossed is None and avail < line:
-        crossed = t
-    if select.select([sys.stdin], [], [], 0.0002)[0]:
-        break
-died = float(sys.stdin.readline())
-low_t, low = min((s for s in samples if s[0] <= died), key=lambda s: s[1])
-gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:])]
-print(crossed if crossed is not None else "nan", low, low_t,
-      statistics.median(gaps) if gaps else "nan", flush=True)
-""".replace("import os,", "import statistics, os,")
+    pass
+"""
 
 
 def _mem_available() -> int:
@@ -100,68 +156,164 @@ def _mem_available() -> int:
     return kib * 1024
 
 
-class _Run:
-    """One measurement: the sandbox, the hog (paused until ``go``) and the watcher."""
+def _settled_available() -> int:
+    """MemAvailable once it holds still (two readings 0.2 s apart within 32 MiB, for at most
+    5 s): memory freed by the run before may take a moment to count as available again (here,
+    free page reporting to the hypervisor holds freed pages for a while)."""
+    deadline = time.monotonic() + 5
+    last = _mem_available()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _mem_available()
+        if abs(now - last) < 32 * MiB:
+            return now
+        last = now
+    return last
 
-    def __init__(self) -> None:
-        self.line = _mem_available() - GAP
-        self.cgroup = SandboxCgroup.create("memory", prefix="reapkit-bench")
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _free_pids() -> int:
+    """PIDs (and threads) that may still be created on this machine."""
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+        pid_max = int(f.read())
+    with open("/proc/sys/kernel/threads-max", encoding="ascii") as f:
+        threads_max = int(f.read())
+    with open("/proc/loadavg", encoding="ascii") as f:
+        tasks = int(f.read().split()[3].split("/")[1])  # running/total scheduling entities
+    return min(pid_max, threads_max) - tasks
+
+
+@contextmanager
+def _scope(sleepers: int) -> Iterator[SandboxCgroup]:
+    """The scope cgroup, ``sleepers`` sleeping processes inside it; all gone afterwards."""
+    with SandboxCgroup.create("memory", prefix="reapkit-bench") as scope:
+        if not sleepers:
+            yield scope
+            return
+        directory = os.path.join(scope.directory, "sleepers")
+        os.mkdir(directory)
+        _write(os.path.join(directory, "memory.limit_in_bytes"), str(SLEEPERS_LIMIT))
+        # Their parent kills and reaps them itself when its stdin closes (PID 1 here may be
+        # slow to reap orphans); remove() kills whatever is left, the sub-cgroups' too.
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", _SPAWNER, directory, str(sleepers)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert spawner.stdout is not None
+            if spawner.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the sleepers' spawner failed ({spawner.wait()})")
+            yield scope
+        finally:
+            assert spawner.stdin is not None and spawner.stdout is not None
+            spawner.stdin.close()
+            try:
+                spawner.wait(120)
+            except subprocess.TimeoutExpired:
+                spawner.kill()
+                spawner.wait()
+            spawner.stdout.close()
+
+
+@contextmanager
+def _cpu_load(on: bool) -> Iterator[None]:
+    """One busy loop per CPU, in a sandbox cgroup of its own, while the block runs."""
+    if not on:
+        yield
+        return
+    with SandboxCgroup.create("memory", prefix="reapkit-bench-load") as load:
+        load.set_memory_limit(256 * MiB)
+        busy = [
+            subprocess.Popen([sys.executable, "-c", _BUSY, load.directory])
+            for _ in range(os.cpu_count() or 1)
+        ]
+        try:
+            deadline = time.monotonic() + 10
+            while len(load.pids()) < len(busy) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yield
+        finally:
+            for proc in busy:  # through their own Popen, then the cgroup is removed
+                proc.kill()
+                proc.wait()
+
+
+class _Run:
+    """One measurement: the hog (paused until ``go``) in its cgroup below the scope."""
+
+    serial = 0
+
+    def __init__(self, scope: SandboxCgroup) -> None:
+        _Run.serial += 1
+        self.line = _settled_available() - GAP
+        self.directory = os.path.join(scope.directory, f"hog-{_Run.serial}")
         self.hog: subprocess.Popen[str] | None = None
-        self.watcher: subprocess.Popen[str] | None = None
         self.pidfd = -1
 
     def __enter__(self) -> _Run:
         try:
-            self.cgroup.set_memory_limit(HOG_SIZE + 512 * MiB)
+            os.mkdir(self.directory)
+            _write(os.path.join(self.directory, "memory.limit_in_bytes"), str(HOG_SIZE + 512 * MiB))
             self.hog = subprocess.Popen(
-                [sys.executable, "-c", _HOG, str(HOG_SIZE), self.cgroup.directory],
+                [sys.executable, "-c", _HOG, str(HOG_SIZE), str(self.line), self.directory],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             self.pidfd = os.pidfd_open(self.hog.pid)
             assert self.hog.stdout is not None
             assert self.hog.stdout.readline().strip() == "joined"
-            self.watcher = subprocess.Popen(
-                [sys.executable, "-c", _WATCHER, str(self.line)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert self.watcher.stdout is not None
-            assert self.watcher.stdout.readline().strip() == "watching"
         except BaseException:
             self.close()
             raise
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.hog is not None
+        return self.hog.pid
 
     def go(self) -> None:
         assert self.hog is not None and self.hog.stdin is not None
         self.hog.stdin.write("go\n")
         self.hog.stdin.flush()
 
-    def finish(self, died: float) -> dict[str, float]:
-        """Tell the watcher when the hog died; its crossing time and the headroom then."""
-        assert self.watcher is not None and self.watcher.stdin is not None
-        assert self.watcher.stdout is not None and self.hog is not None
-        self.watcher.stdin.write(f"{died}\n")
-        self.watcher.stdin.flush()
-        values = [float(v) for v in self.watcher.stdout.readline().split()]
-        crossed, avail, lowest_at, resolution = values
-        grown = None
-        assert self.hog.stdout is not None
-        if select.select([self.hog.stdout], [], [], 0)[0]:
-            text = self.hog.stdout.readline().strip()
-            grown = float(text) if text else None
+    def report(self) -> dict[str, float] | None:
+        """The hog's own account, once it ended after a SIGTERM (None: it never got one)."""
+        assert self.hog is not None and self.hog.stdout is not None
+        alive = self.hog.poll() is None
+        lines = []
+        while select.select([self.hog.stdout], [], [], 0)[0]:
+            line = self.hog.stdout.readline().strip()
+            if not line:
+                break
+            lines.append(json.loads(line))
+        hog = lines[-1] if lines else {}
+        if alive and "done" in hog and hog["crossed"] is None:
+            raise _Early(f"the hog allocated all without crossing the line: {hog}")
+        if alive:
+            MISSED.append(f"the hog {self.pid} got no SIGTERM within {TIMEOUT:g} s")
+            return None
+        if "signal" not in hog:  # killed without a SIGTERM first (SIGKILL, a cgroup OOM)
+            MISSED.append(f"the hog {self.pid} ended without a SIGTERM ({self.hog.returncode})")
+            return None
+        if hog["crossed"] is None:
+            raise _Early(f"signalled before the hog's reading crossed the line: {hog}")
         return {
-            "ms": (died - crossed) * 1000,
-            "lowest_ms": (lowest_at - crossed) * 1000,
-            "headroom_mib": (avail - self.line) / MiB,
-            "available_mib": avail / MiB,
-            "resolution_ms": resolution * 1000,
-            "hog_done_first": float(grown is not None and grown < died),
+            "ms": (hog["signal"] - hog["crossed"]) * 1000,
+            "past_line_mib": (self.line - hog["available"]) / MiB,
+            "done_first": float(hog["done"] is not None),
+            "within_chunk": float(hog["within"]),
+            "crossing_s": hog["crossed"] - hog["start"],
+            "crossed_at": hog["crossed"],
+            "signal_at": hog["signal"],
         }
 
     def close(self) -> None:
-        for proc in (self.hog, self.watcher):
-            if proc is None:
-                continue
+        proc = self.hog
+        if proc is not None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
@@ -171,26 +323,38 @@ class _Run:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        self.cgroup.remove()
+        deadline = time.monotonic() + 10
+        while os.path.isdir(self.directory):
+            try:
+                os.rmdir(self.directory)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _wait_dead(pidfd: int, timeout: float) -> float | None:
-    if select.select([pidfd], [], [], timeout)[0]:
-        return time.monotonic()
-    return None
+class _Early(Exception):
+    """MemAvailable moved without the hog (another process on the machine allocated or freed
+    memory): a daemon reacted to that, not to the hog, or the hog could not cross the line.
+    The run is discarded."""
 
 
-async def _reapkit_once() -> dict[str, float] | None:
-    with _Run() as run:
+def _wait_dead(pidfd: int, timeout: float) -> bool:
+    return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+async def _reapkit_once(scope: SandboxCgroup) -> dict[str, float] | None:
+    with _Run(scope) as run:
+        reaper_table = f'[reaper]\nprepare_ranking = "{PREPARE}"\n\n' if PREPARE else ""
         policy = load_policy(
             text=(
-                '[[rule]]\nname = "bench-reaction"\n'
+                reaper_table + '[[rule]]\nname = "bench-reaction"\n'
                 f'when = ["mem_available < {run.line}"]\n'
-                f'scope = {{ cgroup = "{run.cgroup.directory}" }}\n'
-                'select = ["largest-rss"]\nactions = ["kill"]\n'
+                f'scope = {{ cgroup = "{scope.directory}" }}\n'
+                'select = ["largest-rss"]\nactions = ["terminate"]\n'
                 'cooldown = "0s"\nvictim_timeout = "10s"\n'
             )
         )
@@ -200,33 +364,38 @@ async def _reapkit_once() -> dict[str, float] | None:
             run.go()
             with trio.move_on_after(TIMEOUT):
                 await trio.lowlevel.wait_readable(run.pidfd)
-            died = time.monotonic()
-            if run.hog is None or run.hog.poll() is None:
-                return None
             record = None
             with trio.move_on_after(5):
                 record = await records.receive()
-        result = run.finish(died)
+        result = run.report()
+        if result is None:
+            return None
         if record is not None and record.timeline.signal_sent is not None:
-            assert record.victim is not None and record.victim.pid == run.hog.pid, record
-            signal_at = record.timeline.signal_sent + offset
-            result["signal_ms"] = result["ms"] - (died - signal_at) * 1000
+            if record.victim is None or record.victim.pid != run.pid:
+                raise RuntimeError(f"reapkit chose another victim than the hog: {record}")
+            # reapkit's own account, on its timeline (the trio clock + offset: monotonic).
+            t = record.timeline
+            chosen = t.victim_chosen if t.victim_chosen is not None else t.signal_sent
+            result["detect_ms"] = (t.trigger_seen + offset - result["crossed_at"]) * 1000
+            result["choose_ms"] = (chosen - t.trigger_seen) * 1000
+            result["act_ms"] = (t.signal_sent - chosen) * 1000
+            result["delivery_ms"] = (result["signal_at"] - t.signal_sent - offset) * 1000
+            result["prepared"] = float(any(s.selector == "prepared" for s in record.selectors))
         return result
 
 
-def _earlyoom_once(binary: str) -> tuple[dict[str, float] | None, str]:
-    with _Run() as run, tempfile.TemporaryFile("w+") as out:
+def _earlyoom_once(binary: str, scope: SandboxCgroup) -> tuple[dict[str, float] | None, str]:
+    with _Run(scope) as run, tempfile.TemporaryFile("w+") as out:
         kib = run.line // 1024
-        assert run.hog is not None
         earlyoom = subprocess.Popen(
-            [binary, "-r", "0", "-M", f"{kib},{kib}",
+            [binary, "-r", "0", "-M", f"{kib},{kib - GiB // 1024}",
              "--prefer", f"^{COMM}$", "--avoid", ".*"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
             time.sleep(SETTLE)
             run.go()
-            died = _wait_dead(run.pidfd, TIMEOUT)
+            _wait_dead(run.pidfd, TIMEOUT)
         finally:
             earlyoom.terminate()  # right after the measurement, through its own Popen
             try:
@@ -236,18 +405,16 @@ def _earlyoom_once(binary: str) -> tuple[dict[str, float] | None, str]:
                 earlyoom.wait()
         out.seek(0)
         text = out.read()
-        signalled = {int(p) for p in _SIGNALLED.findall(text)}
-        if signalled - {run.hog.pid}:
+        signalled = {int(pid) for _sig, pid in _SIGNALLED.findall(text)}
+        if signalled - {run.pid}:
             raise RuntimeError(
-                f"earlyoom signalled {sorted(signalled)}, not only the hog {run.hog.pid}:"
-                f" stopping.\n{text}"
+                f"earlyoom signalled {sorted(signalled)}, not only the hog {run.pid}: stopping.\n"
+                f"{text}"
             )
-        if died is None or run.hog.pid not in signalled:
-            return None, text
-        return run.finish(died), text
+        return run.report(), text
 
 
-def _fmt(values: list[float], digits: int = 0) -> str:
+def _fmt(values: Sequence[float], digits: int = 0) -> str:
     if not values:
         return "not measured"
     return (
@@ -256,84 +423,220 @@ def _fmt(values: list[float], digits: int = 0) -> str:
     )
 
 
+def _prepare_text() -> str:
+    if PREPARE is None:
+        return f"{PREPARE_RANKING:g}s (the default)"
+    return PREPARE
+
+
+def _count(runs: list[dict[str, float]], key: str) -> int:
+    return int(sum(r[key] for r in runs))
+
+
+def _ratio(reap: list[dict[str, float]], eo: list[dict[str, float]]) -> float | None:
+    if not (reap and eo):
+        return None
+    return statistics.median(r["ms"] for r in reap) / statistics.median(r["ms"] for r in eo)
+
+
+def measure(
+    scales: Sequence[int] = SCALES,
+    repeats: dict[int, int] | None = None,
+    conditions: Sequence[str] = CONDITIONS,
+) -> tuple[list[str], dict[str, int], str | None]:
+    """Run the measurements into ``RESULTS``; (notes, misses, the earlyoom binary or None)."""
+    repeats = repeats or REPEATS
+    binary = shutil.which("earlyoom")
+    notes: list[str] = []
+    misses: dict[str, int] = {}
+    for n in scales:
+        if n + PID_MARGIN > _free_pids():
+            notes.append(f"{n:,} processes: skipped, only {_free_pids():,} PIDs free (pid_max)")
+            continue
+        with _scope(n) as scope:
+            for condition in conditions:
+                runs: dict[str, list[dict[str, float]]] = {"reapkit": [], "earlyoom": []}
+                RESULTS[(n, condition)] = runs
+                with _cpu_load(condition == "loaded"):
+                    for _ in range(repeats.get(n, 3)):  # interleaved: the same conditions
+                        result = _discarding(
+                            misses, "reapkit", lambda: trio.run(_reapkit_once, scope)
+                        )
+                        _keep(runs, misses, "reapkit", n, condition, result)
+                        time.sleep(0.3)
+                        if binary is not None:
+                            eo_result = _discarding(
+                                misses, "earlyoom", lambda: _earlyoom_once(binary, scope)[0]
+                            )
+                            _keep(runs, misses, "earlyoom", n, condition, eo_result)
+                            time.sleep(0.3)
+    notes.extend(f"missed: {why}" for why in MISSED)
+    discarded = {n: misses.get(f"discarded {n}", 0) for n in ("reapkit", "earlyoom")}
+    if any(discarded.values()):
+        notes.append(
+            f"Runs discarded and run again (reapkit {discarded['reapkit']}, earlyoom"
+            f" {discarded['earlyoom']}): MemAvailable moved without"
+            " the hog (other memory on the machine came or went), so a daemon signalled before"
+            " the hog's own reading crossed the line, or the hog could not cross it."
+        )
+    return notes, misses, binary
+
+
+def _discarding(
+    misses: dict[str, int], name: str, once: Callable[[], dict[str, float] | None]
+) -> dict[str, float] | None:
+    """``once()``, run again (at most twice) when it was disturbed (:class:`_Early`); None
+    (a miss) when it was disturbed every time."""
+    for _attempt in range(3):
+        try:
+            return once()
+        except _Early:
+            misses[f"discarded {name}"] = misses.get(f"discarded {name}", 0) + 1
+            time.sleep(0.3)
+    return None
+
+
+def _keep(
+    runs: dict[str, list[dict[str, float]]],
+    misses: dict[str, int],
+    name: str,
+    n: int,
+    condition: str,
+    result: dict[str, float] | None,
+) -> None:
+    if result is None:
+        key = f"{name} {n:,} {condition}"
+        misses[key] = misses.get(key, 0) + 1
+    else:
+        runs[name].append(result)
+
+
 def run() -> str:
     if os.geteuid() != 0:
         return "## Reaction\n\nSkipped: needs root to create cgroups."
-    binary = shutil.which("earlyoom")
-    reap: list[dict[str, float]] = []
-    eo: list[dict[str, float]] = []
-    misses = {"reapkit": 0, "earlyoom": 0}
-    for _ in range(REPEATS):  # interleaved: the same conditions for both
-        result = trio.run(_reapkit_once)
-        if result is None:
-            misses["reapkit"] += 1
-        else:
-            reap.append(result)
-        time.sleep(0.5)
-        if binary is not None:
-            eo_result, _text = _earlyoom_once(binary)
-            if eo_result is None:
-                misses["earlyoom"] += 1
-            else:
-                eo.append(eo_result)
-            time.sleep(0.5)
-    RESULTS["reapkit"], RESULTS["earlyoom"] = reap, eo
-    eo_note = "" if binary else " earlyoom: not measured (the `earlyoom` binary is not installed)."
+    notes, misses, binary = measure()
+    return report(notes, misses, binary)
 
-    def ratio(key: str) -> str:
-        if not (reap and eo):
-            return "not measured"
-        return (
-            f"{statistics.median(r[key] for r in reap) / statistics.median(r[key] for r in eo):.2f}"
+
+def report(notes: list[str], misses: dict[str, int], binary: str | None) -> str:
+    missing = ""
+    if binary is None:
+        missing = (
+            "**earlyoom was not measured: the `earlyoom` binary is not installed"
+            " (`apt-get install earlyoom`). There is no ratio and the target is not checked.**"
         )
-
-    res = [r["resolution_ms"] for r in reap + eo]
-
-    def row(name: str, rs: list[dict[str, Any]]) -> str:
-        signal = [r["signal_ms"] for r in rs if "signal_ms" in r]
-        return (
-            f"| {name} | {_fmt([r['ms'] for r in rs])} | {_fmt([r['lowest_ms'] for r in rs])} |"
-            f" {_fmt(signal) if signal else '—'} |"
-            f" {_fmt([r['headroom_mib'] for r in rs])} |"
-            f" {sum(int(r['hog_done_first']) for r in rs)} of {len(rs)} |"
-            f" {misses[name]} |"
+        print("bench_reaction: earlyoom is not installed: no comparison", file=sys.stderr)
+    rows = []
+    verdicts = []
+    for (n, condition), runs in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        reap, eo = runs["reapkit"], runs["earlyoom"]
+        ratio = _ratio(reap, eo)
+        prepared = [r["prepared"] for r in reap if "prepared" in r]
+        past = [_fmt([r["past_line_mib"] for r in rs]) for rs in (reap, eo)]
+        rows.append(
+            f"| {n:,} | {condition} | {_fmt([r['ms'] for r in reap], 1)}"
+            f" | {_fmt([r['ms'] for r in eo], 1) if binary else 'not measured'}"
+            f" | {'—' if ratio is None else f'**{ratio:.2f}**'}"
+            f" | {int(sum(prepared))} of {len(prepared)}"
+            f" | {past[0]} / {past[1]}"
+            f" | {_count(reap, 'done_first')} / {_count(eo, 'done_first')}"
+            f" | {misses.get(f'reapkit {n:,} {condition}', 0)}"
+            f" / {misses.get(f'earlyoom {n:,} {condition}', 0)} |"
         )
-
+        if n == max(SCALES) and ratio is not None:
+            met = "met" if ratio <= 0.5 else "missed"
+            verdicts.append(f"{condition}: {ratio:.2f}, {met}")
+    target = (
+        f"Target at {max(SCALES):,} processes, quiet and loaded: ≤ 0.5 —"
+        f" {'; '.join(verdicts) if verdicts else 'not checked'}."
+    )
+    account = []
+    for (n, condition), runs in sorted(RESULTS.items()):
+        own = [r for r in runs["reapkit"] if "delivery_ms" in r]
+        if own:
+            keys = ("detect_ms", "choose_ms", "act_ms", "delivery_ms")
+            cells = " | ".join(_fmt([r[key] for r in own], 1) for key in keys)
+            account.append(f"| {n:,} | {condition} | {cells} |")
     return "\n".join(
         [
-            "## Reaction: MemAvailable line crossed -> signal",
+            "## Reaction: MemAvailable line crossed -> SIGTERM received {#reaction}",
             "",
-            f"A hog (comm `{COMM}`) allocating {HOG_SIZE // MiB} MiB of anonymous memory as fast"
-            " as one core faults it in, in a memory cgroup limited to"
-            f" {(HOG_SIZE + 512 * MiB) // MiB} MiB. The line: MemAvailable at the start of each"
-            f" run minus {GAP // MiB} MiB, so only the hog can cross it. An independent process"
-            " reads `/proc/meminfo` every"
-            f" {statistics.median(res) if res else float('nan'):.2f} ms (median gap) and records"
-            " the first sample below the line. reapkit: one rule `mem_available < LINE`, scope ="
-            " the hog's cgroup, `largest-rss`, `kill`; earlyoom v1.7:"
-            f" `earlyoom -r 0 -M LINE,LINE --prefer '^{COMM}$' --avoid '.*'`, started only for"
-            " the measurement; its output showed it signalled the hog's PID and nothing else."
-            " Both start 1.2 s before the hog (settled into their idle sampling)."
-            f" Milliseconds, median (min-max) of {REPEATS}, interleaved. *To death*: until the"
-            " hog's pidfd is readable (includes the kernel's exit of the hog), timed the same way"
-            " for both; *to lowest*: until the watcher's lowest MemAvailable sample (the hog"
-            " stopped growing: about the signal, timed the same way for both; for reapkit it"
-            " agrees with *to signal*); *to signal*: reapkit's KillRecord `signal_sent`."
-            " Headroom: that lowest MemAvailable minus the line (negative: below the line)."
-            " *Hog done first*: runs where the hog had finished allocating before it died."
-            f" Target: reapkit's median ≤ 0.5x earlyoom's.{eo_note}",
+            f"A hog (comm `{COMM}`) allocating {HOG_SIZE // MiB} MiB of anonymous memory in"
+            " 1 MiB chunks as fast as it faults them in, in a memory cgroup limited to"
+            f" {(HOG_SIZE + 512 * MiB) // MiB} MiB, beside N sleeping processes (`sleep`) in the"
+            f" same scope cgroup. The line: MemAvailable at the start of each run minus"
+            f" {GAP // MiB} MiB, so only the hog crosses it. The hog reads `/proc/meminfo` after"
+            " each chunk (the first reading below the line is the crossing) and records"
+            " `CLOCK_MONOTONIC` in its SIGTERM handler (the receipt): both times are the hog's"
+            " own, the same for both daemons. reapkit: `open_reaper`, one rule"
+            " `mem_available < LINE`, scope = the scope cgroup (the sleepers and the hog),"
+            " `largest-rss` (reads `stat` of every candidate), `terminate`,"
+            f" `prepare_ranking` {_prepare_text()}. earlyoom 1.7: `earlyoom -r 0 -M"
+            f" LINE,LINE-1GiB --prefer '^{COMM}$' --avoid '.*'` (SIGTERM at the line; with"
+            " the expressions it reads `comm` of every process beside `oom_score`), scanning"
+            " the whole machine; its output showed it signalled the hog's PID and nothing"
+            " else. Before each run MemAvailable is let settle (freed memory can take a moment"
+            " to count again here). Both start"
+            f" {SETTLE} s before the hog. *Loaded*: one busy loop per CPU"
+            f" ({os.cpu_count()}) beside, in a cgroup of its own. Milliseconds from the"
+            " crossing to the receipt, median (min-max), runs interleaved; the ratio is of the"
+            " medians. *Prepared*: reapkit decisions that chose from a ranking prepared as the"
+            " line approached. *Past the line*: how far below the line MemAvailable was at the"
+            " receipt (MiB, reapkit / earlyoom). *Hog done first*: runs where the hog had"
+            " finished allocating (1 GiB past the line) before the signal. Target: reapkit ≤"
+            " 0.5x earlyoom at 10,000 processes, quiet and loaded.",
+            *(["", missing] if missing else []),
             "",
-            "| reaper | crossing -> death | crossing -> lowest | crossing -> signal |"
-            " headroom left, MiB | hog done first | no kill within 20 s |",
-            "|---|---|---|---|---|---|---|",
-            row("reapkit", reap),
-            row("earlyoom", eo) if binary else "| earlyoom | not measured | | | | | |",
+            "| processes | condition | reapkit | earlyoom | reapkit / earlyoom | prepared |"
+            " past the line, MiB | hog done first | missed |",
+            "|---:|---|---|---|---:|---|---|---|---|",
+            *rows,
             "",
-            f"reapkit / earlyoom (medians): crossing -> death **{ratio('ms')}**,"
-            f" crossing -> lowest **{ratio('lowest_ms')}**",
+            target,
+            *(
+                [
+                    "",
+                    "reapkit's own account (its KillRecord's timeline), ms: *detection*, the"
+                    " hog's crossing to the trigger (the memory sampler's event); *choice*,"
+                    " the trigger to the victim chosen; *to the signal*, the victim chosen to"
+                    " `signal_sent` (the memory re-check, the pidfd, the guard); *delivery*,"
+                    " `signal_sent` to the hog's receipt.",
+                    "",
+                    "| processes | condition | detection | choice | to the signal | delivery |",
+                    "|---:|---|---|---|---|---|",
+                    *account,
+                ]
+                if account
+                else []
+            ),
+            *([""] + [f"- {note}" for note in notes] if notes else []),
+            "",
+            "![reaction vs process count](benchmarks/reaction.png)",
         ]
     )
 
 
 if __name__ == "__main__":
-    print(run())
+    # python -m tests.benchmarks.bench_reaction [N[:REPEATS] ...] [--quiet-only|--loaded-only]
+    #   [--prepare=DURATION] [--write]
+    for arg in sys.argv[1:]:
+        if arg.startswith("--prepare="):
+            PREPARE = arg.split("=", 1)[1]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    chosen = {int(a.split(":")[0]): int(a.split(":")[1]) if ":" in a else 3 for a in args}
+    which = [
+        c for c in CONDITIONS if f"--{'loaded' if c == 'quiet' else 'quiet'}-only" not in sys.argv
+    ]
+    out = measure(tuple(chosen) or SCALES, chosen or None, which)
+    text = report(*out)
+    print(text)
+    if "--write" in sys.argv:  # replace this section of docs/benchmarks.md, and the plot
+        from . import run as bench_run
+
+        old = bench_run.REPORT.read_text()
+        head, rest = old.split("\n## Reaction", 1)
+        tail = rest.split("\n## ", 1)[1]
+        bench_run.REPORT.write_text(f"{head}\n{text.strip()}\n\n## {tail}")
+        bench_run.bench_reaction.RESULTS.update(RESULTS)  # this module runs as __main__
+        for path in bench_run.write_plots():
+            print(f"wrote {path}", file=sys.stderr)

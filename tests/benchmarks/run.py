@@ -124,21 +124,38 @@ def _plot_selection(plt: Any) -> str | None:
 
 def _plot_reaction(plt: Any) -> str | None:
     data = bench_reaction.RESULTS
-    if not data.get("reapkit"):
+    if not any(runs["reapkit"] for runs in data.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [n for n in ("reapkit", "earlyoom") if data.get(n)]
-    for i, name in enumerate(names):
-        for j, (key, marker) in enumerate((("ms", "o"), ("lowest_ms", "x"))):
-            ys = [r[key] for r in data[name]]
-            ax.scatter([i + (j - 0.5) * 0.2] * len(ys), ys, marker=marker,
-                       label=("to death" if key == "ms" else "to lowest MemAvailable")
-                       if i == 0 else None)  # fmt: skip
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("ms after MemAvailable crossed the line")
-    ax.set_title("Reaction to a fast hog (each run)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
+    scales = sorted({n for n, _c in data})
+    conditions = [c for c in bench_reaction.CONDITIONS if any(k[1] == c for k in data)]
+    fig, axes = plt.subplots(1, len(conditions), figsize=(4 * len(conditions) + 1, 4),
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, condition in zip(axes[0], conditions, strict=True):
+        for offset, name, color in ((-0.06, "reapkit", "#dd8452"), (0.06, "earlyoom", "#4c72b0")):
+            points = [
+                (i + offset, _median_span([r["ms"] for r in data[(n, condition)][name]]))
+                for i, n in enumerate(scales)
+                if data.get((n, condition), {}).get(name)
+            ]
+            if not points:
+                continue
+            ax.errorbar([x for x, _s in points], [s[0] for _x, s in points],
+                        yerr=[[s[1] for _x, s in points], [s[2] for _x, s in points]],
+                        marker="o", capsize=3, label=name, color=color)  # fmt: skip
+        for i, n in enumerate(scales):
+            runs = data.get((n, condition))
+            ratio = bench_reaction._ratio(runs["reapkit"], runs["earlyoom"]) if runs else None
+            if ratio is not None:
+                ax.annotate(f"{ratio:.2f}x", (i, 0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 4), textcoords="offset points", ha="center",
+                            fontsize=8)  # fmt: skip
+        ax.set_xticks(range(len(scales)), [f"{n:,}" for n in scales])
+        ax.set_xlabel("sleeping processes in scope")
+        ax.set_title(condition)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("ms, crossing -> SIGTERM received")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Reaction to a fast hog (median, min-max; reapkit / earlyoom at the bottom)")
     fig.tight_layout()
     path = PLOTS / "reaction.png"
     fig.savefig(path, dpi=110)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,63 @@ async def test_a_recrossing_after_a_kill_is_seen_at_once_not_at_the_reminder(
         assert event.value == value
         # seen within the interval the headroom asks for (tens of ms), not the 1 s reminder
         assert event.timestamp - changed < 0.05
+
+
+async def _falling(
+    fake: FakeProc, source: MemoryThresholdSource, rate: int, until: int
+) -> list[MemoryEvent]:
+    """MemAvailable from 4 GiB down by ``rate`` bytes a second (a step each 10 ms) to
+    ``until``, held there 2 s; every event the source sent."""
+    send, receive = trio.open_memory_channel[MemoryEvent](1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        await trio.sleep(1.5)
+        value = 4 * GiB
+        while value > until:
+            value = max(until, value - rate // 100 // 1024 * 1024)
+            fake.set_meminfo(total=16 * GiB, available=value)
+            await trio.sleep(0.01)
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    return [e async for e in receive]
+
+
+async def test_a_line_approaching_fast_is_announced_before_it_is_crossed(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.set_meminfo(total=16 * GiB, available=4 * GiB)
+    line = MemoryThreshold("mem_available", parse_size("10%"))  # 1.6 GiB
+    source = MemoryThresholdSource([line], procfs=ProcFS(fake.root), lead=0.5)
+    events = await _falling(fake, source, 1 * GiB, 1 * GiB)
+    states = [e.state for e in events if e.state != "still-crossed"]
+    first = states.index("approaching")
+    assert (
+        first < states.index("crossed") and "approaching" not in states[states.index("crossed") :]
+    )
+    early = events[first]
+    # Announced within the lead at the rate seen (1 GiB/s: 0.5 GiB above the line), not earlier.
+    assert early.value - early.line <= GiB // 2
+    # At most one announcement per lead / 8 of the clock.
+    times = [e.timestamp for e in events if e.state == "approaching"]
+    assert all(b - a >= 0.5 / 8 for a, b in itertools.pairwise(times))
+
+
+async def test_steady_or_slow_memory_is_not_approaching(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.set_meminfo(total=16 * GiB, available=4 * GiB)
+    line = MemoryThreshold("mem_available", parse_size("10%"))
+    source = MemoryThresholdSource([line], procfs=ProcFS(fake.root), lead=0.5)
+    # Down to 0.4 GiB above the line at 100 MiB/s: the line stays 4 s away, then still.
+    events = await _falling(fake, source, 100 * MiB, 2 * GiB)
+    assert events == []
+
+
+async def test_no_announcement_without_a_lead(
+    fake: FakeProc, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.set_meminfo(total=16 * GiB, available=4 * GiB)
+    line = MemoryThreshold("mem_available", parse_size("10%"))
+    source = MemoryThresholdSource([line], procfs=ProcFS(fake.root))
+    events = await _falling(fake, source, 1 * GiB, 1 * GiB)
+    assert [e.state for e in events if e.state != "still-crossed"] == ["crossed"]

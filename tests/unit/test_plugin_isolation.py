@@ -20,6 +20,7 @@ from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     OVERRUNS_TO_SWITCH_OFF,
     Observer,
+    PluginCalls,
     PluginRegistry,
     Ranked,
     Selector,
@@ -270,3 +271,42 @@ async def test_a_blocking_observer_at_the_shipped_deadline_costs_no_record(
     assert stats.records == decisions and stats.records_dropped == 0
     assert stats.observer_failures == OVERRUNS_TO_SWITCH_OFF
     assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1
+
+
+class SlowInline(Selector):
+    """An inline selector that takes its time and says where it ran."""
+
+    name: ClassVar[str] = "test-slow-inline"
+    inline: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.threads: list[int] = []
+
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
+        self.threads.append(threading.get_ident())
+        threading.Event().wait(0.2)  # blocks whatever thread it is on
+        return list(candidates)
+
+
+async def test_an_offloaded_inline_call_runs_on_its_thread_to_its_end() -> None:
+    # A preparation's inline selectors: off the trio thread (the loop keeps running), and,
+    # as on it, never cut by the deadline nor counted as an overrun.
+    calls, sel = PluginCalls(), SlowInline()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        result = await calls.call(sel, "select", None, (), deadline=0.05, offload=True)
+        nursery.cancel_scope.cancel()
+    assert result == () and sel.threads != [threading.get_ident()]
+    assert ticks >= 5  # the loop ran meanwhile
+    assert calls.is_on(sel) and calls.switched_off == 0
+    await calls.call(sel, "select", None, (), deadline=0.05)  # not offloaded: on this thread
+    assert sel.threads[-1] == threading.get_ident()

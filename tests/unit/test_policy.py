@@ -104,6 +104,10 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
         (("[[rule]]", "[reaper]\nkeep_score_files = -1\n\n[[rule]]"), "reaper.keep_score_files", "0 (off) or more"),  # noqa: E501
         (("[[rule]]", "[reaper]\nkeep_score_files = true\n\n[[rule]]"), "reaper.keep_score_files", "expected int"),  # noqa: E501
         (("[[rule]]", "[reaper]\nkeep_score_files = 1_000_000_000\n\n[[rule]]"), "reaper.keep_score_files", "RLIMIT_NOFILE hard limit"),  # noqa: E501
+        (("[[rule]]", '[reaper]\nprepare_ranking = "soon"\n\n[[rule]]'), "reaper.prepare_ranking", "not a duration"),  # noqa: E501
+        (("[[rule]]", '[reaper]\nprepare_ranking = -1\n\n[[rule]]'), "reaper.prepare_ranking", "not negative"),  # noqa: E501
+        (("[[rule]]", "[reaper]\nprepare_ranking = true\n\n[[rule]]"), "reaper.prepare_ranking", "not a duration"),  # noqa: E501
+        (("[[rule]]", '[reaper]\nprepare_ranking = "1m"\n\n[[rule]]'), "reaper.prepare_ranking", "at most 10s"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_key_path(
@@ -121,6 +125,15 @@ def test_errors_name_the_file_and_key_path(
     assert str(path) in str(info.value)
     assert info.value.key == key
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "seconds"),
+    [("", 1.0), ('prepare_ranking = "0s"', 0.0), ('prepare_ranking = "250ms"', 0.25)],
+)
+def test_prepare_ranking_is_a_duration_a_second_by_default(line: str, seconds: float) -> None:
+    policy = load_policy(text=GOOD.replace("[[rule]]", f"[reaper]\n{line}\n\n[[rule]]", 1))
+    assert policy.prepare_ranking == seconds
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:

@@ -421,6 +421,7 @@ _document = st.fixed_dictionaries(
             optional={
                 "dry_run": _values,
                 "keep_score_files": _values,
+                "prepare_ranking": _values,
                 "reap": st.dictionaries(st.sampled_from(_REAP_KEYS), _values, max_size=4),
             },
         ),

@@ -19,6 +19,11 @@ asked for, and a new crossing after it within milliseconds, not at the next remi
 
 For cgroup v2 thresholds the kernel also notifies changes of ``memory.events`` (``high``,
 ``max``, ``oom`` counters) with ``EPOLLPRI``; such a change wakes the sampler at once.
+
+With ``lead`` above 0, an armed threshold whose headroom shrank since the sample before, fast
+enough to reach the line within ``lead`` seconds at that rate, sends ``state="approaching"``
+(at most every ``lead / 8`` seconds): the engine prepares its ranking then, so that at the
+crossing only the best few candidates need a fresh read (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ class MemoryEvent:
     threshold: MemoryThreshold
     #: ``"crossed"``: the condition now holds (once per crossing); ``"still-crossed"``: it still
     #: holds (every ``reminder`` seconds); ``"recovered"``: back past the line + hysteresis;
-    #: ``"gone"``: the cgroup was removed, this watch ended.
-    state: Literal["crossed", "still-crossed", "recovered", "gone"]
+    #: ``"gone"``: the cgroup was removed, this watch ended; ``"approaching"``: not crossed,
+    #: but at the rate it moved since the sample before it will be within the source's ``lead``.
+    state: Literal["crossed", "still-crossed", "recovered", "gone", "approaching"]
     #: Bytes: MemAvailable, SwapFree or the cgroup's usage, as sampled.
     value: int
     #: The line in bytes, resolved against ``total``.
@@ -145,6 +151,9 @@ class MemoryThresholdSource:
     reminder: float = 1.0
     min_interval: float = 0.002
     max_interval: float = 1.0
+    #: Send ``approaching`` when the line is this many seconds away at the rate the headroom
+    #: shrank since the sample before (0: never).
+    lead: float = 0.0
     _events: int = attrs.field(default=0, init=False)
     _wakeups: int = attrs.field(default=0, init=False)
     _notifications: int = attrs.field(default=0, init=False)
@@ -170,6 +179,9 @@ class MemoryThresholdSource:
             }
             armed = [True] * len(self.thresholds)
             reminded = [-math.inf] * len(self.thresholds)
+            #: Per threshold: (time, headroom) of the sample before, while armed.
+            before: list[tuple[float, float] | None] = [None] * len(self.thresholds)
+            announced = [-math.inf] * len(self.thresholds)
             gone: set[int] = set()
             with ExitStack() as stack:
                 notify = self._open_notifications(stack, cgroups.values())
@@ -197,6 +209,17 @@ class MemoryThresholdSource:
                             event = MemoryEvent(
                                 now, threshold, "still-crossed", sample.value, line, sample.total
                             )
+                        if (
+                            event is None
+                            and armed[i]
+                            and self._approaching(before[i], now, headroom, announced[i])
+                        ):
+                            announced[i] = now
+                            line = threshold.line.resolve(sample.total)
+                            event = MemoryEvent(
+                                now, threshold, "approaching", sample.value, line, sample.total
+                            )
+                        before[i] = (now, headroom) if armed[i] else None
                         headrooms.append(headroom)
                         if event is not None:
                             if event.state in ("crossed", "still-crossed"):
@@ -206,6 +229,16 @@ class MemoryThresholdSource:
                     self._interval = self._next_interval(meminfo, headrooms)
                     await self._sleep(self._interval, notify)
                     self._wakeups += 1
+
+    def _approaching(
+        self, before: tuple[float, float] | None, now: float, headroom: float, announced: float
+    ) -> bool:
+        """Whether the line is within ``lead`` seconds at the rate the headroom shrank since
+        the sample ``before`` (and the last ``approaching`` is ``lead / 8`` old)."""
+        if self.lead <= 0 or before is None or now <= before[0] or now - announced < self.lead / 8:
+            return False
+        rate = (before[1] - headroom) / (now - before[0])  # bytes per second, toward the line
+        return rate > 0 and headroom <= rate * self.lead
 
     def _open_notifications(
         self, stack: ExitStack, cgroups: Iterable[CgroupMemoryFiles]

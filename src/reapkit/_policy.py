@@ -313,18 +313,7 @@ def _build(
                 "unknown key (keys: dry_run, keep_score_files, prepare_ranking, reap)",
             )
     dry_run = _typed(reaper.get("dry_run", False), bool, "reaper.dry_run", fail)
-    keep = _typed(reaper.get("keep_score_files", 0), int, "reaper.keep_score_files", fail)
-    if keep < 0:
-        raise fail("reaper.keep_score_files", f"must be 0 (off) or more, not {keep}")
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and keep + FILES_SPARE > hard:
-        raise fail(
-            "reaper.keep_score_files",
-            f"{keep} files (+{FILES_SPARE} spare) exceed the open-file limit (RLIMIT_NOFILE"
-            f" hard limit {hard}; systemd: LimitNOFILE=)",
-        )
-    if keep > MAX_KEPT_FILES:
-        raise fail("reaper.keep_score_files", f"at most {MAX_KEPT_FILES}, not {keep}")
+    keep = _keep_score_files(reaper.get("keep_score_files", 0), fail)
     in_file = dry_run
     prepare = _prepare_ranking(reaper.get("prepare_ranking", PREPARE_RANKING), fail)
     if force_dry_run:
@@ -377,6 +366,23 @@ def _build(
         for i, t in enumerate(_list(data.get("trigger", []), "trigger", fail))
     )
     return Policy(source, tuple(rules), reap, dry_run, observers, triggers, keep, in_file, prepare)
+
+
+def _keep_score_files(value: Any, fail: Any) -> int:
+    """``[reaper] keep_score_files``: a count the open-file limit can hold."""
+    keep: int = _typed(value, int, "reaper.keep_score_files", fail)
+    if keep < 0:
+        raise fail("reaper.keep_score_files", f"must be 0 (off) or more, not {keep}")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and keep + FILES_SPARE > hard:
+        raise fail(
+            "reaper.keep_score_files",
+            f"{keep} files (+{FILES_SPARE} spare) exceed the open-file limit (RLIMIT_NOFILE"
+            f" hard limit {hard}; systemd: LimitNOFILE=)",
+        )
+    if keep > MAX_KEPT_FILES:
+        raise fail("reaper.keep_score_files", f"at most {MAX_KEPT_FILES}, not {keep}")
+    return keep
 
 
 def _prepare_ranking(value: Any, fail: Any) -> float:

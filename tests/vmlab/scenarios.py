@@ -291,13 +291,14 @@ class Run:
 
     def end(self) -> None:
         """End whatever this run started, each by its own pid."""
-        for pid, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()  # this runner's end of the pipe (a drainer has its own)
 
 
 def _start_contender(run: Run) -> int | None:
@@ -317,14 +318,15 @@ def _start_reapkit(run: Run, argv: list[str]) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     try:
-        proc = subprocess.Popen(
-            [*argv, "--records", "/tmp/rkbench-records.jsonl"],
-            stdout=subprocess.DEVNULL,
-            stderr=open("/tmp/rkbench-reapkit.log", "ab"),  # noqa: SIM115 (the child owns it)
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "NOTIFY_SOCKET": path},
-            preexec_fn=_killable,  # noqa: PLW1509 (this runner has no threads)
-        )
+        with open("/tmp/rkbench-reapkit.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [*argv, "--records", "/tmp/rkbench-records.jsonl"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "NOTIFY_SOCKET": path},
+                preexec_fn=_killable,  # noqa: PLW1509 (this runner has no threads)
+            )
         run.roles[proc.pid] = "contender"
         run.procs[proc.pid] = proc
         sock.settimeout(1.0)

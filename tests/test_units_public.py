@@ -56,6 +56,8 @@ def test_the_documented_error_is_the_one_a_policy_gives() -> None:
         (parse_size, "512MiB", Size(bytes=512 << 20)),
         (parse_size, "5%", Size(percent=5.0)),
         (parse_size, 4096, Size(bytes=4096)),
+        (parse_size, "max(2%, 100MiB)", Size(bytes=100 << 20, percent=2.0)),
+        (parse_size, "MAX( 100MiB ,2% )", Size(bytes=100 << 20, percent=2.0)),
         (parse_bytes, "1G", 1 << 30),
         (parse_bytes, "1GB", 1000**3),
         (parse_bytes, 0, 0),
@@ -78,6 +80,9 @@ def test_converters_take_their_own_output(convert: object, value: object, expect
         (parse_bytes, "lots", "not a size"),
         (parse_size, True, "not a size"),
         (parse_size, [1], "not a size"),
+        (parse_size, "max(2%, 3%)", "takes a percent and a size"),
+        (parse_size, "max(1G, 2G)", "takes a percent and a size"),
+        (parse_size, "max(lots, 2%)", "'lots' is not a size"),
         (parse_duration, "-1s", "not a duration"),
         (parse_duration, float("nan"), "not a usable duration"),
     ],
@@ -102,3 +107,11 @@ def test_options_built_with_converters_evolve() -> None:
     options = Options()
     assert (options.limit, options.floor, options.grace) == (Size(percent=5.0), 64 << 20, 2.0)
     assert attrs.evolve(options, grace="150ms") == Options(grace=0.15)
+
+
+def test_a_size_with_a_floor_is_the_larger_of_its_two_parts() -> None:
+    line = parse_size("max(2%, 100MiB)")
+    assert line.resolve(2 << 30) == 100 << 20  # 2 % of 2 GiB is 41 MiB: the floor wins
+    assert line.resolve(64 << 30) == int((64 << 30) * 0.02)  # 1.3 GiB: the percent wins
+    assert str(line) == "max(2%, 100MiB)"
+    assert parse_size(str(line)) == line

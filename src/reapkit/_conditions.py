@@ -23,7 +23,7 @@ from ._procfs import MemInfo
 from ._sources.memory import CgroupMemoryFiles, MemoryThreshold
 from ._units import PsiSpec, parse_psi, parse_size
 
-_MEMORY = re.compile(r"^\s*(mem_available|swap_free|cgroup_usage)\s*([<>])\s*(\S+)\s*$")
+_MEMORY = re.compile(r"^\s*(mem_available|swap_free|cgroup_usage)\s*([<>])\s*(\S.*?)\s*$")
 
 
 @attrs.frozen

@@ -56,7 +56,7 @@ threads = 2
 
 [[rule]]
 name = "low-memory"
-when = ["memory some 200ms/2s", "mem_available < 5%"]
+when = ["memory some 200ms/2s", "mem_available < max(5%, 200MiB)"]
 scope = "system"
 select = [
   { name = "protect", comm = [
@@ -78,7 +78,9 @@ name = "almost-no-memory"
 # on most desktops) a low MemAvailable alone is no emergency: the kernel can still move cold
 # pages out, so this rule also waits until swap is nearly full (or there is none), as earlyoom
 # does. Swapping that makes tasks stall is the rule above's job: it asks PSI, not the swap.
-when = ["mem_available < 2%", "swap_free < 10%"]
+# Each line has a floor in bytes: what a leak takes while a victim is chosen and dies depends on
+# how fast it allocates, not on the size of RAM (2% of a 2 GiB machine is gone in a blink).
+when = ["mem_available < max(2%, 100MiB)", "swap_free < 10%"]
 scope = "system"
 select = [
   { name = "protect", comm = [

@@ -28,6 +28,7 @@ _SIZE_UNITS: Final = {
     "tib": 1 << 40,
     "tb": 1000**4,
 }
+_MAX = re.compile(r"\s*max\(([^,()]*),([^,()]*)\)\s*", re.IGNORECASE)
 _NUMBER_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ%]*)\s*")
 
 PSI_RESOURCES: Final = ("memory", "io", "cpu")
@@ -59,28 +60,50 @@ def parse_duration(text: str | float) -> float:
 
 @attrs.frozen
 class Size:
-    """An amount of memory: absolute bytes, or a percent of a total known later."""
+    """An amount of memory: absolute bytes, or a percent of a total known later, or with both
+    (``"max(2%, 100MiB)"``) the larger of the two: a percent that never falls below a floor."""
 
     bytes: int | None = None
     percent: float | None = None
 
     def resolve(self, total: int) -> int:
         """Bytes, given the total that a percent refers to."""
-        if self.bytes is not None:
+        if self.percent is None:
+            assert self.bytes is not None
             return self.bytes
-        assert self.percent is not None
-        return int(total * self.percent / 100)
+        share = int(total * self.percent / 100)
+        return share if self.bytes is None else max(share, self.bytes)
 
     def __str__(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else f"{self.bytes} bytes"
+        if self.percent is None:
+            return f"{self.bytes} bytes"
+        if self.bytes is None:
+            return f"{self.percent:g}%"
+        mib, rest = divmod(self.bytes, 1 << 20)
+        floor = f"{mib}MiB" if not rest else f"{self.bytes} bytes"
+        return f"max({self.percent:g}%, {floor})"
 
 
 def parse_size(text: str | int | Size) -> Size:
     """``"512MiB"``, ``"1G"``, ``"1.5GiB"``, ``"5%"``, ``4096`` → :class:`Size`. ``k/M/G``
-    without ``i`` are binary, like ``free`` and earlyoom; ``kB/MB/GB`` are decimal. A
+    without ``i`` are binary, like ``free`` and earlyoom; ``kB/MB/GB`` are decimal.
+    ``"max(2%, 100MiB)"`` (a percent and a size, either order) is the larger of the two. A
     :class:`Size` is returned as it is (an attrs converter must take its own output)."""
     if isinstance(text, Size):
         return text
+    both = _MAX.fullmatch(text) if isinstance(text, str) else None
+    if both:
+        try:
+            first, second = parse_size(both.group(1)), parse_size(both.group(2))
+        except InvalidValue as e:
+            raise InvalidValue(f"{text!r}: {e}") from None
+        percent = first.percent if first.percent is not None else second.percent
+        floor = first.bytes if first.bytes is not None else second.bytes
+        if percent is None or floor is None:
+            raise InvalidValue(
+                f"{text!r} is not a size: max() takes a percent and a size, e.g. 'max(2%, 100MiB)'"
+            )
+        return Size(bytes=floor, percent=percent)
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise InvalidValue(f"{text} is not a size: it must not be negative")

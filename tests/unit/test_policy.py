@@ -71,6 +71,19 @@ def test_the_default_emergency_rule_waits_for_swap(
     assert all(held) is acts
 
 
+def test_the_default_lines_keep_a_floor_on_small_machines() -> None:
+    """2 % of a 2 GiB machine is 41 MiB: six allocators ran the guest's memory to 0 past it
+    before a victim died (tests/vmlab's workers scenario). Each default line has a floor."""
+    small, large = 2 * GiB, 64 * GiB
+    lines = {
+        r.name: next(c.threshold.line for c in r.when if isinstance(c, MemoryCondition))
+        for r in load_policy().rules
+    }
+    assert lines["low-memory"].resolve(small) == 200 * MiB
+    assert lines["almost-no-memory"].resolve(small) == 100 * MiB
+    assert lines["almost-no-memory"].resolve(large) == int(large * 0.02)
+
+
 def test_a_good_policy_file(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(GOOD)

@@ -124,7 +124,9 @@ def report(records: list[dict[str, Any]]) -> str:
         "policy, reapkit with `examples/policies/earlyoom.toml`.",
         "",
         "In every run: two 64 MiB bystanders, and a heartbeat that sleeps 10 ms and touches "
-        "4 MiB of its own memory, all of which must survive. Onset: MemAvailable first below "
+        "4 MiB of its own memory and every page of a 32 MiB file it maps from the guest's disk "
+        "(page cache a shortage evicts, read back when it is touched: what freezes a desktop), "
+        "all of which must survive. Onset: MemAvailable first below "
         "10 % of MemTotal. Memory back: MemAvailable at 15 % again after a victim died. "
         "Worst stall: the heartbeat's longest tick beyond its 10 ms, from the start of the "
         "shortage until 2 s after the memory was back (or the run's limit: then the runner "

@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -127,12 +128,16 @@ def _child_stuck(size_mib: int, device: str) -> None:
 
 
 def _child_heartbeat(nice: int) -> None:
-    """Tick every 10 ms touching a little memory; on SIGUSR1 print every gap over 20 ms
-    (monotonic end time and length, in seconds) as JSON, and exit. At a ``nice`` below 0 the
-    CPU scheduler favours it over the hogs, so what stalls it is mostly memory."""
+    """Tick every 10 ms touching a little memory, as a program a user watches does: 4 MiB of
+    its own (anonymous) and every page of a 32 MiB file it maps (its "code and data", in the
+    page cache: what a shortage evicts first, and what makes a desktop freeze when it must be
+    read back). On SIGUSR1 print every gap over 20 ms (monotonic end time and length, in
+    seconds) as JSON, and exit. At a ``nice`` below 0 the CPU scheduler favours it over the
+    hogs, so what stalls it is mostly memory."""
     os.nice(nice)
     buf = _filled(4 * MiB)
     ones = b"\x03" * (4 * MiB // PAGE)
+    mapped = _mapped_file(32 * MiB)
     gaps: list[tuple[float, float]] = []
     stop = False
 
@@ -146,11 +151,27 @@ def _child_heartbeat(nice: int) -> None:
     while not stop:
         time.sleep(0.01)
         buf[::PAGE] = ones
+        mapped[::PAGE]  # reads one byte of every page: a page evicted meanwhile is read back
         now = time.monotonic()
         if now - last > 0.02 and len(gaps) < 20000:
             gaps.append((now, now - last - 0.01))
         last = now
     print(json.dumps(gaps), flush=True)
+
+
+def _mapped_file(size: int) -> mmap.mmap:
+    """``size`` bytes of a file on the guest's disk (``TMPDIR``, an ext4 scratch disk, not a
+    tmpfs), written, synced and mapped read-only; the file is unlinked, the mapping stays."""
+    fd, path = tempfile.mkstemp(prefix="heartbeat-")
+    try:
+        chunk = os.urandom(MiB)
+        for _ in range(size // MiB):
+            os.write(fd, chunk)
+        os.fsync(fd)
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 CHILDREN: dict[str, Callable[..., None]] = {

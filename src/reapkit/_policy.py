@@ -548,16 +548,17 @@ class _Table:
         return found
 
     def _validate(self, cls: type, values: dict[str, Any], where: str) -> None:
-        """Each field's validator, under its key, after every value is known (as attrs runs
-        them: a validator may look at other fields), the defaults standing for the rest."""
+        """Each field's validator, under its key, once every value is known (as attrs runs
+        them: a validator may look at other fields, and find a default at fault)."""
         fields = [f for f in attrs.fields(cls) if f.init]
         instance = SimpleNamespace(**{f.name: _default(f) for f in fields})
-        given = {f.name: values[_argument(f)] for f in fields if _argument(f) in values}
-        vars(instance).update(given)
+        vars(instance).update(
+            {f.name: values[_argument(f)] for f in fields if _argument(f) in values}
+        )
         for field in fields:
-            if field.validator is not None and field.name in given:
+            if field.validator is not None and field.name not in self.skip:
                 with _at(f"{where}.{self.names.get(field.name, field.name)}"):
-                    field.validator(instance, field, given[field.name])
+                    field.validator(instance, field, getattr(instance, field.name))
 
 
 def _argument(field: attrs.Attribute[Any]) -> str:

@@ -123,6 +123,23 @@ def test_what_only_the_host_can_refuse_parses_off_host(
     assert info.value.key == key and message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("when", "extra", "message"),
+    [
+        ("memory some 500ms/2s", 'pressure_cgroup = "/nonexistent/cg"', "/nonexistent/cg/memory.pressure does not exist (pressure files are cgroup v2 only)"),  # noqa: E501
+        ("cgroup_usage > 90%", 'cgroup = "/nonexistent/cg"', "cgroup_usage: the cgroup /nonexistent/cg does not exist"),  # noqa: E501
+    ],
+)  # fmt: skip
+def test_the_cgroups_a_condition_reads_are_looked_for_on_the_host(
+    when: str, extra: str, message: str
+) -> None:
+    text = RULE.replace("memory some 500ms/1s", when) + extra + "\n"
+    assert parse_policy(text).rules[0].when
+    with pytest.raises(PolicyError) as info:
+        load_policy(text=text)
+    assert info.value.key == "rule[0].when[0]" and message in str(info.value)
+
+
 def test_a_psi_window_is_checked_against_the_hosts_capabilities(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

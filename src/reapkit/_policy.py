@@ -507,8 +507,8 @@ class _Table:
                 if field.init and field.name not in self.skip:
                     key = self.names.get(field.name, field.name)
                     found[key] = (i, field)
-                    if key not in self.read and _reader_of(field) is None:
-                        assert field.validator is not None, f"{self.name} {key}: unchecked"
+                    if key not in self.read and not _reader_of(field) and not field.validator:
+                        raise TypeError(f"{self.name} {key}: nothing checks its value")
         return found
 
     @property
@@ -551,9 +551,11 @@ class _Table:
         """Each field's validator, under its key, once every value is known (as attrs runs
         them: a validator may look at other fields, and find a default at fault)."""
         fields = [f for f in attrs.fields(cls) if f.init]
-        instance = SimpleNamespace(**{f.name: _default(f) for f in fields})
-        vars(instance).update(
-            {f.name: values[_argument(f)] for f in fields if _argument(f) in values}
+        instance = SimpleNamespace(
+            **{
+                f.name: values[_argument(f)] if _argument(f) in values else _default(f)
+                for f in fields
+            }
         )
         for field in fields:
             if field.validator is not None and field.name not in self.skip:

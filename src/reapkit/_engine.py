@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -71,6 +71,9 @@ from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
 from ._sources.memory import MemoryEvent
 from ._sources.pidfd import wait_exit
 from ._sources.psi import PressureEvent, PressureWatchEnded
+
+if TYPE_CHECKING:
+    from ._reap_stage import ReapStage
 
 log = logging.getLogger("reapkit.engine")
 
@@ -204,7 +207,7 @@ class ActionContext:
     killed: bool = False
     dry_run: bool = False
     #: Send a warning to every observer (the ``warn`` action).
-    notify: Callable[[object], Awaitable[None]] | None = None
+    warn_observers: Callable[[object], Awaitable[None]] | None = None
     #: Anonymous memory + swap the victim held before any action (what its end frees).
     freeable: int = 0
     #: The engine's pass of the rule's protective selectors (see :meth:`protected`).
@@ -277,15 +280,16 @@ class Engine:
     """Decides, one event at a time, for a policy's rules; see the module docstring.
 
     ``emit`` receives every KillRecord; ``table`` (the ProcessTable) supplies PIDs for rules
-    whose scope is not a cgroup; ``reaper`` is the reap stage; ``notify`` sends warnings."""
+    whose scope is not a cgroup; ``reap_stage`` reaps for the ``reap`` action;
+    ``warn_observers`` hands the ``warn`` action's warnings to the observers."""
 
     rules: tuple[Rule, ...]
     emit: Emit
     procfs: ProcFS = attrs.field(factory=ProcFS)
     #: Something with ``pids() -> Iterable[int]`` (the ProcessTable), or None to scan /proc.
     table: Any = None
-    reaper: Any = None
-    notify: Callable[[object], Awaitable[None]] | None = None
+    reap_stage: ReapStage | None = None
+    warn_observers: Callable[[object], Awaitable[None]] | None = None
     _last_pressure: dict[object, float] = attrs.field(factory=dict, init=False)
     #: Victims signalled and not yet confirmed gone: pid -> deadline (trio clock).
     _dying: dict[int, float] = attrs.field(factory=dict, init=False)
@@ -703,7 +707,8 @@ class Engine:
             )
             return False
         context = ActionContext(
-            rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify,
+            rule, ref, victim, situation, self.reap_stage, timeline, [],
+            warn_observers=self.warn_observers,
             protect=functools.partial(self._protected, rule, situation, victim.pid),
         )  # fmt: skip
         context.freeable = self._freeable(ref) if not ref.closed else victim.rss
@@ -987,7 +992,7 @@ class Engine:
                     async with trio.open_nursery() as watch:
 
                         async def exit_seen() -> None:
-                            await ref.wait_exit()
+                            await ref.wait()
                             context.mark("exit_seen")
 
                         watch.start_soon(exit_seen)

@@ -423,6 +423,9 @@ class Action(Plugin):
     #: Sends the signal that ends the victim (``terminate``, ``kill``, ``cgroup-kill``): its
     #: failure ends the chain. Any other action that fails is recorded and the chain goes on.
     signals: ClassVar[bool] = False
+    #: Reaps (calls ``context.reap()``, as ``reap`` does): a policy with such an action
+    #: gets a reap stage (its pinned threads); without one, ``context.can_reap`` is False.
+    needs_reap_stage: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def act(self, context: Any) -> str:

@@ -35,7 +35,7 @@ from ._plugins import (
     make_options,
 )
 from ._procfs import FILES_SPARE, ProcFS
-from ._reap import ReapSettings, SchedPolicy
+from ._reap_stage import ReapSettings, SchedPolicy
 from ._units import parse_duration
 from .builtin import ensure_registered
 
@@ -140,8 +140,13 @@ class Policy:
     prepare_ranking: float = PREPARE_RANKING
 
     @property
-    def needs_reaper(self) -> bool:
-        return any(a.name == "reap" for r in self.rules for a in r.actions)
+    def needs_reap_stage(self) -> bool:
+        """Whether an action of a rule reaps (``Action.needs_reap_stage``): the reaper then
+        starts its reap stage."""
+        return any(a.needs_reap_stage for r in self.rules for a in r.actions)
+
+    #: The old name of :attr:`needs_reap_stage`.
+    needs_reaper = needs_reap_stage
 
 
 #: The largest policy file read: a policy is a few KiB.

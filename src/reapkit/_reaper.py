@@ -25,7 +25,7 @@ from ._guard import CgroupScope
 from ._plugins import Plugin, PluginCalls, Trigger, describe, isolated
 from ._policy import Policy
 from ._procfs import FILES_SPARE, ProcFS
-from ._reap import ReapStage
+from ._reap_stage import ReapStage
 from ._records import KillRecord, RecordLine
 from ._sources._base import SourceStatistics
 from ._sources.memory import MemoryThresholdSource
@@ -96,7 +96,7 @@ class Reaper:
     _events: trio.MemorySendChannel[object]
     _sources: list[Any] = attrs.field(factory=list)
     _table: Any = None
-    _reap: Any = None
+    _reap_stage: ReapStage | None = None
     _subscribers: list[trio.MemorySendChannel[KillRecord]] = attrs.field(factory=list)
     _records: int = 0
     _dropped: int = 0
@@ -135,7 +135,7 @@ class Reaper:
             engine=self._engine.statistics(),
             sources=tuple(s.statistics() for s in self._sources if hasattr(s, "statistics")),
             table=self._table.statistics() if self._table is not None else None,
-            reap=self._reap.statistics() if self._reap is not None else None,
+            reap=self._reap_stage.statistics() if self._reap_stage is not None else None,
             records=self._records,
             records_dropped=self._dropped,
             observer_failures=self._observer_failures,
@@ -314,22 +314,23 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         table = None
         if live_table and any(not isinstance(r.guard.scope, CgroupScope) for r in policy.rules):
             table = await nursery.start(ProcessTable(procfs=procfs).serve)
-        reap = None
-        if policy.needs_reaper:
+        reap_stage = None
+        if policy.needs_reap_stage:
             stage = ReapStage(policy.reap.settings(), shutdown_timeout=stop_timeout)
-            reap = await nursery.start(stage.serve)
+            reap_stage = await nursery.start(stage.serve)
         raised_from = _files_for(policy.keep_score_files)
         engine = Engine(
-            policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
+            policy.rules, emit=_noop_emit, procfs=procfs, table=table, reap_stage=reap_stage,
             keep_score_files=policy.keep_score_files, prepare_ranking=policy.prepare_ranking,
         )  # fmt: skip
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(
-                policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
-                observers=policy.observers, output=output or OutputCounters(),
+                policy, engine, send.clone(), table=table, reap_stage=reap_stage,
+                subscribers=subscribers, observers=policy.observers,
+                output=output or OutputCounters(),
             )  # fmt: skip
             engine.emit = reaper._emit
-            engine.notify = reaper._warn
+            engine.warn_observers = reaper._warn
             feed.start(reaper)
             try:  # before the first decision, not beside it
                 await engine.prepare()

@@ -101,11 +101,11 @@ class Warn(Action):
         text = self.options.message.format(
             name=c.comm, pid=c.pid, rss_mib=c.rss >> 20, rule=context.rule.name
         )
-        if context.notify is None:
+        if context.warn_observers is None:
             return "no observers"
         victim = context.situation.victim(c)
         dry = not context.guard.signals_enabled
-        await context.notify(
+        await context.warn_observers(
             KillWarning(trio.current_time(), context.rule.name, victim, text, dry_run=dry)
         )
         return f"warned{' (dry-run)' if dry else ''}: {text}"
@@ -345,6 +345,7 @@ class Reap(Action):
 
     name: ClassVar[str] = "reap"
     inline: ClassVar[bool] = True
+    needs_reap_stage: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         if context.dry_run:

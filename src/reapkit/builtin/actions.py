@@ -17,11 +17,10 @@ import attrs
 import trio
 
 from .._accounts import account_id, groups_of, may_execute
-from .._engine import ActionContext
 from .._errors import InvalidValue, ReapkitError
 from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
 from .._kernel._cgroups import cgroup_mounts, mount_for, v2_mount
-from .._plugins import Action, Candidate, Ranked
+from .._plugins import Action, ActionContext, Candidate, Ranked
 from .._records import KillWarning
 from .._sources._base import owned_fd
 from .._units import parse_duration
@@ -324,7 +323,7 @@ class CgroupKill(Action):
 async def _protected_members(context: ActionContext, directory: str) -> list[tuple[int, str]]:
     """Members of ``directory`` that a protective selector of the rule would spare (called by
     the engine, as in the decision; one that fails refuses the kill)."""
-    if not any(s.protective for s in context.rule.selectors):
+    if not context.rule.protects:
         return []
     procfs = context.situation.procfs
     candidates = []

@@ -33,7 +33,7 @@ from types import TracebackType
 
 import attrs
 
-from ._signals import deferred_interrupts
+from ._interrupts import deferred_interrupts
 
 _CHUNK = 1 << 20
 

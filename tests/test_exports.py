@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 import reapkit
+import reapkit.asyncio
 import reapkit.lowlevel
+import reapkit.testing
 import reapkit.units
 
-PUBLIC = [reapkit, reapkit.lowlevel, reapkit.units]
+PUBLIC = [reapkit, reapkit.asyncio, reapkit.lowlevel, reapkit.testing, reapkit.units]
 
 
 @pytest.mark.parametrize("module", PUBLIC, ids=lambda m: m.__name__)

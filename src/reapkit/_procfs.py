@@ -2,7 +2,7 @@
 
 psutil's own regret (its ``docs/DEVNOTES.md``) was a global ``/proc`` path and mutable records;
 here the root is given to :class:`ProcFS` and every record is an ``attrs`` frozen class, so tests
-point a :class:`ProcFS` at a fake tree (``reapkit._fakeproc.FakeProc``).
+point a :class:`ProcFS` at a fake tree (``reapkit.testing.FakeProc``).
 
 Two layers:
 

@@ -1,4 +1,4 @@
-"""Tests for reapkit._procfs (the /proc readers) and reapkit._fakeproc (the fake tree).
+"""Tests for reapkit._procfs (the /proc readers) and reapkit.testing.FakeProc (the fake tree).
 
 Most tests build a tree with FakeProc under tmp_path; the last ones read the real /proc
 (read-only). Tests run as root, so permission errors are simulated by patching os.open.
@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reapkit._errors import AccessDenied, NoSuchProcess, ProcFormatError
-from reapkit._fakeproc import FakeProc
 from reapkit._procfs import (
     PF_KTHREAD,
     CgroupEntry,
@@ -41,6 +40,7 @@ from reapkit._procfs import (
     parse_statm,
     parse_status,
 )
+from reapkit.testing import FakeProc
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20

@@ -4,8 +4,6 @@
 ``ProcFS(fake.root)`` reads them back exactly. It refuses combinations the kernel cannot
 produce (a zombie with resident memory, a NUL in a name); :meth:`FakeProc.write` puts any bytes
 anywhere for hostile-input tests.
-
-It will become public as ``reapkit.testing.FakeProc``.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from ._procfs import PF_KTHREAD
+from .._procfs import PF_KTHREAD
 
 __all__ = ["FakeProc"]
 

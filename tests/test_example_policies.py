@@ -47,8 +47,8 @@ from reapkit import (
     load_policy,
     open_reaper,
 )
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import Engine
+from reapkit.testing import SandboxCgroup
 
 from .conftest import MiB, Spawn, need
 

@@ -45,7 +45,6 @@ import trio
 from ._conditions import Condition, MemoryCondition, PressureCondition
 from ._errors import NoSuchProcess, ProcessChanged, ReapkitError
 from ._guard import (
-    REAL_PROC,
     CgroupScope,
     KillGuard,
     KillRefused,
@@ -71,7 +70,7 @@ from ._plugins import (
     ManualTrigger as ManualTrigger,
 )
 from ._process import ProcessRef
-from ._procfs import KeptScoreFiles, MemInfo, ProcFS
+from ._procfs import DEAD_STATES, KeptScoreFiles, MemInfo, ProcFS, in_subtree
 from ._records import ActionStep, KillRecord, KillWarning, Outcome, SelectorStep, Victim
 from ._sources.memory import MemoryEvent
 from ._sources.psi import PressureEvent, PressureWatchEnded
@@ -83,7 +82,6 @@ log = logging.getLogger("reapkit.engine")
 
 #: A candidate scan yields to the event loop after this many processes.
 CHECKPOINT_EVERY = 256
-_DEAD = frozenset({"Z", "X"})
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: ``born_from`` for a fake /proc tree, whose start times are not this boot's ticks.
 _NEVER = sys.maxsize
@@ -313,7 +311,7 @@ class Engine:
         self._calls = PluginCalls(inline_context=_collector_paused)
         # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
         # file kept open would go on reading the old content.
-        if self.keep_score_files > 0 and self.procfs.root == REAL_PROC:
+        if self.keep_score_files > 0 and self.procfs.is_real:
             self._kept = KeptScoreFiles(self.procfs, self.keep_score_files)
 
     def statistics(self) -> EngineStatistics:
@@ -568,7 +566,7 @@ class Engine:
         and ``stat`` again (one that exited, or whose start time differs, is dropped), the
         rule's protective selectors on what is left, then the guard. Returns (the victim or
         None, the steps, why it failed safe or None)."""
-        procfs, real = self.procfs, self.procfs.root == REAL_PROC
+        procfs, real = self.procfs, self.procfs.is_real
         with _collector_paused():
             born = _boot_tick() if real else _NEVER  # before the reads, as in a scan
             pids = [r.candidate.pid for r in prepared.shortlist]
@@ -581,7 +579,7 @@ class Engine:
                 c = None
                 if score is not None:
                     c = Candidate.lazy(old.pid, score, procfs, born_from=born)
-                if c is None or c.state in _DEAD:
+                if c is None or c.state in DEAD_STATES:
                     dropped.append(f"{old.pid} exited")
                 elif c.start_time != old.start_time:
                     dropped.append(f"{old.pid} is another process now")
@@ -703,7 +701,7 @@ class Engine:
 
     def _open(self, victim: Candidate) -> ProcessRef:
         """The victim's pidfd, pinned to its identity (raises if it is gone or another)."""
-        if self.procfs.root == REAL_PROC:
+        if self.procfs.is_real:
             return ProcessRef.open(victim.pid, start_time=victim.start_time, procfs=self.procfs)
         # A fake tree: its PIDs are not real processes (and its guard never signals).
         return ProcessRef.unpinned(victim.pid, victim.start_time, self.procfs)
@@ -772,7 +770,7 @@ class Engine:
             pids = list(self.table.pids())
         else:
             pids = self.procfs.pids()
-        procfs, kept, real = self.procfs, self._kept, self.procfs.root == REAL_PROC
+        procfs, kept, real = self.procfs, self._kept, self.procfs.is_real
         candidates = []
         for start in range(0, len(pids), CHECKPOINT_EVERY):
             if start:
@@ -783,7 +781,7 @@ class Engine:
                 born = _boot_tick() if real else _NEVER
                 for pid, score in procfs.oom_scores(pids[start : start + CHECKPOINT_EVERY], kept):
                     c = Candidate.lazy(pid, score, procfs, born_from=born)
-                    if score == 0 and (c.is_kernel_thread or c.state in _DEAD):
+                    if score == 0 and (c.is_kernel_thread or c.state in DEAD_STATES):
                         continue
                     candidates.append(c)
         with _collector_paused():
@@ -1103,12 +1101,10 @@ _P = TypeVar("_P", bound=_Parented)
 
 def _descendants(infos: list[_P], root: int) -> list[_P]:
     """The processes that descend from ``root`` (or are it), from their ppids alone."""
-    parent = {i.pid: i.ppid for i in infos}
-    keep = []
-    for info in infos:
-        pid, hops = info.pid, 0
-        while pid not in (root, 0, 1) and pid in parent and hops < 4096:
-            pid, hops = parent[pid], hops + 1
-        if pid == root:
-            keep.append(info)
-    return keep
+    parent: dict[int, int] = {i.pid: i.ppid for i in infos}
+    memo: dict[int, bool] = {}
+
+    def parent_of(pid: int) -> int:
+        return parent.get(pid, 0)
+
+    return [info for info in infos if in_subtree(info.pid, root, parent_of, memo)]

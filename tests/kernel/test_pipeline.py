@@ -18,14 +18,13 @@ import trio
 
 from reapkit import Action, ActionContext
 from reapkit._engine import ManualTrigger
-from reapkit._hog import make_thrash_file, start_hog, start_thrasher
 from reapkit._plugins import Observer, PluginRegistry, Ranked, Selector, Situation, Trigger
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord, KillWarning
-from reapkit._sandbox import SandboxCgroup
 from reapkit.builtin import register_builtins
 from reapkit.lowlevel import Probe
+from reapkit.testing import SandboxCgroup, make_thrash_file, start_hog, start_thrasher
 
 from ..conftest import MiB, Spawn
 

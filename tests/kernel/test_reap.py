@@ -16,10 +16,9 @@ import pytest
 import trio
 
 from reapkit import ProcessRef, Unsupported
-from reapkit._hog import start_hog
 from reapkit._reap_stage import THREAD_NAME_PREFIX, ReapSettings, ReapStage
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import Probe, effective_capabilities
+from reapkit.testing import SandboxCgroup, start_hog
 
 from ..conftest import MiB, Spawn, need, require_root
 

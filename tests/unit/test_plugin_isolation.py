@@ -16,7 +16,6 @@ import trio.testing
 
 import reapkit._reaper
 from reapkit._engine import Engine, ManualTrigger
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     OVERRUNS_TO_SWITCH_OFF,
     Observer,
@@ -32,6 +31,7 @@ from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
 from reapkit.builtin import register_builtins
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 from .test_engine import ticking
 

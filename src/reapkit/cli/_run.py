@@ -26,6 +26,7 @@ from .._errors import AccessDenied
 from .._heartbeat import HEARTBEAT_EVERY, beat, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._policy import Policy, PolicyError, load_policy
+from .._procfs import OOM_SCORE_ADJ_MIN
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._records import KillRecord, RecordLine
 from .._sd_notify import SdNotifier
@@ -133,7 +134,7 @@ def _prepare_process(args: argparse.Namespace) -> None:
     except AccessDenied as exc:
         log.warning("running without locked memory: %s", exc)
     try:
-        set_oom_score_adj(-1000)
+        set_oom_score_adj(OOM_SCORE_ADJ_MIN)
     except AccessDenied as exc:
         log.warning("the kernel's OOM killer may pick the reaper itself: %s", exc)
     if args.nice is not None:

@@ -117,9 +117,15 @@ def _check_cpus(
         raise InvalidValue(f"cpus must be CPU numbers >= 0, not {bad[0]!r}")
 
 
-def _check_nice(_inst: object, _attr: attrs.Attribute[int | None], value: int | None) -> None:
+def _check_nice(inst: ReapSettings, _attr: attrs.Attribute[int | None], value: int | None) -> None:
+    # attrs runs validators after every field is set: the policy is known here.
     if value is not None and (not _is_int(value) or not -20 <= value <= 19):
         raise InvalidValue(f"nice must be an integer within -20..19, not {value!r}")
+    if value is not None and inst.policy in _NICE_IGNORED:
+        raise InvalidValue(
+            f"nice has no effect under policy {inst.policy!r}: leave nice unset, or use policy"
+            " 'other' or 'batch'"
+        )
 
 
 def _check_policy(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
@@ -140,11 +146,6 @@ def _check_priority(inst: ReapSettings, _attr: attrs.Attribute[int], value: int)
         raise InvalidValue(
             f"priority must be 0 for policy {inst.policy!r}, not {value!r}: only 'fifo' and"
             " 'rr' take a real-time priority (use nice for the others)"
-        )
-    if inst.nice is not None and inst.policy in _NICE_IGNORED:
-        raise InvalidValue(
-            f"nice has no effect under policy {inst.policy!r}: leave nice unset, or use policy"
-            " 'other' or 'batch'"
         )
 
 

@@ -183,6 +183,11 @@ def test_the_rule_table_is_the_rule_and_its_guard() -> None:
         ("[reaper.reap]\nthreads = true\n", "reaper.reap.threads", "within 1..64"),
         ("[reaper]\ndry_run = 1\n", "reaper.dry_run", "expected bool, not 1"),
         ("[reaper]\nreap = 3\n", "reaper.reap", "expected a table"),
+        (
+            '[reaper.reap]\npolicy = "fifo"\npriority = 5\nnice = -5\n',
+            "reaper.reap.nice",
+            "nice has no effect under policy 'fifo'",
+        ),
     ],
 )
 def test_converters_and_validators_speak_at_their_key(head: str, key: str, message: str) -> None:

@@ -16,7 +16,6 @@ import abc
 import contextlib
 import inspect
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -310,20 +309,8 @@ class Situation:
         return " ".join(args)
 
     def exe(self, c: Candidate) -> str:
-        """The executable's path (``/proc/<pid>/exe``), only if it is verified: the file at
-        that path in the reader's mount namespace is the file the process runs. ``""`` for a
-        file bind-mounted or private to another mount namespace, deleted or replaced
-        (``" (deleted)"``), for kernel threads, vanished processes, or where it cannot be read."""
-
-        def read(pid: int) -> str:
-            link = f"{self.procfs.root}/{pid}/exe"
-            running = os.stat(link)  # the file the process runs, wherever it was mounted
-            path = os.readlink(link)
-            on_disk = os.lstat(path) if path.startswith("/") else None  # a link is no proof
-            same = on_disk is not None and os.path.samestat(running, on_disk)
-            return path if same else ""
-
-        value: str = self._cached(c.pid, "exe", read, "")
+        """The executable's path, only if it is verified (:meth:`ProcFS.exe`)."""
+        value: str = self._cached(c.pid, "exe", self.procfs.exe, "")
         return value
 
     def cgroup(self, c: Candidate) -> str:

@@ -1,0 +1,357 @@
+"""Record a machine's memory story as a trace (``reapkit record``, ``reapkit run --trace``).
+
+What the engine's inputs were, at a rate that follows the headroom as the memory sampler's does:
+
+* ``mem`` (MemTotal, MemAvailable, MemFree, swap) every sample: the interval is MemAvailable
+  divided by an assumed fill rate of 10 GiB/s, clamped to [10 ms, 1 s];
+* ``psi``: each of ``/proc/pressure/{memory,io,cpu}`` whose totals moved since the sample
+  before (replay derives any trigger's firings from the totals);
+* ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named;
+* ``proc``: every user process (kernel threads never are candidates) in snapshots whose
+  interval is MemAvailable divided by 1 GiB/s, clamped to [250 ms, 10 s] — identity, name,
+  command line, executable, uid, cgroup, RSS, swap, ``oom_score``, ``oom_score_adj``. After
+  the first sight of a process, only what changed is written;
+* ``fork``, ``exec``, ``comm``, ``exit`` from the proc connector as they happen (where it can
+  be opened; snapshots see exits too, later).
+
+A snapshot reads five small files per process on a worker thread, so the event loop it shares
+(``run --trace``) keeps its reaction time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
+from ._procfs import PF_KTHREAD, MemInfo, ProcFS
+from ._records import KillRecord
+from ._sources.memory import CgroupMemoryFiles
+from ._sources.proc_connector import (
+    ProcComm,
+    ProcConnectorSource,
+    ProcEvent,
+    ProcExec,
+    ProcExit,
+    ProcFork,
+)
+from ._sources.psi import parse_pressure
+from ._trace import FORMAT, VERSION, TraceWriter
+from ._version import __version__
+
+log = logging.getLogger("reapkit.trace")
+
+KiB: Final = 1024
+GiB: Final = 1 << 30
+#: Memory samples: MemAvailable / MEM_FILL_RATE seconds, within MEM_INTERVAL.
+MEM_FILL_RATE: Final = 10 * GiB
+MEM_INTERVAL: Final = (0.010, 1.0)
+#: Process snapshots: MemAvailable / SNAPSHOT_FILL_RATE seconds, within SNAPSHOT_INTERVAL.
+SNAPSHOT_FILL_RATE: Final = 1 * GiB
+SNAPSHOT_INTERVAL: Final = (0.25, 10.0)
+PSI_RESOURCES: Final = ("memory", "io", "cpu")
+#: A rolling trace's segments last at least this long (seconds): half the window.
+TRACE_SEGMENT_MIN: Final = 30.0
+
+
+def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(bounds[1], max(bounds[0], value))
+
+
+@attrs.frozen
+class RecorderStatistics:
+    samples: int
+    snapshots: int
+    #: User processes in the last snapshot.
+    processes: int
+    lines_written: int
+    lines_dropped: int
+    #: The trace could not be written any more (a full disk): the error, else ``None``.
+    failed: str | None
+
+
+@attrs.define
+class Recorder:
+    """Writes a trace to ``writer`` until cancelled (see the module docstring)."""
+
+    writer: TraceWriter
+    procfs: ProcFS = attrs.field(factory=ProcFS)
+    #: Keep command lines (``--no-cmdline`` drops them: a trace may leave the machine).
+    cmdline: bool = True
+    #: Memory cgroup directories whose usage and events are recorded.
+    cgroups: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple)
+    #: Rolling: a new segment every half ``window`` seconds, the one before kept (``None``: one
+    #: segment).
+    window: float | None = None
+    #: Subscribe to the proc connector for exact fork/exec/exit times (needs CAP_NET_ADMIN).
+    events: bool = True
+    _t0: float = attrs.field(default=math.nan, init=False)
+    _recording: str = attrs.field(factory=lambda: uuid.uuid4().hex, init=False)
+    _segment: int = attrs.field(default=0, init=False)
+    _segment_started: float = attrs.field(default=0.0, init=False)
+    #: (pid, start) → the fields last written for that process.
+    _known: dict[tuple[int, int], dict[str, Any]] = attrs.field(factory=dict, init=False)
+    #: pids whose name, command line or program changed (exec, comm): read them afresh.
+    _changed: set[int] = attrs.field(factory=set, init=False)
+    _last: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _samples: int = attrs.field(default=0, init=False)
+    _snapshots: int = attrs.field(default=0, init=False)
+    _connected: bool = attrs.field(default=False, init=False)
+
+    def statistics(self) -> RecorderStatistics:
+        failed = self.writer.failed
+        return RecorderStatistics(
+            self._samples,
+            self._snapshots,
+            len(self._known),
+            self.writer.written,
+            self.writer.dropped,
+            None if failed is None else f"{failed.strerror or failed}",
+        )
+
+    def now(self) -> float:
+        """Seconds since the recording started, as written in ``t``."""
+        return round(trio.current_time() - self._t0, 3)
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "k": "header",
+            "format": FORMAT,
+            "version": VERSION,
+            "recording": self._recording,
+            "segment": self._segment,
+            "started": round(time.time() - (trio.current_time() - self._t0), 3),
+            "hostname": socket.gethostname(),
+            "kernel": platform.release(),
+            "reapkit": __version__,
+            "page_size": self.procfs.page_size,
+            "cmdline": self.cmdline,
+            "events": self._connected,
+            "cgroups": list(self.cgroups),
+            "window": self.window,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the trace (its file is created before ``started()``), then record until
+        cancelled; the trace's ``end`` record is written on the way out."""
+        self._t0 = trio.current_time()
+        self.writer.open()  # a file that cannot be created fails here, not in a task
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[ProcEvent](4096)
+            if self.events:
+                try:
+                    await nursery.start(ProcConnectorSource().run, send)
+                    self._connected = True
+                except (AccessDenied, OSError) as exc:
+                    log.warning("trace: no process events (%s); snapshots only", exc)
+            self.writer.start(self.header())
+            try:
+                await self._keyframe()
+                if self._connected:
+                    nursery.start_soon(self._follow, receive)
+                task_status.started()
+                await self._sample_forever()
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.writer.close, self.now())
+
+    def record_kill(self, record: KillRecord) -> None:
+        """Write a kill the running reaper made (``run --trace``): replay tells the kills the
+        machine really saw from those a policy would have made."""
+        self.writer.write({"t": self.now(), "k": "kill", "record": record.as_json()})
+
+    # -- sampling --------------------------------------------------------------------------
+
+    async def _sample_forever(self) -> None:
+        next_snapshot = trio.current_time() + SNAPSHOT_INTERVAL[0]
+        while self.writer.failed is None:
+            meminfo = self._sample()
+            now = trio.current_time()
+            if self.window is not None and now - self._segment_started >= self.window / 2:
+                await self._rotate()
+            elif now >= next_snapshot:
+                await self._snapshot(keyframe=False)
+            if now >= next_snapshot:
+                interval = meminfo.available / SNAPSHOT_FILL_RATE
+                next_snapshot = now + _clamp(interval, SNAPSHOT_INTERVAL)
+            await trio.sleep(_clamp(meminfo.available / MEM_FILL_RATE, MEM_INTERVAL))
+        log.warning("trace %s: stopped: %s", self.writer.path, self.writer.failed)
+
+    def _sample(self, *, every: bool = False) -> MemInfo:
+        """Write ``mem``, and the ``psi`` and ``cgroup`` records that changed (all: ``every``)."""
+        self._samples += 1
+        t = self.now()
+        meminfo = self.procfs.meminfo()
+        self.writer.write(
+            {
+                "t": t,
+                "k": "mem",
+                "total": meminfo.total // KiB,
+                "avail": meminfo.available // KiB,
+                "free": meminfo.free // KiB,
+                "swap_total": meminfo.swap_total // KiB,
+                "swap_free": meminfo.swap_free // KiB,
+            }
+        )
+        for resource in PSI_RESOURCES:
+            psi = _pressure(f"{self.procfs.root}/pressure/{resource}")
+            if psi is not None:
+                self._changed_record(
+                    f"psi {resource}", t, {"k": "psi", "res": resource, **psi}, every
+                )
+        for path in self.cgroups:
+            cgroup = _cgroup(path, meminfo.total)
+            if cgroup is not None:
+                self._changed_record(
+                    f"cgroup {path}", t, {"k": "cgroup", "path": path, **cgroup}, every
+                )
+        return meminfo
+
+    def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
+        if every or self._last.get(key) != record:
+            self._last[key] = record
+            self.writer.write({"t": t, **record})
+
+    async def _rotate(self) -> None:
+        self._segment += 1
+        self._segment_started = trio.current_time()
+        self.writer.rotate(self.header())
+        await self._keyframe()
+
+    async def _keyframe(self) -> None:
+        """Every figure and every process afresh: a segment reads on its own."""
+        self._segment_started = trio.current_time()
+        self._known.clear()
+        self._sample(every=True)
+        await self._snapshot(keyframe=True)
+
+    async def _snapshot(self, *, keyframe: bool) -> None:
+        self._snapshots += 1
+        t = self.now()
+        changed, self._changed = self._changed, set()
+        records = await trio.to_thread.run_sync(self._read_processes, t, changed)
+        for record in records:
+            self.writer.write(record)
+
+    def _read_processes(self, t: float, changed: set[int]) -> list[dict[str, Any]]:
+        """One snapshot, on a worker thread: a ``proc`` record for each process new or changed
+        since the last, an ``exit`` for each one gone."""
+        records: list[dict[str, Any]] = []
+        seen: dict[tuple[int, int], dict[str, Any]] = {}
+        for pid in self.procfs.pids():
+            try:
+                key, fields = self._read_process(pid, changed)
+            except (NoSuchProcess, AccessDenied, ProcFormatError):
+                continue  # gone between two reads, or not ours to read: the next one tells
+            if key is None:
+                continue
+            before = self._known.get(key)
+            if before is None:
+                delta = fields
+            else:
+                delta = {k: v for k, v in fields.items() if before.get(k) != v}
+                fields = {**before, **fields}
+            seen[key] = fields
+            if delta:
+                records.append({"t": t, "k": "proc", "pid": key[0], "start": key[1], **delta})
+        for pid, start in self._known.keys() - seen.keys():
+            records.append({"t": t, "k": "exit", "pid": pid, "start": start})
+        self._known = seen
+        return records
+
+    def _read_process(
+        self, pid: int, changed: set[int]
+    ) -> tuple[tuple[int, int] | None, dict[str, Any]]:
+        procfs = self.procfs
+        start, comm, ppid, state, rss, flags = procfs.selection_stat(pid)
+        if flags & PF_KTHREAD:
+            return None, {}
+        key = (pid, start)
+        status = procfs.status(pid)
+        fields: dict[str, Any] = {
+            "comm": comm,
+            "ppid": ppid,
+            "state": state,
+            "uid": status.uids[0],
+            "rss": rss // KiB,
+            "swap": (status.vm_swap or 0) // KiB,
+            "score": procfs.oom_score(pid),
+            "adj": procfs.oom_score_adj(pid),
+            "cgroup": procfs.read_bytes(f"{pid}/cgroup").decode("utf-8", "surrogateescape"),
+        }
+        if key not in self._known or pid in changed:
+            fields["exe"] = procfs.exe(pid)
+            if self.cmdline:
+                fields["cmdline"] = list(procfs.cmdline(pid))
+        return key, fields
+
+    # -- process events --------------------------------------------------------------------
+
+    async def _follow(self, receive: trio.MemoryReceiveChannel[ProcEvent]) -> None:
+        async with receive:
+            async for event in receive:
+                t = self.now()
+                if isinstance(event, ProcFork):
+                    record = {"k": "fork", "pid": event.child_pid, "ppid": event.parent_pid}
+                elif isinstance(event, ProcExec):
+                    self._changed.add(event.pid)
+                    record = {"k": "exec", "pid": event.pid}
+                elif isinstance(event, ProcComm):
+                    self._changed.add(event.pid)
+                    record = {"k": "comm", "pid": event.pid, "comm": event.comm}
+                elif isinstance(event, ProcExit):
+                    record = {"k": "exit", "pid": event.pid}
+                else:
+                    continue  # lost events: the next snapshot resynchronises
+                self.writer.write({"t": t, **record})
+
+
+def _pressure(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            snapshot = parse_pressure(f.read())
+    except (OSError, ValueError):
+        return None  # no PSI here (kernel built without it, or psi=0)
+    full = snapshot.full
+    return {
+        "some": snapshot.some.total_us,
+        "full": full.total_us if full else None,
+        "avg10": [snapshot.some.avg10, full.avg10 if full else None],
+    }
+
+
+def _cgroup(path: str, mem_total: int) -> dict[str, Any] | None:
+    try:
+        files = CgroupMemoryFiles(path)
+        sample = files.sample(mem_total)
+        events = _events(files.events_path) if files.events_path else None
+        pressure = _pressure(os.path.join(path, "memory.pressure"))
+    except (OSError, ValueError):
+        return None  # removed, or not a memory cgroup (any more)
+    return {
+        "usage": sample.value // KiB,
+        "limit": sample.total // KiB,
+        "events": events,
+        "pressure": pressure,
+    }
+
+
+def _events(path: str) -> dict[str, int]:
+    with open(path, "rb") as f:
+        pairs: Iterable[list[bytes]] = (line.split() for line in f.read().splitlines())
+        return {k.decode(): int(v) for k, v in pairs}

@@ -1,0 +1,345 @@
+"""Replay a policy over a trace: what would it have done?
+
+The real engine, selectors, actions and guard run in dry-run mode on a virtual clock (trio's
+``MockClock``, jumping to the next moment anything happens) over a ``/proc`` served from the
+trace: a directory written as the trace says, record by record, at the record's time. What the
+engine's sources would have seen comes from the trace too:
+
+* memory lines: the real :class:`MemoryThresholdSource` samples the served ``meminfo``;
+* PSI triggers: each trigger's firings are derived from the recorded stall totals as the kernel
+  decides them (stall growth within the window at least the threshold, at most one event per
+  window), for the system's pressure files and the recorded cgroups';
+* processes: the served tree (the engine scans it at each decision).
+
+Counterfactuals: when the policy kills a process that the trace does not show exiting soon
+after (within :data:`REAL_EXIT_WITHIN`), the real machine did not make that kill. From then on
+the trace shows a world where that process lived; the victim is hidden from the served tree
+and every later decision is marked ``counterfactual``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+import trio.testing
+
+from ._conditions import MemoryCondition, PressureCondition
+from ._engine import Engine
+from ._fakeproc import FakeProc
+from ._policy import Policy, load_policy
+from ._procfs import ProcFS
+from ._records import KillRecord
+from ._sources.memory import MemoryThresholdSource
+from ._sources.psi import PressureEvent
+from ._trace import Trace, TraceError
+from ._units import PsiSpec
+
+KiB: Final = 1024
+#: A replayed kill whose victim the trace shows exiting within this many seconds is one the
+#: real machine made too (by this policy, another daemon or the kernel).
+REAL_EXIT_WITHIN: Final = 5.0
+#: Replay goes on this long past the trace's last record (victims' confirmations, cooldowns).
+TAIL: Final = 1.0
+
+
+@attrs.frozen
+class ReplayedDecision:
+    """One decision of a replayed policy."""
+
+    #: Seconds since the trace started.
+    t: float
+    record: KillRecord
+    #: Made after the first kill the real machine did not make: the trace shows a world where
+    #: that victim lived on, so this decision saw figures of a different world.
+    counterfactual: bool
+    #: Whether the trace shows this victim exiting within ``REAL_EXIT_WITHIN`` seconds: the real
+    #: machine lost it too (``None``: no victim).
+    happened: bool | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "replayed": True,
+            "counterfactual": self.counterfactual,
+            "happened": self.happened,
+            "record": self.record.as_json(),
+        }
+
+
+@attrs.frozen
+class ReplayResult:
+    policy: str
+    decisions: tuple[ReplayedDecision, ...]
+    #: Seconds since the trace started of the first kill the real machine did not make.
+    diverged_at: float | None
+    #: The trace's length in seconds, and what was wrong with it (``truncated``, ``lost``).
+    duration: float
+    truncated: bool
+    lost: int
+
+
+class _ServedProcFS(ProcFS):
+    """The served tree, with each process's executable as the trace verified it (the path
+    may not exist on the machine that replays)."""
+
+    __slots__ = ("exes",)
+
+    def __init__(self, root: str, page_size: int) -> None:
+        super().__init__(root, page_size=page_size)
+        self.exes: dict[int, str] = {}
+
+    def exe(self, pid: int) -> str:
+        return self.exes.get(pid, "")
+
+
+@attrs.define
+class _World:
+    """The served ``/proc`` and what the trace said about each process so far."""
+
+    fake: FakeProc
+    procfs: _ServedProcFS
+    #: The trace's file, for messages.
+    path: str
+    #: (pid, start) → the process's fields as recorded so far.
+    processes: dict[tuple[int, int], dict[str, Any]] = attrs.field(factory=dict)
+    #: Victims of replayed kills: hidden from the tree from their kill on.
+    hidden: set[tuple[int, int]] = attrs.field(factory=set)
+
+    def apply(self, record: Mapping[str, Any]) -> None:
+        """Serve what ``record`` says; a record whose values make no sense is a
+        :class:`TraceError` naming it."""
+        try:
+            self._apply(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise TraceError(
+                self.path, None, f"a {record.get('k')!r} record at {record.get('t')} s: {exc!r}"
+            ) from None
+
+    def _apply(self, record: Mapping[str, Any]) -> None:
+        kind = record["k"]
+        if kind == "mem":
+            self.fake.set_meminfo(
+                total=record["total"] * KiB,
+                available=record["avail"] * KiB,
+                free=record["free"] * KiB,
+                swap_total=record["swap_total"] * KiB,
+                swap_free=record["swap_free"] * KiB,
+            )
+        elif kind == "psi":
+            self._pressure(record)
+        elif kind == "proc":
+            key = (record["pid"], record["start"])
+            fields = self.processes.setdefault(key, {})
+            fields.update(record)
+            if key not in self.hidden:
+                self._write(key, fields)
+        elif kind == "exit":
+            self._exit(record["pid"], record.get("start"))
+
+    def hide(self, pid: int, start: int) -> None:
+        self.hidden.add((pid, start))
+        self._exit(pid, start)
+
+    def _exit(self, pid: int, start: int | None) -> None:
+        for key in [k for k in self.processes if k[0] == pid and start in (None, k[1])]:
+            del self.processes[key]
+            self.procfs.exes.pop(pid, None)
+            with contextlib.suppress(FileNotFoundError):
+                self.fake.remove_process(pid)
+
+    def _write(self, key: tuple[int, int], f: Mapping[str, Any]) -> None:
+        pid, start = key
+        dead = f.get("state") in ("Z", "X")
+        argv = f.get("cmdline") or [f.get("comm", "")]
+        self.fake.add_process(
+            pid,
+            comm=f.get("comm", ""),
+            state=f.get("state", "S"),
+            ppid=f.get("ppid", 1),
+            start_time=start,
+            rss=0 if dead else f.get("rss", 0) * KiB // self.fake.page_size * self.fake.page_size,
+            swap=0 if dead else f.get("swap", 0) * KiB,
+            oom_score=f.get("score", 0),
+            oom_score_adj=f.get("adj", 0),
+            uid=f.get("uid", 0),
+            cgroup=f.get("cgroup", "0::/\n"),
+            cmdline=() if dead else argv,
+        )
+        self.procfs.exes[pid] = f.get("exe", "")
+
+    def _pressure(self, record: Mapping[str, Any]) -> None:
+        avg10 = record.get("avg10") or [0.0, None]
+        lines = [f"some avg10={avg10[0]:.2f} avg60=0.00 avg300=0.00 total={record['some']}"]
+        if record.get("full") is not None:
+            full = avg10[1] or 0.0
+            lines.append(f"full avg10={full:.2f} avg60=0.00 avg300=0.00 total={record['full']}")
+        self.fake.write(f"pressure/{record['res']}", "\n".join(lines) + "\n")
+
+
+class _Firings:
+    """A PSI trigger's firings, derived from the stall totals of one pressure file as the
+    kernel decides them: growth within ``window`` reached ``threshold``, at most one event per
+    window."""
+
+    def __init__(self, spec: PsiSpec) -> None:
+        self.spec = spec
+        self.times: list[float] = []
+        self.totals: list[int] = []
+        self.last = -math.inf
+
+    def sample(self, t: float, total: int) -> bool:
+        self.times.append(t)
+        self.totals.append(total)
+        if t - self.last < self.spec.window:
+            return False
+        if self._growth_since(t - self.spec.window, total) >= self.spec.threshold_us:
+            self.last = t
+            return True
+        return False
+
+    def _growth_since(self, then: float, total: int) -> float:
+        i = bisect.bisect_left(self.times, then)
+        if i == 0:
+            return total - self.totals[0]  # the trace began inside the window
+        t0, t1 = self.times[i - 1], self.times[i]
+        v0, v1 = self.totals[i - 1], self.totals[i]
+        at = v0 + (v1 - v0) * ((then - t0) / (t1 - t0) if t1 > t0 else 1.0)
+        return total - at
+
+
+def _pressure_total(record: Mapping[str, Any], spec: PsiSpec) -> int | None:
+    """The stall total ``record`` holds for ``spec``'s file, or ``None``."""
+    kind = spec.kind
+    if record["k"] == "psi" and spec.path == f"/proc/pressure/{record['res']}":
+        value = record.get(kind)
+    elif record["k"] == "cgroup" and spec.path.rsplit("/", 1)[0] == record["path"].rstrip("/"):
+        value = (record.get("pressure") or {}).get(kind)
+        if not spec.path.endswith(f"/{spec.resource}.pressure"):
+            return None
+    else:
+        return None
+    return value if isinstance(value, int) else None
+
+
+PolicyLoader = Callable[[ProcFS], Policy]
+
+
+async def replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
+    """Replay the policy ``load(procfs)`` returns over ``trace``, serving ``/proc`` from the
+    directory ``root``; run under a virtual clock (see :func:`run_replay`). ``load`` must
+    return a dry-run policy whose rules read ``procfs``."""
+    page_size = int(trace.header.get("page_size", 4096))
+    procfs = _ServedProcFS(root, page_size)
+    world = _World(FakeProc(root), procfs, trace.path)
+    policy = load(procfs)
+    if not policy.dry_run:
+        raise ValueError("replay needs a dry-run policy")
+    specs = {c.spec for r in policy.rules for c in r.when if isinstance(c, PressureCondition)}
+    firings = [_Firings(s) for s in specs]
+    exits = _exit_times(trace.records)
+    t0 = trio.current_time()
+    decisions: list[ReplayedDecision] = []
+    diverged: list[float] = []
+
+    async def emit(record: KillRecord) -> None:
+        t = round(trio.current_time() - t0, 3)
+        happened = None
+        if record.victim is not None and record.outcome in ("killed", "dry-run"):
+            key = (record.victim.pid, record.victim.start_time)
+            happened = any(t <= e <= t + REAL_EXIT_WITHIN for e in exits.get(key, ()))
+            if not happened and not diverged:
+                diverged.append(t)
+            world.hide(*key)
+        decisions.append(ReplayedDecision(t, record, bool(diverged) and not happened, happened))
+
+    engine = Engine(policy.rules, emit=emit, procfs=procfs, prepare_ranking=policy.prepare_ranking)
+    thresholds = list(
+        dict.fromkeys(
+            c.threshold for r in policy.rules for c in r.when if isinstance(c, MemoryCondition)
+        )
+    )
+    first = trace.records[0] if trace.records else None
+    if first is not None:
+        for record in _until(trace.records, first["t"]):
+            world.apply(record)  # the keyframe, before any source looks
+    send, receive = trio.open_memory_channel[object](1024)
+    async with trio.open_nursery() as nursery:
+        if thresholds:
+            source = MemoryThresholdSource(
+                thresholds, procfs=procfs, lead=2 * policy.prepare_ranking
+            )
+            await nursery.start(source.run, send.clone())
+        nursery.start_soon(_decide, engine, receive, nursery)
+        for record in trace.records:
+            await trio.sleep_until(t0 + record["t"])
+            world.apply(record)
+            for firing in firings:
+                total = _pressure_total(record, firing.spec)
+                if total is not None and firing.sample(record["t"], total):
+                    await send.send(
+                        PressureEvent(trio.current_time(), firing.spec, None, "trigger")
+                    )
+        duration = trace.records[-1]["t"] if trace.records else 0.0
+        await trio.sleep_until(t0 + duration + TAIL)
+        nursery.cancel_scope.cancel()
+    epoch = float(trace.header.get("started", 0.0)) - t0
+    done = tuple(
+        attrs.evolve(d, record=attrs.evolve(d.record, epoch_offset=epoch)) for d in decisions
+    )
+    return ReplayResult(
+        policy.source,
+        done,
+        diverged[0] if diverged else None,
+        duration,
+        trace.truncated,
+        trace.lost,
+    )
+
+
+async def _decide(
+    engine: Engine, receive: trio.MemoryReceiveChannel[object], nursery: trio.Nursery
+) -> None:
+    async with receive:
+        async for event in receive:
+            await engine.handle(event, nursery)
+
+
+def _until(records: Sequence[Mapping[str, Any]], t: float) -> Iterable[Mapping[str, Any]]:
+    return (r for r in records if r["t"] <= t)
+
+
+def _exit_times(records: Iterable[Mapping[str, Any]]) -> dict[tuple[int, int], list[float]]:
+    """When each process (pid, start) left the trace."""
+    starts: dict[int, int] = {}
+    out: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    for r in records:
+        if r["k"] == "proc":
+            starts[r["pid"]] = r["start"]
+        elif r["k"] == "exit":
+            start = r.get("start", starts.get(r["pid"]))
+            if start is not None:
+                out[(r["pid"], start)].append(r["t"])
+    return out
+
+
+def run_replay(
+    path: str | os.PathLike[str] | None, trace: Trace, *, text: str | None = None
+) -> ReplayResult:
+    """Replay the policy at ``path`` (or ``text``; the default with neither) over ``trace``
+    on a virtual clock, serving ``/proc`` from a temporary directory (removed afterwards)."""
+
+    def load(procfs: ProcFS) -> Policy:
+        return load_policy(path, text=text, dry_run=True, procfs=procfs)
+
+    with tempfile.TemporaryDirectory(prefix="reapkit-replay-") as root:
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        return trio.run(replay, load, trace, root, clock=clock)

@@ -166,8 +166,11 @@ class TraceWriter:
     """
 
     path: str
+    #: Lines queued for the thread before new ones are dropped.
+    capacity: int = QUEUE_LINES
     _queue: queue.Queue[tuple[str, Any]] = attrs.field(
-        factory=lambda: queue.Queue(QUEUE_LINES), init=False
+        default=attrs.Factory(lambda self: queue.Queue(self.capacity), takes_self=True),
+        init=False,
     )
     _thread: threading.Thread | None = attrs.field(default=None, init=False)
     _stream: _Segment | None = attrs.field(default=None, init=False)

@@ -1,0 +1,213 @@
+"""The trace format, its writer and reader, and replay over synthetic traces (no real kernel:
+the served ``/proc`` is a directory, the clock is virtual)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reapkit._replay import run_replay
+from reapkit._trace import FORMAT, VERSION, TraceError, TraceWriter, read_trace
+from reapkit._tracebuilder import TraceBuilder
+
+HEADER = {"k": "header", "format": FORMAT, "version": VERSION, "recording": "r", "segment": 0}
+KILL_AT_5 = """
+[[rule]]
+name = "low"
+when = ["mem_available < 5%"]
+scope = "system"
+select = ["oom-score"]
+actions = ["kill"]
+"""
+
+
+def _write(path: Path, records: list[dict[str, Any]], *, end: float | None = 9.0) -> None:
+    writer = TraceWriter(str(path))
+    writer.start(HEADER)
+    for record in records:
+        writer.write(record)
+    if end is not None:
+        writer.close(end)
+    else:  # the writer's thread is a daemon: leave it, as a crash would
+        time.sleep(1.5)  # past FLUSH_EVERY: what was written is flushed
+
+
+def _leak() -> TraceBuilder:
+    trace = TraceBuilder(mem_total="8GiB", mem_available="6GiB")
+    trace.process(100, "sshd", uid=0, rss="8MiB")
+    trace.process(200, "editor", rss="400MiB")
+    trace.process(300, "leaker", rss="100MiB")
+    trace.leak(300, "1GiB", start=1.0, seconds=8.0)
+    return trace
+
+
+def test_a_trace_reads_back_as_written_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    path.write_bytes(b"")
+    path.chmod(0o644)  # an existing file: its mode is made 0600 too
+    _write(path, [{"t": 0.5, "k": "mem", "total": 8, "avail": 4, "free": 4, "swap_total": 0,
+                   "swap_free": 0}])  # fmt: skip
+    trace = read_trace(str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert trace.header["recording"] == "r"
+    assert [r["k"] for r in trace.records] == ["mem"]
+    assert not trace.truncated and trace.lost == 0
+
+
+def test_a_trace_cut_short_reads_up_to_its_last_flush(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    _write(path, [{"t": 0.1, "k": "exit", "pid": 5}], end=None)
+    data = path.read_bytes()
+    trace = read_trace(str(path))  # the writer never closed it: no end record
+    assert trace.truncated and [r["k"] for r in trace.records] == ["exit"]
+    path.write_bytes(data[: len(data) - 3])
+    assert read_trace(str(path)).truncated
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not gzip at all", "not a gzip stream"),
+        (gzip.compress(b""), "empty: not a reapkit trace"),
+        (gzip.compress(b'{"k": "header", "format": "other"}\n'), "line 1: not a reapkit-trace"),
+        (gzip.compress(json.dumps({**HEADER, "version": 99}).encode() + b"\n"), "version 99"),
+        (gzip.compress(json.dumps(HEADER).encode() + b"\n{oops\n"), "line 2: not a JSON"),
+        (gzip.compress(json.dumps(HEADER).encode() + b'\n{"t": 1, "k": "nope"}\n'), "line 2"),
+        (gzip.compress(json.dumps(HEADER).encode() + b'\n{"t": 2, "k": "exit", "pid": 1}\n'
+                       b'{"t": 1, "k": "exit", "pid": 1}\n'), "line 3: time 1"),
+    ],
+)  # fmt: skip
+def test_a_malformed_trace_is_an_error_naming_file_and_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "bad.trace"
+    path.write_bytes(content)
+    with pytest.raises(TraceError, match=message) as info:
+        read_trace(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_trace_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="cannot open it"):
+        read_trace(str(tmp_path / "nothing"))
+
+
+def test_a_full_queue_loses_lines_and_says_so_in_a_gap_record(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    writer = TraceWriter(str(path), capacity=2)
+    writer.open()  # the thread is not started yet: the queue fills
+    for i in range(5):
+        writer.write({"t": i / 10, "k": "exit", "pid": i})
+    assert writer.dropped == 3
+    writer.start(HEADER)
+    time.sleep(0.1)
+    writer.write({"t": 1.0, "k": "exit", "pid": 9})
+    writer.close(2.0)
+    trace = read_trace(str(path))
+    assert [r["k"] for r in trace.records] == ["exit", "exit", "gap", "exit"]
+    assert trace.lost == 3
+
+
+def test_a_failed_write_ends_the_trace_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reapkit import _trace
+
+    def full(self: object, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_trace._Segment, "write", full)
+    writer = TraceWriter(str(tmp_path / "t.trace"))
+    writer.start(HEADER)
+    writer.close(1.0)
+    assert writer.failed is not None and writer.failed.errno == 28
+    writer.write({"t": 2.0, "k": "exit", "pid": 1})  # dropped quietly: failed already
+
+
+def test_a_rolling_trace_reads_its_previous_segment_first(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    writer = TraceWriter(str(path))
+    writer.start(HEADER)
+    writer.write({"t": 1.0, "k": "exit", "pid": 1})
+    writer.rotate({**HEADER, "segment": 1})
+    writer.write({"t": 2.0, "k": "exit", "pid": 2})
+    writer.close(3.0)
+    assert (tmp_path / "t.trace.1").exists()
+    assert [r["pid"] for r in read_trace(str(path)).records] == [1, 2]
+    # A PATH.1 of another recording is not part of this trace.
+    writer = TraceWriter(str(path))
+    writer.start({**HEADER, "recording": "other"})
+    writer.write({"t": 0.5, "k": "exit", "pid": 3})
+    writer.close(1.0)
+    assert [r["pid"] for r in read_trace(str(path)).records] == [3]
+
+
+def test_a_builder_trace_round_trips_through_a_file(tmp_path: Path) -> None:
+    built = _leak().build()
+    path = tmp_path / "leak.trace"
+    _leak().write(path)
+    read = read_trace(str(path))
+    assert [dict(r) for r in read.records] == [dict(r) for r in built.records]
+    assert not read.truncated
+
+
+def test_replay_kills_the_leaker_at_the_line_and_says_it_is_counterfactual() -> None:
+    result = run_replay(None, _leak().build(), text=KILL_AT_5)
+    first = result.decisions[0]
+    assert first.record.victim is not None and first.record.victim.comm == "leaker"
+    assert first.record.outcome == "dry-run"
+    # 6 GiB available, 5 % of 8 GiB = 410 MiB: crossed after ~5.6 s of 1 GiB/s from 1 s
+    assert 6.4 < first.t < 6.8
+    # The trace shows the leaker alive afterwards: the real machine did not make this kill.
+    assert first.happened is False and first.counterfactual
+    assert result.diverged_at == first.t
+
+
+def test_a_kill_the_trace_shows_happening_is_not_counterfactual() -> None:
+    trace = _leak()
+    trace.process(300, "leaker", rss="100MiB", exits=6.8)  # killed for real at 6.8 s
+    result = run_replay(None, trace.build(), text=KILL_AT_5)
+    first = result.decisions[0]
+    assert first.happened is True and not first.counterfactual
+    assert result.diverged_at is None
+
+
+def test_pressure_firings_come_from_the_recorded_totals() -> None:
+    policy = KILL_AT_5.replace('["mem_available < 5%"]', '["memory some 200ms/2s", "mem_available < 10%"]')  # fmt: skip
+    calm = TraceBuilder()
+    calm.process(300, "reader", rss="1GiB")
+    calm.thrashing_cache(start=1.0, seconds=5.0, some=0.05, available="8%")  # 100 ms per 2 s
+    assert run_replay(None, calm.build(), text=policy).decisions == ()
+    thrash = TraceBuilder()
+    thrash.process(300, "reader", rss="1GiB")
+    thrash.thrashing_cache(start=1.0, seconds=5.0, some=0.4, available="8%")  # 800 ms per 2 s
+    decisions = run_replay(None, thrash.build(), text=policy).decisions
+    assert decisions and decisions[0].record.victim is not None
+    assert "memory some 200ms/2s (/proc/pressure/memory) fired" in decisions[0].record.condition
+    assert 1.3 < decisions[0].t < 1.6  # 200 ms of stall takes 0.5 s at 40 %
+
+
+def test_a_victim_of_replay_is_gone_from_the_served_proc() -> None:
+    policy = KILL_AT_5.replace('actions = ["kill"]', 'actions = ["kill"]\ncooldown = "0s"')
+    decisions = run_replay(None, _leak().build(), text=policy).decisions
+    victims = [d.record.victim.comm for d in decisions if d.record.victim is not None]
+    assert victims[0] == "leaker"
+    assert "leaker" not in victims[1:]  # the world without it: others next, counterfactual
+    assert all(d.counterfactual for d in decisions)
+
+
+def test_a_fork_storm_appears_and_goes() -> None:
+    trace = TraceBuilder()
+    trace.process(1000, "shell")
+    trace.fork_storm(1000, 20, start=1.0, seconds=1.0, lifetime=0.25)
+    built = trace.build()
+    appeared = {r["pid"] for r in built.records if r["k"] == "proc"} - {1000}
+    exited = {r["pid"] for r in built.records if r["k"] == "exit"}
+    assert len(appeared) == 20 and appeared == exited

@@ -34,6 +34,7 @@ import attrs
 import trio
 
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
+from ._kernel._cgroups import CgroupMount, cgroup_mounts
 from ._procfs import PF_KTHREAD, MemInfo, ProcFS
 from ._records import KillRecord
 from ._sources.memory import CgroupMemoryFiles
@@ -142,6 +143,8 @@ class Recorder:
             "cmdline": self.cmdline,
             "events": self._connected,
             "cgroups": list(self.cgroups),
+            # Where each hierarchy is mounted: replay serves the cgroups above from these.
+            "cgroup_mounts": [attrs.asdict(m) for m in _mounts()],
             "window": self.window,
         }
 
@@ -321,6 +324,13 @@ class Recorder:
                 self.writer.write({"t": t, **record})
 
 
+def _mounts() -> tuple[CgroupMount, ...]:
+    try:
+        return cgroup_mounts()
+    except OSError:
+        return ()
+
+
 def _pressure(path: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
@@ -344,6 +354,7 @@ def _cgroup(path: str, mem_total: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None  # removed, or not a memory cgroup (any more)
     return {
+        "v": files.version,
         "usage": sample.value // KiB,
         "limit": sample.total // KiB,
         "events": events,

@@ -93,9 +93,7 @@ class TraceBuilder:
         )  # fmt: skip
         self._end = max(self._end, at, exits or 0.0)
 
-    def leak(
-        self, pid: int, rate: str | int, *, start: float = 0.0, seconds: float = 10.0
-    ) -> None:
+    def leak(self, pid: int, rate: str | int, *, start: float = 0.0, seconds: float = 10.0) -> None:
         """Process ``pid`` grows by ``rate`` (a size per second) from ``start`` for
         ``seconds``, or until memory runs out."""
         self._leaks.append(_Leak(pid, _kib(rate), start, start + seconds))
@@ -177,7 +175,7 @@ class TraceBuilder:
         swap = _kib(self.swap_total)
         written: dict[int, dict[str, Any]] = {}
         some = full = 0.0
-        steps = int(round((self._end + self.interval) / self.interval))
+        steps = round((self._end + self.interval) / self.interval)
         for step in range(steps + 1):
             t = round(step * self.interval, 3)
             alive = [

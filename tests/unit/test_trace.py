@@ -180,7 +180,8 @@ def test_a_kill_the_trace_shows_happening_is_not_counterfactual() -> None:
 
 
 def test_pressure_firings_come_from_the_recorded_totals() -> None:
-    policy = KILL_AT_5.replace('["mem_available < 5%"]', '["memory some 200ms/2s", "mem_available < 10%"]')  # fmt: skip
+    when = '["memory some 200ms/2s", "mem_available < 10%"]'
+    policy = KILL_AT_5.replace('["mem_available < 5%"]', when)
     calm = TraceBuilder()
     calm.process(300, "reader", rss="1GiB")
     calm.thrashing_cache(start=1.0, seconds=5.0, some=0.05, available="8%")  # 100 ms per 2 s

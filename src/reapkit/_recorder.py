@@ -8,7 +8,7 @@ What the engine's inputs were, at a rate that follows the headroom as the memory
   before (replay derives any trigger's firings from the totals);
 * ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named;
 * ``proc``: every user process (kernel threads never are candidates) in snapshots whose
-  interval is MemAvailable divided by 1 GiB/s, clamped to [250 ms, 10 s] — identity, name,
+  interval is MemAvailable divided by 1 GiB/s, clamped to [500 ms, 10 s] — identity, name,
   command line, executable, uid, cgroup, RSS, swap, ``oom_score``, ``oom_score_adj``. After
   the first sight of a process, only what changed is written;
 * ``fork``, ``exec``, ``comm``, ``exit`` from the proc connector as they happen (where it can
@@ -20,6 +20,7 @@ A snapshot reads five small files per process on a worker thread, so the event l
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -59,8 +60,10 @@ MEM_FILL_RATE: Final = 10 * GiB
 MEM_INTERVAL: Final = (0.010, 1.0)
 #: Process snapshots: MemAvailable / SNAPSHOT_FILL_RATE seconds, within SNAPSHOT_INTERVAL.
 SNAPSHOT_FILL_RATE: Final = 1 * GiB
-SNAPSHOT_INTERVAL: Final = (0.25, 10.0)
+SNAPSHOT_INTERVAL: Final = (0.5, 10.0)
 PSI_RESOURCES: Final = ("memory", "io", "cpu")
+#: A process's uid and cgroup are read again every this many snapshots (and at an exec).
+SLOW_EVERY: Final = 10
 #: A rolling trace's segments last at least this long (seconds): half the window.
 TRACE_SEGMENT_MIN: Final = 30.0
 
@@ -100,6 +103,9 @@ class Recorder:
     window: float | None = None
     #: Subscribe to the proc connector for exact fork/exec/exit times (needs CAP_NET_ADMIN).
     events: bool = True
+    #: Bytes per second assumed to fill memory, for the two intervals (module docstring).
+    mem_fill_rate: float = MEM_FILL_RATE
+    snapshot_fill_rate: float = SNAPSHOT_FILL_RATE
     _t0: float = attrs.field(default=math.nan, init=False)
     _recording: str = attrs.field(factory=lambda: uuid.uuid4().hex, init=False)
     _segment: int = attrs.field(default=0, init=False)
@@ -112,6 +118,9 @@ class Recorder:
     _samples: int = attrs.field(default=0, init=False)
     _snapshots: int = attrs.field(default=0, init=False)
     _connected: bool = attrs.field(default=False, init=False)
+    _swap: bool = attrs.field(default=True, init=False)
+    #: PIDs that were kernel threads when last read: skipped but every SLOW_EVERY snapshots.
+    _kthreads: set[int] = attrs.field(factory=set, init=False)
 
     def statistics(self) -> RecorderStatistics:
         failed = self.writer.failed
@@ -190,9 +199,9 @@ class Recorder:
             elif now >= next_snapshot:
                 await self._snapshot(keyframe=False)
             if now >= next_snapshot:
-                interval = meminfo.available / SNAPSHOT_FILL_RATE
+                interval = meminfo.available / self.snapshot_fill_rate
                 next_snapshot = now + _clamp(interval, SNAPSHOT_INTERVAL)
-            await trio.sleep(_clamp(meminfo.available / MEM_FILL_RATE, MEM_INTERVAL))
+            await trio.sleep(_clamp(meminfo.available / self.mem_fill_rate, MEM_INTERVAL))
         log.warning("trace %s: stopped: %s", self.writer.path, self.writer.failed)
 
     def _sample(self, *, every: bool = False) -> MemInfo:
@@ -200,6 +209,7 @@ class Recorder:
         self._samples += 1
         t = self.now()
         meminfo = self.procfs.meminfo()
+        self._swap = meminfo.swap_total > 0
         self.writer.write(
             {
                 "t": t,
@@ -247,21 +257,34 @@ class Recorder:
         self._snapshots += 1
         t = self.now()
         changed, self._changed = self._changed, set()
-        records = await trio.to_thread.run_sync(self._read_processes, t, changed)
+        read = functools.partial(
+            self._read_processes,
+            t,
+            changed,
+            swap=self._swap,
+            slow=keyframe or self._snapshots % SLOW_EVERY == 0,
+        )
+        records = await trio.to_thread.run_sync(read)
         for record in records:
             self.writer.write(record)
 
-    def _read_processes(self, t: float, changed: set[int]) -> list[dict[str, Any]]:
+    def _read_processes(
+        self, t: float, changed: set[int], *, swap: bool = True, slow: bool = True
+    ) -> list[dict[str, Any]]:
         """One snapshot, on a worker thread: a ``proc`` record for each process new or changed
         since the last, an ``exit`` for each one gone."""
         records: list[dict[str, Any]] = []
         seen: dict[tuple[int, int], dict[str, Any]] = {}
+        kthreads = self._kthreads if not slow else set()
         for pid in self.procfs.pids():
+            if pid in kthreads and pid not in changed:
+                continue  # a kernel thread when last read (a fork of its pid is a change)
             try:
-                key, fields = self._read_process(pid, changed)
+                key, fields = self._read_process(pid, changed, swap=swap, slow=slow)
             except (NoSuchProcess, AccessDenied, ProcFormatError):
                 continue  # gone between two reads, or not ours to read: the next one tells
             if key is None:
+                kthreads.add(pid)
                 continue
             before = self._known.get(key)
             if before is None:
@@ -275,28 +298,32 @@ class Recorder:
         for pid, start in self._known.keys() - seen.keys():
             records.append({"t": t, "k": "exit", "pid": pid, "start": start})
         self._known = seen
+        self._kthreads = kthreads
         return records
 
     def _read_process(
-        self, pid: int, changed: set[int]
+        self, pid: int, changed: set[int], *, swap: bool, slow: bool
     ) -> tuple[tuple[int, int] | None, dict[str, Any]]:
         procfs = self.procfs
         start, comm, ppid, state, rss, flags = procfs.selection_stat(pid)
         if flags & PF_KTHREAD:
             return None, {}
         key = (pid, start)
-        status = procfs.status(pid)
         fields: dict[str, Any] = {
             "comm": comm,
             "ppid": ppid,
             "state": state,
-            "uid": status.uids[0],
             "rss": rss // KiB,
-            "swap": (status.vm_swap or 0) // KiB,
             "score": procfs.oom_score(pid),
             "adj": procfs.oom_score_adj(pid),
-            "cgroup": procfs.read_bytes(f"{pid}/cgroup").decode("utf-8", "surrogateescape"),
         }
+        if swap:  # without swap VmSwap is 0: one read fewer per process
+            fields["swap"] = (procfs.vm_swap(pid) or 0) // KiB
+        # What changes rarely (credentials, cgroup) or only at exec (program, arguments) is
+        # read at first sight, after an exec or a comm change, and every SLOW_EVERY snapshots.
+        if key not in self._known or pid in changed or slow:
+            fields["uid"] = procfs.status(pid).uids[0]
+            fields["cgroup"] = procfs.read_bytes(f"{pid}/cgroup").decode("utf-8", "surrogateescape")
         if key not in self._known or pid in changed:
             fields["exe"] = procfs.exe(pid)
             if self.cmdline:
@@ -310,6 +337,7 @@ class Recorder:
             async for event in receive:
                 t = self.now()
                 if isinstance(event, ProcFork):
+                    self._changed.add(event.child_pid)
                     record = {"k": "fork", "pid": event.child_pid, "ppid": event.parent_pid}
                 elif isinstance(event, ProcExec):
                     self._changed.add(event.pid)

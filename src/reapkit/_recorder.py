@@ -34,8 +34,11 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._conditions import MemoryCondition, PressureCondition
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
+from ._guard import CgroupScope
 from ._kernel._cgroups import CgroupMount, cgroup_mounts
+from ._policy import Policy
 from ._procfs import PF_KTHREAD, MemInfo, ProcFS
 from ._records import KillRecord
 from ._sources.memory import CgroupMemoryFiles
@@ -350,6 +353,21 @@ class Recorder:
                 else:
                     continue  # lost events: the next snapshot resynchronises
                 self.writer.write({"t": t, **record})
+
+
+def policy_cgroups(policy: Policy) -> list[str]:
+    """The memory cgroup directories ``policy`` reads: its rules' ``cgroup_usage`` lines, cgroup
+    scopes and ``pressure_cgroup`` pressure files."""
+    found: dict[str, None] = {}
+    for rule in policy.rules:
+        for cond in rule.when:
+            if isinstance(cond, MemoryCondition) and cond.threshold.cgroup is not None:
+                found[cond.threshold.cgroup] = None
+            elif isinstance(cond, PressureCondition) and not cond.spec.path.startswith("/proc/"):
+                found[os.path.dirname(cond.spec.path)] = None
+        if isinstance(rule.guard.scope, CgroupScope):
+            found[rule.guard.scope.directory] = None
+    return list(found)
 
 
 def _mounts() -> tuple[CgroupMount, ...]:

@@ -28,7 +28,7 @@ from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
-from .._recorder import TRACE_SEGMENT_MIN, Recorder
+from .._recorder import TRACE_SEGMENT_MIN, Recorder, policy_cgroups
 from .._records import KillRecord, RecordLine
 from .._trace import TraceWriter
 from .._units import parse_duration
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     records = RecordsFile.open(args.records) if args.records else None
     if args.heartbeat:
         _check_heartbeat(args.heartbeat)
-    recorder = _recorder(args)
+    recorder = _recorder(args, policy)
     counters = OutputCounters()
     listener = start_logging(
         _formatter(args.log_format, journal=under_journald()),
@@ -201,7 +201,7 @@ def _check_heartbeat(path: str) -> None:
         raise OutputFileError(f"--heartbeat {path}: cannot write: {exc.strerror or exc}") from None
 
 
-def _recorder(args: argparse.Namespace) -> Recorder | None:
+def _recorder(args: argparse.Namespace, policy: Policy) -> Recorder | None:
     """The ``--trace`` recorder, its file created now (exit 2 if it cannot be)."""
     if not args.trace:
         return None
@@ -216,11 +216,7 @@ def _recorder(args: argparse.Namespace) -> Recorder | None:
         writer.open()
     except OSError as exc:
         raise OutputFileError(f"--trace {args.trace}: {exc.strerror or exc}") from None
-    return Recorder(writer, window=window, cgroups=_policy_cgroups(args))
-
-
-def _policy_cgroups(args: argparse.Namespace) -> list[str]:
-    return [args.scope] if args.scope else []
+    return Recorder(writer, window=window, cgroups=policy_cgroups(policy))
 
 
 async def _serve_trace(

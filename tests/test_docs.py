@@ -40,6 +40,7 @@ from reapkit._engine import Rule
 from reapkit._guard import RefusalReason
 from reapkit._plugins import Candidate, NoOptions, Ranked, Situation
 from reapkit._procfs import ProcFS
+from reapkit._reap import ReapSettings
 from reapkit._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline, Victim
 from reapkit._sources.memory import Metric
 from reapkit._units import _DURATION_UNITS, _SIZE_UNITS, PSI_RESOURCES, parse_duration, parse_size
@@ -199,7 +200,7 @@ def test_reaper_keys_are_documented() -> None:
 
 def test_reap_keys_are_documented_with_their_defaults() -> None:
     keys = _listed_keys(_error("[reaper.reap]\nnonsense = 1\n" + _rule_text()))
-    fields = {f.name: f for f in attrs.fields(_policy.ReapOptions)}
+    fields = {f.name: f for f in attrs.fields(ReapSettings)}
     assert keys == set(fields)
     rows = _table("policies.md", "reaper-reap")
     assert {r["key"] for r in rows} == keys
@@ -213,7 +214,7 @@ def test_reap_keys_are_documented_with_their_defaults() -> None:
 
 def test_rule_keys_are_documented_with_their_defaults() -> None:
     rows = {r["key"]: r for r in _table("policies.md", "rule")}
-    assert set(rows) == set(_policy._RULE_KEYS)
+    assert set(rows) == _policy._RULE.keys
     rule: Rule = reapkit.load_policy(text=_rule_text()).rules[0]
     for key, row in rows.items():
         cell = row["default"]

@@ -79,21 +79,13 @@ def parse_condition(
     PSI specs watch instead of the system's."""
     match = _MEMORY.match(text)
     if match is None:
-        spec = parse_psi(text, cgroup=pressure_cgroup)
-        if pressure_cgroup is not None and not os.path.exists(spec.path):
-            raise InvalidValue(
-                f"{text!r}: {spec.path} does not exist (pressure files are cgroup v2 only)"
-            )
-        return PressureCondition(spec)
+        return PressureCondition(parse_psi(text, cgroup=pressure_cgroup))
     metric, op, line = match.groups()
     expected = ">" if metric == "cgroup_usage" else "<"
     if op != expected:
         raise InvalidValue(f"{text!r}: write '{metric} {expected} <size>'")
-    if metric == "cgroup_usage":
-        if cgroup is None:
-            raise InvalidValue(f"{text!r}: cgroup_usage needs the rule's 'cgroup'")
-        if not os.path.isdir(cgroup):
-            raise InvalidValue(f"{text!r}: the cgroup {cgroup} does not exist")
+    if metric == "cgroup_usage" and cgroup is None:
+        raise InvalidValue(f"{text!r}: cgroup_usage needs the rule's 'cgroup'")
     return MemoryCondition(
         MemoryThreshold(
             metric,  # type: ignore[arg-type]
@@ -101,3 +93,20 @@ def parse_condition(
             cgroup if metric == "cgroup_usage" else None,
         )
     )
+
+
+def check_on_host(condition: Condition, *, unprivileged_psi: bool) -> None:
+    """Raise :class:`InvalidValue` unless this host can watch ``condition``: a PSI window the
+    kernel takes (``unprivileged_psi``: without CAP_SYS_RESOURCE), the cgroup files it reads.
+    :func:`parse_condition` looks at nothing on the host; this does."""
+    if isinstance(condition, PressureCondition):
+        spec = condition.spec
+        spec.check_window(unprivileged_only=unprivileged_psi)
+        # A cgroup's <resource>.pressure; the system's is looked at when the trigger is armed.
+        if spec.path.endswith(".pressure") and not os.path.exists(spec.path):
+            raise InvalidValue(
+                f"PSI trigger '{spec}': {spec.path} does not exist (pressure files are cgroup v2"
+                " only)"
+            )
+    elif condition.threshold.cgroup is not None and not os.path.isdir(condition.threshold.cgroup):
+        raise InvalidValue(f"cgroup_usage: the cgroup {condition.threshold.cgroup} does not exist")

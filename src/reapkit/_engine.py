@@ -109,6 +109,18 @@ def _seconds(*, zero_ok: bool = False) -> Callable[[Any, attrs.Attribute[Any], A
     return check
 
 
+def _count(*, least: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator: an integer (not a bool) of at least ``least``."""
+
+    def check(_rule: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(
+                f"{attribute.name} must be an integer, at least {least}, not {value!r}"
+            )
+
+    return check
+
+
 @attrs.frozen
 class Rule:
     """One rule of a policy, with its plugins instantiated and its guard built. Its durations
@@ -125,9 +137,7 @@ class Rule:
     cgroup: str | None = None
     cooldown: float = attrs.field(default=5.0, validator=_seconds(zero_ok=True))
     victim_timeout: float = attrs.field(default=10.0, validator=_seconds())
-    max_kills: int = attrs.field(
-        default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
-    )
+    max_kills: int = attrs.field(default=10, validator=_count(least=1))
     kill_window: float = attrs.field(default=60.0, validator=_seconds())
     plugin_deadline: float = attrs.field(default=1.0, validator=_seconds())
     action_deadline: float = attrs.field(default=30.0, validator=_seconds())

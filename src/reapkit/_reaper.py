@@ -316,7 +316,7 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
             table = await nursery.start(ProcessTable(procfs=procfs).serve)
         reap = None
         if policy.needs_reaper:
-            stage = ReapStage(policy.reap.settings(), shutdown_timeout=stop_timeout)
+            stage = ReapStage(policy.reap, shutdown_timeout=stop_timeout)
             reap = await nursery.start(stage.serve)
         raised_from = _files_for(policy.keep_score_files)
         engine = Engine(

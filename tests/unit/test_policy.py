@@ -116,7 +116,9 @@ def test_a_good_policy_file(tmp_path: Path) -> None:
         (("comm = [", "cmd = ["), "rule[0].select[0].cmd", "unknown option 'cmd'"),
         (("[[rule]]", "[reaper]\nkeep_score_files = -1\n\n[[rule]]"), "reaper.keep_score_files", "0 (off) or more"),  # noqa: E501
         (("[[rule]]", "[reaper]\nkeep_score_files = true\n\n[[rule]]"), "reaper.keep_score_files", "expected int"),  # noqa: E501
-        (("[[rule]]", "[reaper]\nkeep_score_files = 1_000_000_000\n\n[[rule]]"), "reaper.keep_score_files", "RLIMIT_NOFILE hard limit"),  # noqa: E501
+        # The most it may be: past the hard limit (which nr_open, 1048576 unless raised, caps)
+        (("[[rule]]", "[reaper]\nkeep_score_files = 1_048_576\n\n[[rule]]"), "reaper.keep_score_files", "RLIMIT_NOFILE hard limit"),  # noqa: E501
+        (("[[rule]]", "[reaper]\nkeep_score_files = 1_048_577\n\n[[rule]]"), "reaper.keep_score_files", "at most 1048576"),  # noqa: E501
         (("[[rule]]", '[reaper]\nprepare_ranking = "soon"\n\n[[rule]]'), "reaper.prepare_ranking", "not a duration"),  # noqa: E501
         (("[[rule]]", '[reaper]\nprepare_ranking = -1\n\n[[rule]]'), "reaper.prepare_ranking", "not negative"),  # noqa: E501
         (("[[rule]]", "[reaper]\nprepare_ranking = true\n\n[[rule]]"), "reaper.prepare_ranking", "not a duration"),  # noqa: E501

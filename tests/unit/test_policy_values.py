@@ -54,7 +54,7 @@ def _load(tmp_path: Path, *, actions: str = '"kill"', extra: str = "", head: str
         ("kill_window = -inf", "rule[0].kill_window", "finite"),
         ("victim_timeout = 1e400", "rule[0].victim_timeout", "finite"),
         (f'victim_timeout = "{"9" * 400}s"', "rule[0].victim_timeout", "finite"),
-        ("plugin_deadline = 0", "rule[0].plugin_deadline", "longer than 0s"),
+        ("plugin_deadline = 0", "rule[0].plugin_deadline", "seconds above 0, not 0.0"),
         (f"cooldown = {'9' * 18}", "rule[0].cooldown", ""),
     ],
 )

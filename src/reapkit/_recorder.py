@@ -1,20 +1,23 @@
 """Record a machine's memory story as a trace (``reapkit record``, ``reapkit run --trace``).
 
-What the engine's inputs were, at a rate that follows the headroom as the memory sampler's does:
+What the engine's inputs were, at a rate that follows the headroom as the memory sampler's does.
+The headroom is MemAvailable, or less where a recorded cgroup is closer to its limit:
 
-* ``mem`` (MemTotal, MemAvailable, MemFree, swap) every sample: the interval is MemAvailable
+* ``mem`` (MemTotal, MemAvailable, MemFree, swap) every sample: the interval is the headroom
   divided by an assumed fill rate of 10 GiB/s, clamped to [10 ms, 1 s];
 * ``psi``: each of ``/proc/pressure/{memory,io,cpu}`` whose totals moved since the sample
   before (replay derives any trigger's firings from the totals);
-* ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named;
+* ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named (a
+  policy's own, under ``run --trace``), when they changed;
 * ``proc``: every user process (kernel threads never are candidates) in snapshots whose
-  interval is MemAvailable divided by 1 GiB/s, clamped to [500 ms, 10 s] — identity, name,
+  interval is the headroom divided by 1 GiB/s, clamped to [500 ms, 10 s] — identity, name,
   command line, executable, uid, cgroup, RSS, swap, ``oom_score``, ``oom_score_adj``. After
-  the first sight of a process, only what changed is written;
+  the first sight of a process only what changed is written, and what rarely changes (uid,
+  cgroup) is read every tenth snapshot; a process that exec'd is read at the next sample;
 * ``fork``, ``exec``, ``comm``, ``exit`` from the proc connector as they happen (where it can
   be opened; snapshots see exits too, later).
 
-A snapshot reads five small files per process on a worker thread, so the event loop it shares
+Snapshots read three small files per process on a worker thread, so the event loop they share
 (``run --trace``) keeps its reaction time.
 """
 
@@ -39,7 +42,7 @@ from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
 from ._guard import CgroupScope
 from ._kernel._cgroups import CgroupMount, cgroup_mounts
 from ._policy import Policy
-from ._procfs import PF_KTHREAD, MemInfo, ProcFS
+from ._procfs import PF_KTHREAD, ProcFS
 from ._records import KillRecord
 from ._sources.memory import CgroupMemoryFiles
 from ._sources.proc_connector import (
@@ -122,6 +125,8 @@ class Recorder:
     _snapshots: int = attrs.field(default=0, init=False)
     _connected: bool = attrs.field(default=False, init=False)
     _swap: bool = attrs.field(default=True, init=False)
+    #: pids that exec'd since the last sample: read at the next sample.
+    _execs: set[int] = attrs.field(factory=set, init=False)
     #: PIDs that were kernel threads when last read: skipped but every SLOW_EVERY snapshots.
     _kthreads: set[int] = attrs.field(factory=set, init=False)
 
@@ -195,20 +200,24 @@ class Recorder:
     async def _sample_forever(self) -> None:
         next_snapshot = trio.current_time() + SNAPSHOT_INTERVAL[0]
         while self.writer.failed is None:
-            meminfo = self._sample()
+            headroom = self._sample()
             now = trio.current_time()
             if self.window is not None and now - self._segment_started >= self.window / 2:
                 await self._rotate()
             elif now >= next_snapshot:
                 await self._snapshot(keyframe=False)
+            elif self._execs:
+                await self._read_new()
             if now >= next_snapshot:
-                interval = meminfo.available / self.snapshot_fill_rate
+                interval = headroom / self.snapshot_fill_rate
                 next_snapshot = now + _clamp(interval, SNAPSHOT_INTERVAL)
-            await trio.sleep(_clamp(meminfo.available / self.mem_fill_rate, MEM_INTERVAL))
+            await trio.sleep(_clamp(headroom / self.mem_fill_rate, MEM_INTERVAL))
         log.warning("trace %s: stopped: %s", self.writer.path, self.writer.failed)
 
-    def _sample(self, *, every: bool = False) -> MemInfo:
-        """Write ``mem``, and the ``psi`` and ``cgroup`` records that changed (all: ``every``)."""
+    def _sample(self, *, every: bool = False) -> int:
+        """Write ``mem``, and the ``psi`` and ``cgroup`` records that changed (all: ``every``);
+        return the headroom in bytes: MemAvailable, or less where a recorded cgroup is closer
+        to its limit."""
         self._samples += 1
         t = self.now()
         meminfo = self.procfs.meminfo()
@@ -230,13 +239,15 @@ class Recorder:
                 self._changed_record(
                     f"psi {resource}", t, {"k": "psi", "res": resource, **psi}, every
                 )
+        headroom = meminfo.available
         for path in self.cgroups:
             cgroup = _cgroup(path, meminfo.total)
             if cgroup is not None:
                 self._changed_record(
                     f"cgroup {path}", t, {"k": "cgroup", "path": path, **cgroup}, every
                 )
-        return meminfo
+                headroom = min(headroom, (cgroup["limit"] - cgroup["usage"]) * KiB)
+        return max(0, headroom)
 
     def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
         if every or self._last.get(key) != record:
@@ -256,10 +267,36 @@ class Recorder:
         self._sample(every=True)
         await self._snapshot(keyframe=True)
 
+    async def _read_new(self) -> None:
+        """Read the processes that exec'd since the last sample now, not at the next
+        snapshot: a short-lived hog must be in the trace."""
+        t = self.now()
+        pids, self._execs = self._execs, set()
+        records = await trio.to_thread.run_sync(self._read_some, t, pids)
+        for record in records:
+            self.writer.write(record)
+
+    def _read_some(self, t: float, pids: set[int]) -> list[dict[str, Any]]:
+        records = []
+        for pid in sorted(pids):
+            try:
+                key, fields = self._read_process(pid, pids, swap=self._swap, slow=True)
+            except (NoSuchProcess, AccessDenied, ProcFormatError):
+                continue
+            if key is None:
+                continue
+            before = self._known.get(key, {})
+            delta = {k: v for k, v in fields.items() if before.get(k) != v}
+            self._known[key] = {**before, **fields}
+            if delta:
+                records.append({"t": t, "k": "proc", "pid": key[0], "start": key[1], **delta})
+        return records
+
     async def _snapshot(self, *, keyframe: bool) -> None:
         self._snapshots += 1
         t = self.now()
         changed, self._changed = self._changed, set()
+        self._execs.clear()
         read = functools.partial(
             self._read_processes,
             t,
@@ -344,6 +381,7 @@ class Recorder:
                     record = {"k": "fork", "pid": event.child_pid, "ppid": event.parent_pid}
                 elif isinstance(event, ProcExec):
                     self._changed.add(event.pid)
+                    self._execs.add(event.pid)
                     record = {"k": "exec", "pid": event.pid}
                 elif isinstance(event, ProcComm):
                     self._changed.add(event.pid)

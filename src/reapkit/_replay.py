@@ -32,10 +32,12 @@ import attrs
 import trio
 import trio.testing
 
-from ._conditions import MemoryCondition, PressureCondition
+from ._conditions import Condition, MemoryCondition, PressureCondition
 from ._engine import Engine
 from ._fakeproc import FakeProc
-from ._policy import Policy, load_policy
+from ._guard import CgroupScope, Scope, SubtreeScope
+from ._kernel._cgroups import CgroupMount, entry_matches, mount_containing
+from ._policy import Policy, PolicyHost, load_policy_on
 from ._procfs import ProcFS
 from ._records import KillRecord
 from ._sources.memory import MemoryThresholdSource
@@ -101,6 +103,37 @@ class _ServedProcFS(ProcFS):
         return self.exes.get(pid, "")
 
 
+@attrs.frozen
+class _ServedHost:
+    """The recorded machine, as a policy is loaded on it (``PolicyHost``): its ``/proc`` and
+    cgroups served from the trace under ``cgroups`` (the cgroup mounts as the trace recorded
+    them, their mount points below it), its processes' start times for sub-tree scopes."""
+
+    procfs: _ServedProcFS
+    cgroups: str
+    mounts: tuple[CgroupMount, ...]
+    starts: Mapping[int, int]
+
+    def cgroup_directory(self, directory: str) -> str:
+        return self.cgroups + os.path.normpath(directory)
+
+    def cgroup_scope(self, directory: str) -> Scope:
+        mount = mount_containing(directory, self.mounts)  # ValueError: not in the trace's
+        served = attrs.evolve(mount, mountpoint=self.cgroup_directory(mount.mountpoint))
+        return CgroupScope(served, mount.cgroup_path(directory))
+
+    def subtree_scope(self, pid: int) -> Scope:
+        if pid not in self.starts:
+            raise ValueError(f"process {pid} is not in the trace")
+        return SubtreeScope(pid, self.starts[pid])
+
+    def check(self, policy: Policy) -> None:
+        return None  # the recorded machine's limits and capabilities are not known
+
+    def check_condition(self, condition: Condition) -> None:
+        return None  # replay fires PSI triggers from the totals, of any window
+
+
 @attrs.define
 class _World:
     """The served ``/proc`` and what the trace said about each process so far."""
@@ -109,6 +142,9 @@ class _World:
     procfs: _ServedProcFS
     #: The trace's file, for messages.
     path: str
+    host: _ServedHost
+    #: Served cgroup directory → the pids in it (its ``cgroup.procs``).
+    members: dict[str, set[int]] = attrs.field(factory=dict)
     #: (pid, start) → the process's fields as recorded so far.
     processes: dict[tuple[int, int], dict[str, Any]] = attrs.field(factory=dict)
     #: Victims of replayed kills: hidden from the tree from their kill on.
@@ -144,6 +180,8 @@ class _World:
                 self._write(key, fields)
         elif kind == "exit":
             self._exit(record["pid"], record.get("start"))
+        elif kind == "cgroup":
+            self._cgroup(record)
 
     def hide(self, pid: int, start: int) -> None:
         self.hidden.add((pid, start))
@@ -153,6 +191,7 @@ class _World:
         for key in [k for k in self.processes if k[0] == pid and start in (None, k[1])]:
             del self.processes[key]
             self.procfs.exes.pop(pid, None)
+            self._join(pid, ())
             with contextlib.suppress(FileNotFoundError):
                 self.fake.remove_process(pid)
 
@@ -175,14 +214,70 @@ class _World:
             cmdline=() if dead else argv,
         )
         self.procfs.exes[pid] = f.get("exe", "")
+        self._join(pid, self._directories(f.get("cgroup", "")))
+
+    def _directories(self, text: str) -> list[str]:
+        """The served directories of the cgroups a ``/proc/<pid>/cgroup`` text names, in the
+        hierarchies the trace recorded."""
+        out = []
+        for line in text.splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            names = [c for c in controllers.split(",") if c]
+            for mount in self.host.mounts:
+                if entry_matches(mount, int(hierarchy), names):
+                    directory = mount.directory(path)
+                    if directory is not None:
+                        out.append(self.host.cgroup_directory(directory))
+        return out
+
+    def _join(self, pid: int, directories: Sequence[str]) -> None:
+        """Move ``pid`` into ``directories`` (none: out of every served cgroup)."""
+        for directory, pids in self.members.items():
+            if pid in pids and directory not in directories:
+                pids.discard(pid)
+                self._write_procs(directory)
+        for directory in directories:
+            pids = self.members.setdefault(directory, set())
+            if pid not in pids:
+                pids.add(pid)
+                self._write_procs(directory)
+
+    def _write_procs(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
+            f.write("".join(f"{pid}\n" for pid in sorted(self.members[directory])))
+
+    def _cgroup(self, record: Mapping[str, Any]) -> None:
+        """A recorded memory cgroup's usage, limit and pressure, in the files
+        :class:`CgroupMemoryFiles` reads (no ``memory.events``: nothing to be notified by)."""
+        directory = self.host.cgroup_directory(record["path"])
+        os.makedirs(directory, exist_ok=True)
+        usage, limit = record["usage"] * KiB, record["limit"] * KiB
+        files = (
+            {"memory.current": usage, "memory.max": limit}
+            if record.get("v") == 2
+            else {"memory.usage_in_bytes": usage, "memory.limit_in_bytes": limit}
+        )
+        for name, value in files.items():
+            with open(os.path.join(directory, name), "w", encoding="ascii") as f:
+                f.write(f"{value}\n")
+        pressure = record.get("pressure")
+        if pressure:
+            with open(os.path.join(directory, "memory.pressure"), "w", encoding="ascii") as f:
+                f.write(_pressure_text(pressure))
 
     def _pressure(self, record: Mapping[str, Any]) -> None:
-        avg10 = record.get("avg10") or [0.0, None]
-        lines = [f"some avg10={avg10[0]:.2f} avg60=0.00 avg300=0.00 total={record['some']}"]
-        if record.get("full") is not None:
-            full = avg10[1] or 0.0
-            lines.append(f"full avg10={full:.2f} avg60=0.00 avg300=0.00 total={record['full']}")
-        self.fake.write(f"pressure/{record['res']}", "\n".join(lines) + "\n")
+        self.fake.write(f"pressure/{record['res']}", _pressure_text(record))
+
+
+def _pressure_text(record: Mapping[str, Any]) -> str:
+    """A pressure file with the recorded totals and ``avg10`` (the other averages 0)."""
+    avg10 = record.get("avg10") or [0.0, None]
+    lines = [f"some avg10={avg10[0] or 0:.2f} avg60=0.00 avg300=0.00 total={record['some']}"]
+    if record.get("full") is not None:
+        full = avg10[1] or 0.0
+        lines.append(f"full avg10={full:.2f} avg60=0.00 avg300=0.00 total={record['full']}")
+    return "\n".join(lines) + "\n"
 
 
 class _Firings:
@@ -230,17 +325,18 @@ def _pressure_total(record: Mapping[str, Any], spec: PsiSpec) -> int | None:
     return value if isinstance(value, int) else None
 
 
-PolicyLoader = Callable[[ProcFS], Policy]
+PolicyLoader = Callable[[PolicyHost], Policy]
 
 
 async def replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
-    """Replay the policy ``load(procfs)`` returns over ``trace``, serving ``/proc`` from the
-    directory ``root``; run under a virtual clock (see :func:`run_replay`). ``load`` must
-    return a dry-run policy whose rules read ``procfs``."""
+    """Replay the policy ``load(host)`` returns over ``trace``, serving ``/proc`` from
+    ``root/proc`` and the cgroups from ``root/cgroup``; run under a virtual clock (see
+    :func:`run_replay`). ``load`` must return a dry-run policy loaded on ``host``."""
     page_size = int(trace.header.get("page_size", 4096))
-    procfs = _ServedProcFS(root, page_size)
-    world = _World(FakeProc(root), procfs, trace.path)
-    policy = load(procfs)
+    procfs = _ServedProcFS(os.path.join(root, "proc"), page_size)
+    host = _ServedHost(procfs, os.path.join(root, "cgroup"), _mounts(trace), _starts(trace))
+    world = _World(FakeProc(procfs.root), procfs, trace.path, host)
+    policy = load(host)
     if not policy.dry_run:
         raise ValueError("replay needs a dry-run policy")
     specs = {c.spec for r in policy.rules for c in r.when if isinstance(c, PressureCondition)}
@@ -313,6 +409,25 @@ async def _decide(
             await engine.handle(event, nursery)
 
 
+def _mounts(trace: Trace) -> tuple[CgroupMount, ...]:
+    try:
+        return tuple(
+            CgroupMount(**{**m, "controllers": tuple(m["controllers"])})
+            for m in trace.header.get("cgroup_mounts", ())
+        )
+    except (TypeError, KeyError) as exc:
+        raise TraceError(trace.path, 1, f"cgroup_mounts: {exc}") from None
+
+
+def _starts(trace: Trace) -> dict[int, int]:
+    """Each pid's start time when it first shows in the trace (for sub-tree scopes)."""
+    starts: dict[int, int] = {}
+    for r in trace.records:
+        if r["k"] == "proc":
+            starts.setdefault(r["pid"], r["start"])
+    return starts
+
+
 def _until(records: Sequence[Mapping[str, Any]], t: float) -> Iterable[Mapping[str, Any]]:
     return (r for r in records if r["t"] <= t)
 
@@ -337,8 +452,8 @@ def run_replay(
     """Replay the policy at ``path`` (or ``text``; the default with neither) over ``trace``
     on a virtual clock, serving ``/proc`` from a temporary directory (removed afterwards)."""
 
-    def load(procfs: ProcFS) -> Policy:
-        return load_policy(path, text=text, dry_run=True, procfs=procfs)
+    def load(host: PolicyHost) -> Policy:
+        return load_policy_on(host, path, text=text, dry_run=True)
 
     with tempfile.TemporaryDirectory(prefix="reapkit-replay-") as root:
         clock = trio.testing.MockClock(autojump_threshold=0)

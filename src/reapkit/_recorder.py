@@ -1,10 +1,11 @@
 """Record a machine's memory story as a trace (``reapkit record``, ``reapkit run --trace``).
 
 What the engine's inputs were, at a rate that follows the headroom as the memory sampler's does.
-The headroom is MemAvailable, or less where a recorded cgroup is closer to its limit:
+The headroom is MemAvailable, or less where a recorded cgroup is closer to its limit, or a
+memory line of the policies the trace is for (``run --trace``, ``record --policy``) is closer:
 
 * ``mem`` (MemTotal, MemAvailable, MemFree, swap) every sample: the interval is the headroom
-  divided by an assumed fill rate of 10 GiB/s, clamped to [10 ms, 1 s];
+  divided by an assumed fill rate of 10 GiB/s, clamped to [2 ms, 1 s];
 * ``psi``: each of ``/proc/pressure/{memory,io,cpu}`` whose totals moved since the sample
   before (replay derives any trigger's firings from the totals);
 * ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named (a
@@ -31,7 +32,7 @@ import platform
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -42,9 +43,9 @@ from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
 from ._guard import CgroupScope
 from ._kernel._cgroups import CgroupMount, cgroup_mounts
 from ._policy import Policy
-from ._procfs import PF_KTHREAD, ProcFS
+from ._procfs import PF_KTHREAD, MemInfo, ProcFS
 from ._records import KillRecord
-from ._sources.memory import CgroupMemoryFiles
+from ._sources.memory import CgroupMemoryFiles, MemoryThreshold
 from ._sources.proc_connector import (
     ProcComm,
     ProcConnectorSource,
@@ -63,7 +64,7 @@ KiB: Final = 1024
 GiB: Final = 1 << 30
 #: Memory samples: MemAvailable / MEM_FILL_RATE seconds, within MEM_INTERVAL.
 MEM_FILL_RATE: Final = 10 * GiB
-MEM_INTERVAL: Final = (0.010, 1.0)
+MEM_INTERVAL: Final = (0.002, 1.0)
 #: Process snapshots: MemAvailable / SNAPSHOT_FILL_RATE seconds, within SNAPSHOT_INTERVAL.
 SNAPSHOT_FILL_RATE: Final = 1 * GiB
 SNAPSHOT_INTERVAL: Final = (0.5, 10.0)
@@ -75,6 +76,10 @@ TRACE_SEGMENT_MIN: Final = 30.0
 
 
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _as_lines(value: Iterable[MemoryThreshold]) -> tuple[MemoryThreshold, ...]:
     return tuple(value)
 
 
@@ -107,6 +112,9 @@ class Recorder:
     #: Rolling: a new segment every half ``window`` seconds, the one before kept (``None``: one
     #: segment).
     window: float | None = None
+    #: Memory lines of the policies the trace is for: near one, samples are as dense as that
+    #: policy's own sampler takes them (its crossing is in the trace).
+    lines: tuple[MemoryThreshold, ...] = attrs.field(default=(), converter=_as_lines)
     #: Subscribe to the proc connector for exact fork/exec/exit times (needs CAP_NET_ADMIN).
     events: bool = True
     #: Bytes per second assumed to fill memory, for the two intervals (module docstring).
@@ -240,13 +248,17 @@ class Recorder:
                     f"psi {resource}", t, {"k": "psi", "res": resource, **psi}, every
                 )
         headroom = meminfo.available
+        usage: dict[str, int] = {}
         for path in self.cgroups:
             cgroup = _cgroup(path, meminfo.total)
             if cgroup is not None:
                 self._changed_record(
                     f"cgroup {path}", t, {"k": "cgroup", "path": path, **cgroup}, every
                 )
+                usage[path] = cgroup["usage"] * KiB
                 headroom = min(headroom, (cgroup["limit"] - cgroup["usage"]) * KiB)
+        for line in self.lines:  # as close as the policy's own sampler comes to its lines
+            headroom = min(headroom, _distance(line, meminfo, usage))
         return max(0, headroom)
 
     def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
@@ -391,6 +403,39 @@ class Recorder:
                 else:
                     continue  # lost events: the next snapshot resynchronises
                 self.writer.write({"t": t, **record})
+
+
+def _distance(line: MemoryThreshold, meminfo: MemInfo, usage: Mapping[str, int]) -> int:
+    """Bytes between ``line`` and its value now, on either side."""
+    if line.metric == "cgroup_usage":
+        if line.cgroup not in usage:
+            return meminfo.available
+        assert line.cgroup is not None
+        limit = _cgroup_limit(line.cgroup, meminfo.total)
+        return abs(line.line.resolve(limit) - usage[line.cgroup])
+    value, total = (
+        (meminfo.available, meminfo.total)
+        if line.metric == "mem_available"
+        else (meminfo.swap_free, meminfo.swap_total)
+    )
+    return abs(value - line.line.resolve(total)) if total else meminfo.available
+
+
+def _cgroup_limit(path: str, mem_total: int) -> int:
+    try:
+        return CgroupMemoryFiles(path).sample(mem_total).total
+    except (OSError, ValueError):
+        return mem_total
+
+
+def policy_lines(policy: Policy) -> list[MemoryThreshold]:
+    """The memory lines ``policy``'s rules watch."""
+    found: dict[MemoryThreshold, None] = {}
+    for rule in policy.rules:
+        for cond in rule.when:
+            if isinstance(cond, MemoryCondition):
+                found[cond.threshold] = None
+    return list(found)
 
 
 def policy_cgroups(policy: Policy) -> list[str]:

@@ -198,8 +198,14 @@ class TraceWriter:
         self._thread.start()
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Queue ``record``. Its ``t`` is raised to the last one written if it is earlier (a
+        snapshot stamped before it was read, an event that arrived meanwhile): a trace's times
+        never go back."""
         if self.failed is not None:
             return
+        if record["t"] < self._last_t:
+            record = {**record, "t": self._last_t}
+        self._last_t = record["t"]
         if self._dropped:
             gap = {"t": record["t"], "k": "gap", "lost": self._dropped}
             if not self._put(("line", gap)):

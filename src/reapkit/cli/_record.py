@@ -9,7 +9,8 @@ from typing import Any
 import trio
 
 from .._errors import InvalidValue
-from .._recorder import Recorder
+from .._policy import load_policy
+from .._recorder import Recorder, policy_cgroups, policy_lines
 from .._trace import TraceWriter
 from .._units import parse_duration
 from ._status import EXIT_FAILURE, EXIT_OK, UsageError
@@ -35,6 +36,11 @@ def add_parser(commands: Any) -> None:
         "--cgroup", action="append", default=[], metavar="CGROUP_DIR",
         help="also record this memory cgroup's usage, limit, events and pressure (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--policy", action="append", default=[], metavar="POLICY",
+        help="record for this policy (repeatable): its cgroups too, and as densely near its"
+        " memory lines as its own sampler (its crossings are in the trace)",
+    )  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -43,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
         duration = None if args.duration is None else parse_duration(args.duration)
     except InvalidValue as exc:
         raise UsageError(f"--duration: {exc}") from None
+    cgroups, lines = list(args.cgroup), []
+    for path in args.policy:  # PolicyError: exit 2, naming the file and key
+        policy = load_policy(path, dry_run=True)
+        cgroups += [c for c in policy_cgroups(policy) if c not in cgroups]
+        lines += policy_lines(policy)
     writer = TraceWriter(args.out)
-    recorder = Recorder(writer, cmdline=not args.no_cmdline, cgroups=args.cgroup)
+    recorder = Recorder(writer, cmdline=not args.no_cmdline, cgroups=cgroups, lines=lines)
 
     async def main() -> None:
         with trio.move_on_after(duration if duration is not None else float("inf")):

@@ -28,7 +28,7 @@ from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
-from .._recorder import TRACE_SEGMENT_MIN, Recorder, policy_cgroups
+from .._recorder import TRACE_SEGMENT_MIN, Recorder, policy_cgroups, policy_lines
 from .._records import KillRecord, RecordLine
 from .._trace import TraceWriter
 from .._units import parse_duration
@@ -216,7 +216,9 @@ def _recorder(args: argparse.Namespace, policy: Policy) -> Recorder | None:
         writer.open()
     except OSError as exc:
         raise OutputFileError(f"--trace {args.trace}: {exc.strerror or exc}") from None
-    return Recorder(writer, window=window, cgroups=policy_cgroups(policy))
+    return Recorder(
+        writer, window=window, cgroups=policy_cgroups(policy), lines=policy_lines(policy)
+    )
 
 
 async def _serve_trace(

@@ -22,8 +22,8 @@ from typing import Any, NoReturn
 import pytest
 
 from reapkit import Unsupported
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import Probe, probe
+from reapkit.testing import SandboxCgroup
 
 MiB = 1 << 20
 

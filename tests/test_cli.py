@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from reapkit._sandbox import SandboxCgroup
 from reapkit._version import __version__
 from reapkit.cli import _main
 from reapkit.lowlevel import cgroup_mounts, mount_for
+from reapkit.testing import SandboxCgroup
 
 from .conftest import DOCTOR_JSON_KEYS, Spawn, need, require_root
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from reapkit import PolicyError
-from reapkit._sandbox import SandboxCgroup
 from reapkit.cli import _common, _main
+from reapkit.testing import SandboxCgroup
 
 from .conftest import Spawn
 from .test_docs import _table

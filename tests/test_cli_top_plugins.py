@@ -22,13 +22,13 @@ import pytest
 import trio
 from rich.console import Console
 
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Candidate, PluginRegistry, Ranked, Selector
 from reapkit._policy import load_policy
 from reapkit._procfs import MemInfo, ProcFS
 from reapkit._records import ActionStep, KillRecord, Timeline, Victim
 from reapkit._sources.psi import PressureLine, PressureSnapshot
 from reapkit.cli import _plugins, _top
+from reapkit.testing import FakeProc
 
 from .conftest import FakeEntryPoint
 

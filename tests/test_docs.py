@@ -40,7 +40,7 @@ from reapkit._engine import Rule
 from reapkit._guard import RefusalReason
 from reapkit._plugins import Candidate, NoOptions, Ranked, Situation
 from reapkit._procfs import ProcFS
-from reapkit._reap import ReapSettings
+from reapkit._reap_stage import ReapSettings
 from reapkit._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline, Victim
 from reapkit._sources.memory import Metric
 from reapkit._units import _DURATION_UNITS, _SIZE_UNITS, PSI_RESOURCES, parse_duration, parse_size

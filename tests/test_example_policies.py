@@ -47,8 +47,8 @@ from reapkit import (
     load_policy,
     open_reaper,
 )
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import Engine
+from reapkit.testing import SandboxCgroup
 
 from .conftest import MiB, Spawn, need
 
@@ -315,7 +315,7 @@ async def test_lmkd_kills_tier_by_tier_with_pinned_prioritised_reapers(
     cooldown = max(r.cooldown for r in policy.rules)
 
     async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
-        threads = reaper._reap.thread_info()
+        threads = reaper._reap_stage.thread_info()
         assert len(threads) == 2
         assert all(t.cpus == {1} and t.nice == -20 and t.policy == "other" for t in threads)
 

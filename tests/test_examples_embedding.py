@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup
 
 from .conftest import Spawn
 

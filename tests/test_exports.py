@@ -4,6 +4,7 @@ private leaks, and every public name is documented."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import types
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 import reapkit
+import reapkit.asyncio
 import reapkit.lowlevel
+import reapkit.testing
 import reapkit.units
 
-PUBLIC = [reapkit, reapkit.lowlevel, reapkit.units]
+PUBLIC = [reapkit, reapkit.asyncio, reapkit.lowlevel, reapkit.testing, reapkit.units]
 
 
 @pytest.mark.parametrize("module", PUBLIC, ids=lambda m: m.__name__)
@@ -32,6 +35,38 @@ def test_public_modules_only_reexport(module: types.ModuleType) -> None:
         home = getattr(obj, "__module__", "")
         assert home.startswith("reapkit._"), f"{module.__name__}.{name} is defined in {home}"
         assert obj.__doc__, f"{module.__name__}.{name} has no docstring"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: An import of a private module or name: ``from reapkit._x import``, ``import reapkit._x``,
+#: ``from reapkit import _x``, ``from reapkit.cli import _x``.
+_PRIVATE_IMPORT = re.compile(
+    r"^\s*(?:from\s+reapkit(?:\.\w+)*\._\w*|import\s+reapkit(?:\.\w+)*\._\w*"
+    r"|from\s+reapkit(?:\.\w+)*\s+import\s+\(?\s*_)",
+    re.MULTILINE,
+)
+
+
+def test_plugins_examples_and_docs_use_only_public_names() -> None:
+    # What a plugin author copies must work against the public API: reapkit's own plugins
+    # (and their tests), the examples and the docs' snippets import nothing private.
+    files = [
+        p
+        for top in ("plugins", "examples", "docs")
+        for p in (ROOT / top).rglob("*")
+        if p.suffix in {".py", ".md"} and "site" not in p.parts
+    ]
+    assert len(files) > 20
+    private = [
+        f"{p.relative_to(ROOT)}: {m.group().strip()}"
+        for p in files
+        for m in _PRIVATE_IMPORT.finditer(p.read_text(encoding="utf-8"))
+    ]
+    assert private == []
+    assert _PRIVATE_IMPORT.search("from reapkit._engine import Engine")
+    assert _PRIVATE_IMPORT.search("    from reapkit import _plugins")
+    assert _PRIVATE_IMPORT.search("import reapkit._testing._hog")
+    assert not _PRIVATE_IMPORT.search("from reapkit.testing import FakeProc")
 
 
 def test_the_kill_guard_is_the_public_way_to_signal() -> None:

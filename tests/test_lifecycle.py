@@ -19,8 +19,7 @@ import trio
 
 from reapkit import _heartbeat as heartbeat_module
 from reapkit._heartbeat import beat, heartbeat_age, serve_heartbeat
-from reapkit._hog import start_hog
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup, start_hog
 
 from .conftest import MiB, need
 from .test_run import _wait_for_line, fill, small_tmpfs

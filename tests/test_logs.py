@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from reapkit._records import KillRecord, RecordLine, Timeline, Victim
-from reapkit._sandbox import SandboxCgroup
 from reapkit.cli._journal import JournalFormatter, under_journald
 from reapkit.cli._output import log_record
 from reapkit.cli._run import JsonFormatter, _formatter
+from reapkit.testing import SandboxCgroup
 
 from .conftest import Spawn
 

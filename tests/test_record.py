@@ -17,8 +17,8 @@ import trio
 
 from reapkit._recorder import Recorder
 from reapkit._replay import run_replay
-from reapkit._sandbox import SandboxCgroup
 from reapkit._trace import TraceWriter, read_trace
+from reapkit.testing import SandboxCgroup
 
 from .conftest import MiB, Spawn
 from .test_run import _policy, _start, _wait_for_line, fill, small_tmpfs
@@ -103,7 +103,8 @@ def test_run_with_a_trace_records_its_kill_and_replay_agrees(
     trace_path = tmp_path / "run.trace"
     p = _start(commands, str(policy), "--trace", str(trace_path), "--trace-window", "60s")
     _wait_for_line(p, "running:")
-    hog = spawn([sys.executable, "-m", "reapkit._hog", str(180 * MiB)], cgroups=[memory_cgroup])
+    hog_command = [sys.executable, "-m", "reapkit._testing._hog", str(180 * MiB)]
+    hog = spawn(hog_command, cgroups=[memory_cgroup])
     assert hog.wait(30) == -signal.SIGKILL
     _wait_for_line(p, "rule sandbox: killed")
     p.send_signal(signal.SIGTERM)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from reapkit._sandbox import SandboxCgroup
 from reapkit.cli import _main
+from reapkit.testing import SandboxCgroup
 
 from .conftest import MiB, Spawn
 
@@ -77,7 +77,9 @@ def test_run_kills_a_hog_and_writes_a_complete_record(
     p = _start(commands, str(policy), "--records", str(records))
     _wait_for_line(p, "running:")
     # The reaper may well kill the hog while it is still allocating: don't wait for "ready".
-    hog = spawn([sys.executable, "-m", "reapkit._hog", str(180 * MiB)], cgroups=[memory_cgroup])
+    hog = spawn(
+        [sys.executable, "-m", "reapkit._testing._hog", str(180 * MiB)], cgroups=[memory_cgroup]
+    )
     assert hog.wait(30) == -signal.SIGKILL
     _wait_for_line(p, "rule sandbox: killed")
     (line,) = records.read_text().splitlines()

@@ -6,9 +6,7 @@ from pathlib import Path
 
 from custom_selector import BackgroundFirst, Options
 
-import reapkit
-from reapkit.lowlevel import ProcFS
-from reapkit.testing import FakeProc
+from reapkit.testing import FakeProc, make_situation, read_candidates, run_selector
 
 MiB = 1 << 20
 
@@ -21,14 +19,10 @@ def test_never_the_foreground_app_and_the_largest_background_one_first(tmp_path:
     proc.add_process(300, comm="chat", rss=600 * MiB)
     foreground = tmp_path / "foreground.pid"
     foreground.write_text("100\n")
-    fs = ProcFS(proc.root)
-    candidates = [
-        reapkit.Ranked(reapkit.Candidate.from_info(fs.process_info(p)))
-        for p in (100, 101, 200, 300)
-    ]
-    situation = reapkit.Situation("test", None, fs.meminfo(), fs, 0.0)
+    selector = BackgroundFirst(Options(str(foreground)))
 
-    ranked = BackgroundFirst(Options(str(foreground))).select(situation, candidates)
+    # Called as the reaper calls it, its ranking checked as the reaper checks it.
+    ranked = run_selector(selector, make_situation(proc), read_candidates(proc))
 
     assert [r.candidate.comm for r in ranked] == ["chat", "mail"]
     assert ranked[0].reason == "background, RSS 600 MiB"

@@ -16,8 +16,6 @@ from . import _hangup  # noqa: F401 - first: under `python -m reapkit`, SIGHUP i
 from ._version import __version__ as __version__
 
 if _typing.TYPE_CHECKING:
-    from ._engine import ActionContext as ActionContext
-    from ._engine import ManualTrigger as ManualTrigger
     from ._errors import AccessDenied as AccessDenied
     from ._errors import InvalidValue as InvalidValue
     from ._errors import NoSuchProcess as NoSuchProcess
@@ -37,7 +35,9 @@ if _typing.TYPE_CHECKING:
     from ._guard import SubtreeScope as SubtreeScope
     from ._guard import SystemScope as SystemScope
     from ._plugins import Action as Action
+    from ._plugins import ActionContext as ActionContext
     from ._plugins import Candidate as Candidate
+    from ._plugins import ManualTrigger as ManualTrigger
     from ._plugins import NoOptions as NoOptions
     from ._plugins import Observer as Observer
     from ._plugins import PluginError as PluginError
@@ -66,7 +66,6 @@ if _typing.TYPE_CHECKING:
 
 #: Each public name's private module (the same imports as above, resolved on first use).
 _PUBLIC: dict[str, tuple[str, ...]] = {
-    "._engine": ("ActionContext", "ManualTrigger"),
     "._errors": (
         "AccessDenied",
         "InvalidValue",
@@ -91,7 +90,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "._plugins": (
         "Action",
+        "ActionContext",
         "Candidate",
+        "ManualTrigger",
         "NoOptions",
         "Observer",
         "PluginError",

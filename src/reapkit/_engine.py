@@ -36,8 +36,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import attrs
 import trio
@@ -45,38 +45,43 @@ import trio
 from ._conditions import Condition, MemoryCondition, PressureCondition
 from ._errors import NoSuchProcess, ProcessChanged, ReapkitError
 from ._guard import (
-    REAL_PROC,
     CgroupScope,
     KillGuard,
     KillRefused,
     Refusal,
     RefusalReason,
-    SignalOutcome,
     SubtreeScope,
     cgroup_members,
 )
 from ._plugins import (
     Action,
+    ActionContext,
     Candidate,
     PluginCalls,
     Ranked,
+    RuleView,
     Selector,
     Situation,
+    TimelineBuilder,
     describe,
     isolated,
 )
+from ._plugins import (
+    ManualTrigger as ManualTrigger,
+)
 from ._process import ProcessRef
-from ._procfs import KeptScoreFiles, MemInfo, ProcFS
-from ._records import ActionStep, KillRecord, Outcome, SelectorStep, Timeline
+from ._procfs import DEAD_STATES, KeptScoreFiles, MemInfo, ProcFS, in_subtree
+from ._records import ActionStep, KillRecord, KillWarning, Outcome, SelectorStep, Victim
 from ._sources.memory import MemoryEvent
-from ._sources.pidfd import wait_exit
 from ._sources.psi import PressureEvent, PressureWatchEnded
+
+if TYPE_CHECKING:
+    from ._reap_stage import ReapStage
 
 log = logging.getLogger("reapkit.engine")
 
 #: A candidate scan yields to the event loop after this many processes.
 CHECKPOINT_EVERY = 256
-_DEAD = frozenset({"Z", "X"})
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: ``born_from`` for a fake /proc tree, whose start times are not this boot's ticks.
 _NEVER = sys.maxsize
@@ -86,20 +91,12 @@ MEMORY_BACK_FRACTION = 0.1
 PREPARED_SHORTLIST = 8
 
 
-@attrs.frozen
-class ManualTrigger:
-    """``await reaper.trigger(reason)``: evaluate the rules now; pressure counts as present."""
-
-    timestamp: float
-    reason: str
-
-
-def _seconds(*, zero_ok: bool = False) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+def _seconds(*, zero_ok: bool = False) -> Callable[[Rule, attrs.Attribute[float], object], None]:
     """A validator: a finite number of seconds, above 0 (or at least 0)."""
 
-    def check(rule: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (ok and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+    def check(rule: Rule, attribute: attrs.Attribute[float], value: object) -> None:
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if number is None or not math.isfinite(number) or number < 0 or not (number or zero_ok):
             least = "at least 0" if zero_ok else "above 0"
             raise ValueError(
                 f"rule {rule.name!r}: {attribute.name} must be a finite number of seconds"
@@ -109,10 +106,10 @@ def _seconds(*, zero_ok: bool = False) -> Callable[[Any, attrs.Attribute[Any], A
     return check
 
 
-def _count(*, least: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+def _count(*, least: int) -> Callable[[Rule, attrs.Attribute[int], object], None]:
     """A validator: an integer (not a bool) of at least ``least``."""
 
-    def check(_rule: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    def check(_rule: Rule, attribute: attrs.Attribute[int], value: object) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(
                 f"{attribute.name} must be an integer, at least {least}, not {value!r}"
@@ -141,6 +138,13 @@ class Rule:
     kill_window: float = attrs.field(default=60.0, validator=_seconds())
     plugin_deadline: float = attrs.field(default=1.0, validator=_seconds())
     action_deadline: float = attrs.field(default=30.0, validator=_seconds())
+
+    def view(self) -> RuleView:
+        """What the rule's actions see of it (:attr:`ActionContext.rule`)."""
+        return RuleView(
+            self.name, self.guard, self.cooldown, self.victim_timeout, self.plugin_deadline,
+            self.action_deadline, protects=any(s.protective for s in self.selectors),
+        )  # fmt: skip
 
 
 @attrs.frozen
@@ -196,90 +200,72 @@ class EngineStatistics:
 
 
 @attrs.define
-class ActionContext:
-    """What an action gets: the chosen victim, the guard, and the record in the making.
+class EngineCounters:
+    """What :meth:`Engine.statistics` reports, counted as it happens (see
+    :class:`EngineStatistics` for each)."""
 
-    The victim's pidfd stays inside: an action signals only through :meth:`send_signal`
-    (the guard decides, dry-run holds), waits with :meth:`wait_exit` and reaps with
-    :meth:`reap`."""
-
-    rule: Rule
-    _ref: ProcessRef
-    candidate: Candidate
-    situation: Situation
-    _reaper: Any  # ReapStage | None
-    timeline: dict[str, float | None]
-    steps: list[ActionStep]
-    #: True once SIGKILL was sent (or would have been, in dry-run).
-    killed: bool = False
-    dry_run: bool = False
-    #: Send a warning to every observer (the ``warn`` action).
-    notify: Callable[[object], Awaitable[None]] | None = None
-    #: Anonymous memory + swap the victim held before any action (what its end frees).
-    freeable: int = 0
-    #: The engine's pass of the rule's protective selectors (see :meth:`protected`).
-    _protect: Callable[[Sequence[Ranked]], Awaitable[tuple[Ranked, ...]]] | None = None
-
-    @property
-    def guard(self) -> KillGuard:
-        return self.rule.guard
-
-    @property
-    def pid(self) -> int:
-        return self._ref.pid
-
-    @property
-    def start_time(self) -> int:
-        return self._ref.start_time
-
-    @property
-    def can_reap(self) -> bool:
-        return self._reaper is not None
-
-    def mark(self, step: str) -> None:
-        """Record the time of a timeline step (first time only)."""
-        if self.timeline.get(step) is None:
-            self.timeline[step] = trio.current_time()
-
-    def send_signal(self, sig: int) -> SignalOutcome:
-        """Signal the victim through the guard and mark the timeline."""
-        outcome = self.guard.send_signal(self._ref, sig)
-        self.mark("signal_sent")
-        if outcome is SignalOutcome.DRY_RUN:
-            self.dry_run = True
-        if sig == signal.SIGKILL:
-            self.killed = True
-        return outcome
-
-    # A timeout argument (ASYNC109): "did it exit in time" is the answer, not an error.
-    async def wait_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait up to ``timeout`` s for the victim to exit (its pidfd); marks ``exit_seen``."""
-        if await wait_exit(self._ref, timeout=timeout):
-            self.mark("exit_seen")
-            return True
-        return False
-
-    async def protected(self, candidates: Sequence[Ranked]) -> tuple[Ranked, ...]:
-        """What the rule's protective selectors (``protect``, ``scope``, third-party ones)
-        keep of ``candidates``, each called as in the decision (deadline, worker thread). One
-        that fails raises :class:`KillRefused`: a protection that cannot answer spares all."""
-        if self._protect is None:
-            raise RuntimeError("this context has no engine to call the selectors")
-        return await self._protect(candidates)
-
-    async def reap(self) -> Any:
-        """``process_mrelease`` on a reaper thread: the ReapResult, or None when every
-        reaper thread is busy (the victim then frees its memory itself)."""
-        if self._reaper is None:
-            raise RuntimeError("this reaper has no reap stage")
-        result = await self._reaper.reap_or_skip(self._ref)
-        if result is not None:  # the thread's own times, already on the trio clock
-            self.timeline["reap_started"] = result.started
-            self.timeline["reap_finished"] = result.finished
-        return result
+    events: int = 0
+    decisions: int = 0
+    kills: int = 0
+    dry_runs: int = 0
+    abandoned: int = 0
+    refused: int = 0
+    no_candidate: int = 0
+    plugin_failures: int = 0
+    skipped_busy: int = 0
+    skipped_cooldown: int = 0
+    skipped_cap: int = 0
+    fail_safe: int = 0
+    prepared: int = 0
+    prepared_used: int = 0
+    prepared_unused: int = 0
 
 
 Emit = Callable[[KillRecord], Awaitable[None]]
+
+
+class PidSource(Protocol):
+    """Where a rule whose scope is not a cgroup gets its PIDs (the ProcessTable)."""
+
+    def pids(self) -> Iterable[int]: ...
+
+
+@attrs.define(eq=False)
+class _Decision:
+    """One decision in the making: its rule, what it saw, its timeline and what it chose —
+    everything its record is made of."""
+
+    rule: Rule
+    condition: str
+    situation: Situation
+    timeline: TimelineBuilder
+    epoch_offset: float
+    steps: tuple[SelectorStep, ...] = ()
+    victim: Victim | None = None
+
+    def record(
+        self,
+        outcome: Outcome,
+        reason: str,
+        *,
+        actions: Sequence[ActionStep] = (),
+        refusal: str | None = None,
+        bytes_freed: int | None = None,
+    ) -> KillRecord:
+        return KillRecord(
+            rule=self.rule.name,
+            outcome=outcome,
+            reason=reason,
+            condition=self.condition,
+            timeline=self.timeline.build(),
+            victim=self.victim,
+            selectors=self.steps,
+            actions=tuple(actions),
+            bytes_freed=bytes_freed,
+            dry_run=not self.rule.guard.signals_enabled,
+            refusal=refusal,
+            epoch_offset=self.epoch_offset,
+        )
 
 
 @attrs.define
@@ -287,15 +273,16 @@ class Engine:
     """Decides, one event at a time, for a policy's rules; see the module docstring.
 
     ``emit`` receives every KillRecord; ``table`` (the ProcessTable) supplies PIDs for rules
-    whose scope is not a cgroup; ``reaper`` is the reap stage; ``notify`` sends warnings."""
+    whose scope is not a cgroup; ``reap_stage`` reaps for the ``reap`` action;
+    ``warn_observers`` hands the ``warn`` action's warnings to the observers."""
 
     rules: tuple[Rule, ...]
     emit: Emit
     procfs: ProcFS = attrs.field(factory=ProcFS)
-    #: Something with ``pids() -> Iterable[int]`` (the ProcessTable), or None to scan /proc.
-    table: Any = None
-    reaper: Any = None
-    notify: Callable[[object], Awaitable[None]] | None = None
+    #: The ProcessTable (or another :class:`PidSource`), or None to scan /proc.
+    table: PidSource | None = None
+    reap_stage: ReapStage | None = None
+    warn_observers: Callable[[KillWarning], Awaitable[None]] | None = None
     _last_pressure: dict[object, float] = attrs.field(factory=dict, init=False)
     #: Victims signalled and not yet confirmed gone: pid -> deadline (trio clock).
     _dying: dict[int, float] = attrs.field(factory=dict, init=False)
@@ -303,7 +290,7 @@ class Engine:
     _kills: dict[str, collections.deque[float]] = attrs.field(
         factory=lambda: collections.defaultdict(collections.deque), init=False
     )
-    _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _counters: EngineCounters = attrs.field(factory=EngineCounters, init=False)
     _epoch_offset: float = attrs.field(factory=lambda: 0.0, init=False)
     _event_serial: int = attrs.field(default=0, init=False)
     _scan_cache: dict[object, tuple[object, list[Ranked]]] = attrs.field(factory=dict, init=False)
@@ -324,18 +311,13 @@ class Engine:
         self._calls = PluginCalls(inline_context=_collector_paused)
         # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
         # file kept open would go on reading the old content.
-        if self.keep_score_files > 0 and self.procfs.root == REAL_PROC:
+        if self.keep_score_files > 0 and self.procfs.is_real:
             self._kept = KeptScoreFiles(self.procfs, self.keep_score_files)
 
     def statistics(self) -> EngineStatistics:
-        c = self._counts
         return EngineStatistics(
-            c["events"], c["decisions"], c["kills"], c["dry_runs"], c["abandoned"], c["refused"],
-            c["no_candidate"], c["plugin_failures"], c["skipped_busy"], c["skipped_cooldown"],
-            c["skipped_cap"], plugins_disabled=self._calls.switched_off, fail_safe=c["fail_safe"],
-            prepared=c["prepared"], prepared_used=c["prepared_used"],
-            prepared_unused=c["prepared_unused"],
-        )  # fmt: skip
+            **attrs.asdict(self._counters), plugins_disabled=self._calls.switched_off
+        )
 
     def replace_rules(self, rules: Sequence[Rule]) -> None:
         """Swap in a new policy's rules between two decisions (``reload``)."""
@@ -346,7 +328,7 @@ class Engine:
 
     async def handle(self, event: object, nursery: trio.Nursery) -> None:
         """Handle one event; confirmation of kills continues in ``nursery``."""
-        self._counts["events"] += 1
+        self._counters.events += 1
         self._event_serial += 1
         now = trio.current_time()
         self._epoch_offset = time.time() - now
@@ -372,16 +354,16 @@ class Engine:
             # by its rule's victim_timeout): its memory may be on its way back.
             self._dying = {pid: t for pid, t in self._dying.items() if t > now}
             if self._dying:
-                self._counts["skipped_busy"] += 1
+                self._counters.skipped_busy += 1
                 return
             if now < self._cooldown_until.get(rule.name, -math.inf):
-                self._counts["skipped_cooldown"] += 1
+                self._counters.skipped_cooldown += 1
                 continue
             kills = self._kills[rule.name]
             while kills and kills[0] < now - rule.kill_window:
                 kills.popleft()
             if len(kills) >= rule.max_kills:
-                self._counts["skipped_cap"] += 1
+                self._counters.skipped_cap += 1
                 log.warning(
                     "rule %s: %d kills within %s s, holding off",
                     rule.name,
@@ -531,7 +513,7 @@ class Engine:
                         rule, started, trio.current_time(), tuple(shortlist), tuple(steps),
                         len(ranked),
                     )  # fmt: skip
-                    self._counts["prepared"] += 1
+                    self._counters.prepared += 1
                     await trio.lowlevel.checkpoint()
         except Exception:  # an optimisation: never the end of the reaper
             log.warning("preparing a ranking failed; decisions scan afresh", exc_info=True)
@@ -573,7 +555,7 @@ class Engine:
         if prepared is None or prepared.rule is not rule:
             return None
         if trigger_at - prepared.finished > self.prepare_ranking:
-            self._counts["prepared_unused"] += 1
+            self._counters.prepared_unused += 1
             return None
         return prepared
 
@@ -584,7 +566,7 @@ class Engine:
         and ``stat`` again (one that exited, or whose start time differs, is dropped), the
         rule's protective selectors on what is left, then the guard. Returns (the victim or
         None, the steps, why it failed safe or None)."""
-        procfs, real = self.procfs, self.procfs.root == REAL_PROC
+        procfs, real = self.procfs, self.procfs.is_real
         with _collector_paused():
             born = _boot_tick() if real else _NEVER  # before the reads, as in a scan
             pids = [r.candidate.pid for r in prepared.shortlist]
@@ -597,7 +579,7 @@ class Engine:
                 c = None
                 if score is not None:
                     c = Candidate.lazy(old.pid, score, procfs, born_from=born)
-                if c is None or c.state in _DEAD:
+                if c is None or c.state in DEAD_STATES:
                     dropped.append(f"{old.pid} exited")
                 elif c.start_time != old.start_time:
                     dropped.append(f"{old.pid} is another process now")
@@ -647,12 +629,12 @@ class Engine:
             return chosen, steps, halt
         chosen, steps, halt = await self._choose_prepared(rule, situation, prepared, at)
         if chosen is None and halt is None:  # nothing on the shortlist may be chosen now
-            self._counts["prepared_unused"] += 1
+            self._counters.prepared_unused += 1
             await self._settled(rule)
             chosen, _ranked, more, halt = await self._choose(rule, situation)
             steps += more
         elif chosen is not None:
-            self._counts["prepared_used"] += 1
+            self._counters.prepared_used += 1
         return chosen, steps, halt
 
     async def _decide(
@@ -660,111 +642,99 @@ class Engine:
     ) -> bool:
         """One decision for ``rule``; returns whether a signal was sent (or would have been,
         in dry-run)."""
-        self._counts["decisions"] += 1
+        self._counters.decisions += 1
         # Whatever the outcome, the rule rests now; a kill extends it once the victim is gone.
         self._cooldown_until[rule.name] = now + rule.cooldown
-        timeline: dict[str, float | None] = {"trigger_seen": getattr(event, "timestamp", now)}
-        situation = Situation(rule.name, event, self._meminfo(), self.procfs, now)
-
-        def record(outcome: Outcome, reason: str, **kw: Any) -> KillRecord:
-            return KillRecord(
-                rule=rule.name,
-                outcome=outcome,
-                reason=reason,
-                condition=condition,
-                timeline=Timeline(**timeline),  # type: ignore[arg-type]
-                dry_run=not rule.guard.signals_enabled,
-                epoch_offset=self._epoch_offset,
-                **kw,
-            )
-
-        chosen, steps, halt = await self._choose_now(rule, situation, timeline["trigger_seen"])
+        trigger_seen = getattr(event, "timestamp", now)
+        decision = _Decision(
+            rule, condition, Situation(rule.name, event, self._meminfo(), self.procfs, now),
+            TimelineBuilder(trigger_seen), self._epoch_offset,
+        )  # fmt: skip
+        chosen, steps, halt = await self._choose_now(rule, decision.situation, trigger_seen)
+        decision.steps = tuple(steps)
         if chosen is None:  # none, or the selection failed safe (halt says why)
-            self._counts["no_candidate" if halt is None else "fail_safe"] += 1
-            nobody = ("no-candidate", "no process in scope could be chosen")
-            await self.emit(record(*(("failed", halt) if halt else nobody), selectors=tuple(steps)))
+            await self._no_victim(decision, halt)
             return False
         victim = chosen.candidate
-        timeline["victim_chosen"] = trio.current_time()
-        info = situation.victim(victim)
+        decision.timeline.mark("victim_chosen")
+        decision.victim = decision.situation.victim(victim)
         recovered = self._memory_recovered(rule)
         if recovered is not None:
-            self._counts["abandoned"] += 1
-            await self.emit(
-                record(
-                    "abandoned",
-                    f"memory recovered after choosing: {recovered}",
-                    victim=info,
-                    selectors=tuple(steps),
-                )
-            )
+            await self._abandon(decision, f"memory recovered after choosing: {recovered}")
             return False
         try:
-            if self.procfs.root == REAL_PROC:
-                ref = ProcessRef.open(victim.pid, start_time=victim.start_time, procfs=self.procfs)
-            else:  # a fake tree: its PIDs are not real processes (and its guard never signals)
-                ref = ProcessRef.unpinned(victim.pid, victim.start_time, self.procfs)
+            ref = self._open(victim)
         except (NoSuchProcess, ProcessChanged) as exc:
-            self._counts["abandoned"] += 1
-            await self.emit(
-                record(
-                    "abandoned", f"the victim is gone: {exc}", victim=info, selectors=tuple(steps)
-                )
-            )
+            await self._abandon(decision, f"the victim is gone: {exc}")
             return False
         context = ActionContext(
-            rule, ref, victim, situation, self.reaper, timeline, [], notify=self.notify,
-            protect=functools.partial(self._protected, rule, situation, victim.pid),
+            rule.view(), ref, victim, decision.situation, self.reap_stage, decision.timeline,
+            [], warn_observers=self.warn_observers,
+            protect=functools.partial(self._protected, rule, decision.situation, victim.pid),
         )  # fmt: skip
         context.freeable = self._freeable(ref) if not ref.closed else victim.rss
-        stopped = functools.partial(
-            record, reason="the reaper stopped during the action chain", victim=info,
-            selectors=tuple(steps),
-        )  # fmt: skip
-        failure = await self._act(rule, context, stopped, now)
-        if timeline.get("signal_sent") is None:
+        failure = await self._act(decision, context, ref, now)
+        if decision.timeline.get("signal_sent") is None:
             ref.close()
-            if isinstance(failure, KillRefused):
-                self._counts["refused"] += 1
-                outcome: Outcome = "refused"
-                reason = str(failure.refusal)
-            elif failure is None or isinstance(failure, NoSuchProcess):
-                self._counts["abandoned"] += 1
-                outcome = "abandoned"
-                reason = (
-                    "the victim exited before it could be signalled"
-                    if failure
-                    else "no action sent a signal"
-                )
-            else:
-                outcome, reason = "failed", f"no signal was sent: {failure}"
-            refusal = failure.refusal if isinstance(failure, KillRefused) else None
-            await self.emit(
-                record(
-                    outcome,
-                    reason,
-                    victim=info,
-                    selectors=tuple(steps),
-                    actions=tuple(context.steps),
-                    refusal=f"{refusal.reason.value}: {refusal.detail}" if refusal else None,
-                )
-            )
+            await self._unsignalled(decision, context, failure)
             return False
         # A signal went out (a SIGKILL refused after SIGTERM still means the victim is on its
         # way): count it, keep every rule off new victims until it is confirmed gone. What was
         # prepared before it ranked a machine that is changing now.
         self._count_signalled(rule, context, now, dying=True)
         self._discard_prepared()
-        nursery.start_soon(self._confirm, rule, context, info, steps, record, failure)
+        nursery.start_soon(self._confirm, decision, context, ref, failure)
         return True
+
+    async def _no_victim(self, decision: _Decision, halt: str | None) -> None:
+        """Record a decision that chose nobody: none could be, or the selection failed safe."""
+        if halt is None:
+            self._counters.no_candidate += 1
+            await self.emit(decision.record("no-candidate", "no process in scope could be chosen"))
+        else:
+            self._counters.fail_safe += 1
+            await self.emit(decision.record("failed", halt))
+
+    async def _abandon(self, decision: _Decision, reason: str) -> None:
+        self._counters.abandoned += 1
+        await self.emit(decision.record("abandoned", reason))
+
+    def _open(self, victim: Candidate) -> ProcessRef:
+        """The victim's pidfd, pinned to its identity (raises if it is gone or another)."""
+        if self.procfs.is_real:
+            return ProcessRef.open(victim.pid, start_time=victim.start_time, procfs=self.procfs)
+        # A fake tree: its PIDs are not real processes (and its guard never signals).
+        return ProcessRef.unpinned(victim.pid, victim.start_time, self.procfs)
+
+    async def _unsignalled(
+        self, decision: _Decision, context: ActionContext, failure: BaseException | None
+    ) -> None:
+        """Record an action chain that ended before any signal went out."""
+        refusal = None
+        if isinstance(failure, KillRefused):
+            self._counters.refused += 1
+            outcome: Outcome = "refused"
+            reason = str(failure.refusal)
+            refusal = f"{failure.refusal.reason.value}: {failure.refusal.detail}"
+        elif failure is None or isinstance(failure, NoSuchProcess):
+            self._counters.abandoned += 1
+            outcome = "abandoned"
+            reason = (
+                "the victim exited before it could be signalled"
+                if failure
+                else "no action sent a signal"
+            )
+        else:
+            outcome, reason = "failed", f"no signal was sent: {failure}"
+        await self.emit(decision.record(outcome, reason, actions=context.steps, refusal=refusal))
 
     def _count_signalled(
         self, rule: Rule, context: ActionContext, now: float, *, dying: bool
     ) -> None:
         if context.dry_run:
-            self._counts["dry_runs"] += 1
+            self._counters.dry_runs += 1
             return
-        self._counts["kills"] += 1
+        self._counters.kills += 1
         self._kills[rule.name].append(now)
         if dying:
             self._dying[context.pid] = trio.current_time() + rule.victim_timeout
@@ -800,7 +770,7 @@ class Engine:
             pids = list(self.table.pids())
         else:
             pids = self.procfs.pids()
-        procfs, kept, real = self.procfs, self._kept, self.procfs.root == REAL_PROC
+        procfs, kept, real = self.procfs, self._kept, self.procfs.is_real
         candidates = []
         for start in range(0, len(pids), CHECKPOINT_EVERY):
             if start:
@@ -811,7 +781,7 @@ class Engine:
                 born = _boot_tick() if real else _NEVER
                 for pid, score in procfs.oom_scores(pids[start : start + CHECKPOINT_EVERY], kept):
                     c = Candidate.lazy(pid, score, procfs, born_from=born)
-                    if score == 0 and (c.is_kernel_thread or c.state in _DEAD):
+                    if score == 0 and (c.is_kernel_thread or c.state in DEAD_STATES):
                         continue
                     candidates.append(c)
         with _collector_paused():
@@ -893,13 +863,13 @@ class Engine:
         ``offload``: an inline selector runs on its worker thread (a preparation)."""
         with isolated() as failed:
             result = await self._calls.call(
-                sel, "select", situation, ranked,
+                sel, "select", {"situation": situation, "candidates": ranked},
                 deadline=rule.plugin_deadline, may_switch_off=not sel.protective,
                 offload=offload,
             )  # fmt: skip
             ranked_now = _validated(ranked, result)
         if failed.error is not None:
-            self._counts["plugin_failures"] += 1
+            self._counters.plugin_failures += 1
             return ranked, failed.error
         return ranked_now, None
 
@@ -926,24 +896,26 @@ class Engine:
         return None, refusals
 
     async def _act(
-        self, rule: Rule, context: ActionContext, stopped: Callable[..., KillRecord], now: float
+        self, decision: _Decision, context: ActionContext, ref: ProcessRef, now: float
     ) -> BaseException | None:
         """Run the action chain; the failure that ended it, or None. A chain cut (a failure,
         the reaper stopping) after a signal went out ends in SIGKILL (:func:`_kill_if_cut`);
         a chain that ran to its end is left as its actions made it. Stopped after a signal,
-        the victim still gets its record (``stopped(outcome, actions=...)``)."""
+        the victim still gets its record."""
+        rule = decision.rule
         try:
             failure = await self._chain(rule, context)
         except BaseException:  # cancelled mid-chain (the reaper stops)
-            _kill_if_cut(context, None)
-            context._ref.close()
+            _kill_if_cut(context, ref, None)
+            ref.close()
             if context.timeline.get("signal_sent") is not None:
                 self._count_signalled(rule, context, now, dying=False)
-                outcome = "dry-run" if context.dry_run else "killed"
-                await self._emit_shielded(stopped(outcome, actions=tuple(context.steps)))
+                outcome: Outcome = "dry-run" if context.dry_run else "killed"
+                reason = "the reaper stopped during the action chain"
+                await self._emit_shielded(decision.record(outcome, reason, actions=context.steps))
             raise
         if failure is not None:
-            _kill_if_cut(context, failure)
+            _kill_if_cut(context, ref, failure)
         return failure
 
     async def _chain(self, rule: Rule, context: ActionContext) -> BaseException | None:
@@ -953,7 +925,7 @@ class Engine:
             at = trio.current_time()
             with isolated() as failed:
                 outcome = await self._calls.call(
-                    action, "act", context,
+                    action, "act", {"context": context},
                     deadline=rule.action_deadline, may_switch_off=not action.signals,
                 )  # fmt: skip
             exc = failed.error
@@ -966,7 +938,7 @@ class Engine:
                 context.steps.append(ActionStep(action.name, "gone", str(exc), at))
                 return exc
             else:
-                self._counts["plugin_failures"] += 1
+                self._counters.plugin_failures += 1
                 why = describe(exc)
                 log.warning("rule %s: action %s failed: %s", rule.name, action.name, why)
                 context.steps.append(ActionStep(action.name, "failed", why, at))
@@ -974,20 +946,18 @@ class Engine:
                     return exc
         return None
 
-    async def _confirm(  # noqa: PLR0917 - one call site, the decision's state
+    async def _confirm(
         self,
-        rule: Rule,
+        decision: _Decision,
         context: ActionContext,
-        info: Any,
-        steps: list[SelectorStep],
-        record: Callable[..., KillRecord],
+        ref: ProcessRef,
         failure: BaseException | None,
     ) -> None:
         """Wait for the victim's exit (pidfd) and its memory, then emit the record — also when
         the reaper is stopped meanwhile (the record then says so)."""
-        ref, timeline = context._ref, context.timeline
-        initial = context.freeable
-        held = initial
+        rule, victim, timeline = decision.rule, decision.victim, decision.timeline
+        assert victim is not None
+        held = initial = context.freeable
         reason = "the reaper stopped before the victim was confirmed gone"
         try:
             if context.dry_run:
@@ -995,34 +965,27 @@ class Engine:
             else:
                 with trio.move_on_after(rule.victim_timeout):
                     async with trio.open_nursery() as watch:
-
-                        async def exit_seen() -> None:
-                            await ref.wait_exit()
-                            context.mark("exit_seen")
-
-                        watch.start_soon(exit_seen)
-                        while None in (timeline.get("exit_seen"), timeline.get("memory_back")):
+                        watch.start_soon(_mark_exit, ref, timeline)
+                        while timeline.missing("exit_seen", "memory_back"):
                             held = min(held, self._freeable(ref))
                             if held <= initial * MEMORY_BACK_FRACTION:
-                                context.mark("memory_back")
+                                timeline.mark("memory_back")
                             await trio.sleep(0.005)
                         watch.cancel_scope.cancel()
-                missing = [s for s in ("memory_back", "exit_seen") if timeline.get(s) is None]
+                missing = timeline.missing("memory_back", "exit_seen")
                 reason = (
-                    f"victim {info.comm!r} ({info.pid}) killed"
+                    f"victim {victim.comm!r} ({victim.pid}) killed"
                     + (f"; not seen within {rule.victim_timeout:g} s: {', '.join(missing)}"
                        if missing else "")
                     + (f"; an action failed: {failure}" if failure else "")
                 )  # fmt: skip
         finally:
             ref.close()
-            self._dying.pop(info.pid, None)
+            self._dying.pop(victim.pid, None)
             self._cooldown_until[rule.name] = trio.current_time() + rule.cooldown
             outcome: Outcome = "dry-run" if context.dry_run else "killed"
-            final = record(
-                outcome, reason, victim=info, selectors=tuple(steps), actions=tuple(context.steps),
-                bytes_freed=None if context.dry_run else max(0, initial - held),
-            )  # fmt: skip
+            freed = None if context.dry_run else max(0, initial - held)
+            final = decision.record(outcome, reason, actions=context.steps, bytes_freed=freed)
             await self._emit_shielded(final)
 
     def _freeable(self, ref: ProcessRef) -> int:
@@ -1048,10 +1011,12 @@ def _step(name: str, before: int, ranked: Sequence[Ranked], *, ranks: bool = Tru
     return SelectorStep(name, before, len(ranked), pid, top.reason if top else "")
 
 
-def _validated(given: tuple[Ranked, ...], result: Any) -> tuple[Ranked, ...]:
+def _validated(given: tuple[Ranked, ...], result: object) -> tuple[Ranked, ...]:
     """A selector may drop and reorder what it was ``given`` (the engine's own tuple), never
     invent: each item must be a :class:`Ranked` of a candidate in ``given`` — the same object,
     or an equal one, which is then swapped for the engine's own."""
+    if not isinstance(result, Iterable):
+        raise TypeError(f"a selector must return Ranked items, not {type(result).__name__}")
     known = {id(r.candidate) for r in given}
     own: dict[Candidate, Candidate] | None = None
     out = []
@@ -1071,12 +1036,17 @@ def _validated(given: tuple[Ranked, ...], result: Any) -> tuple[Ranked, ...]:
     return tuple(out)
 
 
-def _kill_if_cut(context: ActionContext, failure: BaseException | None) -> None:
+async def _mark_exit(ref: ProcessRef, timeline: TimelineBuilder) -> None:
+    await ref.wait()
+    timeline.mark("exit_seen")
+
+
+def _kill_if_cut(context: ActionContext, ref: ProcessRef, failure: BaseException | None) -> None:
     """The safety net: a chain cut (an error, a deadline, the reaper stopping) after a signal
     went out ends in SIGKILL, through the guard, for a victim that has not exited."""
     if isinstance(failure, KillRefused | NoSuchProcess) or context.killed or context.dry_run:
         return
-    if context.timeline.get("signal_sent") is None or context._ref.has_exited():
+    if context.timeline.get("signal_sent") is None or ref.has_exited():
         return
     at = trio.current_time()
     try:
@@ -1119,14 +1089,22 @@ def _boot_tick() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
 
 
-def _descendants(infos: list[Any], root: int) -> list[Any]:
+class _Parented(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def ppid(self) -> int: ...
+
+
+_P = TypeVar("_P", bound=_Parented)
+
+
+def _descendants(infos: list[_P], root: int) -> list[_P]:
     """The processes that descend from ``root`` (or are it), from their ppids alone."""
-    parent = {i.pid: i.ppid for i in infos}
-    keep = []
-    for info in infos:
-        pid, hops = info.pid, 0
-        while pid not in (root, 0, 1) and pid in parent and hops < 4096:
-            pid, hops = parent[pid], hops + 1
-        if pid == root:
-            keep.append(info)
-    return keep
+    parent: dict[int, int] = {i.pid: i.ppid for i in infos}
+    memo: dict[int, bool] = {}
+
+    def parent_of(pid: int) -> int:
+        return parent.get(pid, 0)
+
+    return [info for info in infos if in_subtree(info.pid, root, parent_of, memo)]

@@ -46,13 +46,17 @@ from ._errors import (
 from ._kernel._cgroups import CgroupMount, cgroup_mounts, entry_matches, mount_containing
 from ._kernel._syscalls import cgroup_kill
 from ._process import ProcessRef
-from ._procfs import PF_EXITING, ProcFS, frozen_mapping
+from ._procfs import (
+    DEAD_STATES,
+    OOM_SCORE_ADJ_MIN,
+    PF_EXITING,
+    REAL_PROC,
+    ProcFS,
+    frozen_mapping,
+    in_subtree,
+)
 
 log = logging.getLogger("reapkit.guard")
-
-OOM_SCORE_ADJ_MIN = -1000
-REAL_PROC = "/proc"
-_MAX_ANCESTRY = 4096  # a deeper parent chain than any real tree: stop walking
 
 
 class RefusalReason(enum.Enum):
@@ -175,19 +179,13 @@ class SubtreeScope(Scope):
         return cls(ref.pid, ref.start_time)
 
     def excludes(self, pid: int, procfs: ProcFS) -> str | None:
-        current = pid
-        for _ in range(_MAX_ANCESTRY):
-            try:
-                stat = procfs.stat(current)
-            except NoSuchProcess:
-                return f"its ancestor {current} vanished while the chain was walked"
-            if current == self.root_pid:
-                if stat.start_time == self.root_start_time:
+        try:
+            if in_subtree(pid, self.root_pid, lambda p: procfs.stat(p).ppid, {}):
+                if procfs.stat(self.root_pid).start_time == self.root_start_time:
                     return None
-                return f"PID {current} no longer names the sub-tree's root"
-            if stat.ppid <= 0:
-                break
-            current = stat.ppid
+                return f"PID {self.root_pid} no longer names the sub-tree's root"
+        except NoSuchProcess as exc:
+            return f"its ancestor {exc.pid} vanished while the chain was walked"
         return f"it does not descend from process {self.root_pid}"
 
     def describe(self) -> str:
@@ -218,7 +216,7 @@ def _own_thread_ids() -> frozenset[int]:
 def _foreign_pid_namespace(procfs: ProcFS) -> str | None:
     """Why ``procfs`` (the real ``/proc``) does not show the reaper's own PID namespace, or
     ``None`` if it does. ``/proc/self`` names the reaper as that procfs's namespace sees it."""
-    if procfs.root != REAL_PROC:
+    if not procfs.is_real:
         return None  # a fake tree: never signalled through anyway
     try:
         seen = os.readlink(f"{REAL_PROC}/self")
@@ -270,7 +268,7 @@ class KillGuard:
     @property
     def signals_enabled(self) -> bool:
         """False in dry-run mode, and always when reading a /proc other than the real one."""
-        return not self.dry_run and self.procfs.root == REAL_PROC
+        return not self.dry_run and self.procfs.is_real
 
     def statistics(self) -> GuardStatistics:
         return GuardStatistics(
@@ -313,7 +311,7 @@ class KillGuard:
                     f"PID reused: started at tick {stat.start_time}, the chosen one at"
                     f" {start_time}",
                 )
-            if stat.state in ("Z", "X") or stat.flags & PF_EXITING:
+            if stat.state in DEAD_STATES or stat.flags & PF_EXITING:
                 # Already on its way out; past cgroup_exit() it even reads as being in the
                 # root cgroup, so a scope check would misjudge it.
                 return refuse(RefusalReason.GONE, f"{stat.comm!r} is already exiting")

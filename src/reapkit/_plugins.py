@@ -14,24 +14,46 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import inspect
 import logging
 import re
+import signal
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
 import attrs
 import trio
 
 from ._errors import NoSuchProcess, ReapkitError
-from ._procfs import PF_KTHREAD, MemInfo, ProcessInfo, ProcFS
-from ._records import Victim
+from ._guard import KillGuard, SignalOutcome
+from ._process import ProcessRef
+from ._procfs import PF_KTHREAD, MemInfo, ProcessInfo, ProcFS, ProcStatus
+from ._records import ActionStep, KillRecord, KillWarning, Timeline, Victim
+from ._sources.pidfd import wait_exit
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+    from ._reap_stage import ReapResult, ReapStage
 
 log = logging.getLogger("reapkit.plugins")
 
 Kind = Literal["trigger", "selector", "action", "observer"]
 ENTRY_POINT_GROUP = "reapkit.plugins"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_T = TypeVar("_T")
+_D = TypeVar("_D")
 
 
 class PluginError(ReapkitError, ValueError):
@@ -293,20 +315,19 @@ class Situation:
     meminfo: MemInfo
     procfs: ProcFS
     now: float
-    _cache: dict[tuple[int, str], Any] = attrs.field(factory=dict, init=False)
+    _cache: dict[tuple[int, str], object] = attrs.field(factory=dict, init=False)
 
-    def _cached(self, pid: int, what: str, read: Callable[[int], Any], default: Any) -> Any:
+    def _cached(self, pid: int, what: str, read: Callable[[int], _T], default: _D) -> _T | _D:
         key = (pid, what)
         if key not in self._cache:
             try:
                 self._cache[key] = read(pid)
             except (NoSuchProcess, ReapkitError, OSError):
                 self._cache[key] = default
-        return self._cache[key]
+        return self._cache[key]  # type: ignore[return-value] # what `read` gave for `what`
 
     def cmdline(self, c: Candidate) -> str:
-        args: tuple[str, ...] = self._cached(c.pid, "cmdline", self.procfs.cmdline, ())
-        return " ".join(args)
+        return " ".join(self._cached(c.pid, "cmdline", self.procfs.cmdline, ()))
 
     def exe(self, c: Candidate) -> str:
         """The executable's path, only if it is verified (:meth:`ProcFS.exe`)."""
@@ -326,10 +347,9 @@ class Situation:
         return ""
 
     def oom_score_adj(self, c: Candidate) -> int | None:
-        value: int | None = self._cached(c.pid, "oom_score_adj", self.procfs.oom_score_adj, None)
-        return value
+        return self._cached(c.pid, "oom_score_adj", self.procfs.oom_score_adj, None)
 
-    def _status(self, c: Candidate) -> Any:
+    def _status(self, c: Candidate) -> ProcStatus | None:
         return self._cached(c.pid, "status", self.procfs.status, None)
 
     def uid(self, c: Candidate) -> int | None:
@@ -338,10 +358,9 @@ class Situation:
 
     def swap(self, c: Candidate) -> int | None:
         status = self._cache.get((c.pid, "status"))
-        if status is not None:  # read already (uid): no second read
+        if isinstance(status, ProcStatus):  # read already (uid): no second read
             return int(status.vm_swap) if status.vm_swap is not None else None
-        value: int | None = self._cached(c.pid, "swap", self.procfs.vm_swap, None)
-        return value
+        return self._cached(c.pid, "swap", self.procfs.vm_swap, None)
 
     def victim(self, c: Candidate) -> Victim:
         return Victim(
@@ -356,6 +375,205 @@ class Situation:
             oom_score=c.oom_score,
             oom_score_adj=self.oom_score_adj(c),
         )
+
+
+# -- what actions see ---------------------------------------------------------------------------
+
+#: The steps of a :class:`reapkit.Timeline`.
+TimelineStep = Literal[
+    "trigger_seen",
+    "victim_chosen",
+    "signal_sent",
+    "reap_started",
+    "reap_finished",
+    "memory_back",
+    "exit_seen",
+]
+
+
+class TimelineBuilder:
+    """A decision's timeline in the making: :meth:`mark` each step as it happens (the first
+    mark holds); :meth:`build` is the frozen :class:`reapkit.Timeline` for its record."""
+
+    __slots__ = ("_timeline",)
+
+    def __init__(self, trigger_seen: float) -> None:
+        self._timeline = Timeline(trigger_seen)
+
+    def get(self, step: TimelineStep) -> float | None:
+        """When ``step`` happened, or None."""
+        at: float | None = getattr(self._timeline, step)
+        return at
+
+    def mark(self, step: TimelineStep, at: float | None = None) -> None:
+        """``step`` happened ``at`` (default: now, on the trio clock) — unless it was marked."""
+        if self.get(step) is None:
+            self.set(step, trio.current_time() if at is None else at)
+
+    def set(self, step: TimelineStep, at: float) -> None:
+        """``step`` happened ``at`` (a time measured elsewhere, such as a reaper thread's)."""
+        self._timeline = attrs.evolve(self._timeline, **{step: at})
+
+    def missing(self, *steps: TimelineStep) -> list[TimelineStep]:
+        """Those of ``steps`` not marked yet."""
+        return [step for step in steps if self.get(step) is None]
+
+    def build(self) -> Timeline:
+        return self._timeline
+
+
+@attrs.frozen
+class RuleView:
+    """What an action knows of its rule: its name, deadlines and guard. (The rule itself, with
+    its conditions and plugins, belongs to the engine.)"""
+
+    name: str
+    guard: KillGuard
+    cooldown: float
+    victim_timeout: float
+    plugin_deadline: float
+    action_deadline: float
+    #: The rule has protective selectors (``protect``, ``scope``): an action that kills more
+    #: than the victim asks :meth:`ActionContext.protected` about the others.
+    protects: bool = False
+
+    @property
+    def dry_run(self) -> bool:
+        """Signals are only pretended (the guard holds them)."""
+        return not self.guard.signals_enabled
+
+
+#: What the engine's pass of a rule's protective selectors looks like to an action.
+Protect = Callable[[Sequence[Ranked]], Awaitable[tuple[Ranked, ...]]]
+
+
+@attrs.define
+class ActionContext:
+    """What an action gets: the chosen victim, its rule, the guard, and the record in the
+    making.
+
+    The victim's pidfd stays inside: an action signals only through :meth:`send_signal`
+    (the guard decides, dry-run holds), waits with :meth:`wait_exit` and reaps with
+    :meth:`reap`."""
+
+    rule: RuleView
+    _ref: ProcessRef
+    candidate: Candidate
+    situation: Situation
+    _reap_stage: ReapStage | None
+    timeline: TimelineBuilder
+    steps: list[ActionStep]
+    #: True once SIGKILL was sent (or would have been, in dry-run).
+    killed: bool = False
+    dry_run: bool = False
+    #: Hands a warning to every observer (the ``warn`` action); None without observers.
+    warn_observers: Callable[[KillWarning], Awaitable[None]] | None = None
+    #: Anonymous memory + swap the victim held before any action (what its end frees).
+    freeable: int = 0
+    #: The engine's pass of the rule's protective selectors (see :meth:`protected`).
+    _protect: Protect | None = None
+
+    @property
+    def guard(self) -> KillGuard:
+        return self.rule.guard
+
+    @property
+    def pid(self) -> int:
+        return self._ref.pid
+
+    @property
+    def start_time(self) -> int:
+        return self._ref.start_time
+
+    @property
+    def can_reap(self) -> bool:
+        return self._reap_stage is not None
+
+    @property
+    def notify(self) -> Callable[[KillWarning], Awaitable[None]] | None:
+        """The old name of :attr:`warn_observers`."""
+        return self.warn_observers
+
+    def mark(self, step: TimelineStep) -> None:
+        """Record the time of a timeline step (first time only)."""
+        self.timeline.mark(step)
+
+    def send_signal(self, sig: int) -> SignalOutcome:
+        """Signal the victim through the guard and mark the timeline."""
+        outcome = self.guard.send_signal(self._ref, sig)
+        self.mark("signal_sent")
+        if outcome is SignalOutcome.DRY_RUN:
+            self.dry_run = True
+        if sig == signal.SIGKILL:
+            self.killed = True
+        return outcome
+
+    # A timeout argument (ASYNC109): "did it exit in time" is the answer, not an error.
+    async def wait_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s for the victim to exit (its pidfd); marks ``exit_seen``."""
+        if await wait_exit(self._ref, timeout=timeout):
+            self.mark("exit_seen")
+            return True
+        return False
+
+    async def protected(self, candidates: Sequence[Ranked]) -> tuple[Ranked, ...]:
+        """What the rule's protective selectors (``protect``, ``scope``, third-party ones)
+        keep of ``candidates``, each called as in the decision (deadline, worker thread). One
+        that fails raises :class:`KillRefused`: a protection that cannot answer spares all."""
+        if self._protect is None:
+            raise RuntimeError("this context has no engine to call the selectors")
+        return await self._protect(candidates)
+
+    async def reap(self) -> ReapResult | None:
+        """``process_mrelease`` on a reaper thread: the ReapResult, or None when every
+        reaper thread is busy (the victim then frees its memory itself)."""
+        if self._reap_stage is None:
+            raise RuntimeError("this reaper has no reap stage")
+        result = await self._reap_stage.reap_or_skip(self._ref)
+        if result is not None:  # the thread's own times, already on the trio clock
+            self.timeline.set("reap_started", result.started)
+            self.timeline.set("reap_finished", result.finished)
+        return result
+
+
+# -- what triggers send and observers may offer ---------------------------------------------------
+
+
+@attrs.frozen
+class ManualTrigger:
+    """``await reaper.trigger(reason)``, or a trigger plugin's event: evaluate the rules now;
+    pressure counts as present."""
+
+    timestamp: float
+    reason: str
+
+
+class RunningReaper(Protocol):
+    """What an observer's ``attach`` gets: the running :class:`reapkit.Reaper` (the part of it
+    a plugin may rely on)."""
+
+    def statistics(self) -> object: ...
+
+    async def trigger(self, reason: str) -> None: ...
+
+
+@runtime_checkable
+class ServingObserver(Protocol):
+    """An observer that must run for as long as the reaper does (an HTTP server for metrics,
+    a bus connection): the reaper starts ``serve`` in its nursery before it reports itself
+    started (``task_status.started()`` once it serves), and cancels it last. One that fails
+    to start is logged and dropped: a metrics port in use must not leave a machine without its
+    OOM reaper."""
+
+    async def serve(self, *, task_status: trio.TaskStatus[object]) -> None: ...
+
+
+@runtime_checkable
+class AttachingObserver(Protocol):
+    """An observer that wants the running reaper (for ``statistics()``): ``attach`` is called
+    once, before ``serve``."""
+
+    def attach(self, reaper: RunningReaper) -> Awaitable[None] | None: ...
 
 
 # -- plugin bases --------------------------------------------------------------------------------
@@ -398,9 +616,7 @@ class Selector(Plugin):
     ranks: ClassVar[bool] = True
 
     @abc.abstractmethod
-    def select(
-        self, situation: Situation, candidates: Sequence[Ranked]
-    ) -> Sequence[Ranked] | Awaitable[Sequence[Ranked]]: ...
+    def select(self, situation: Situation, candidates: Sequence[Ranked]) -> Selection: ...
 
 
 class Action(Plugin):
@@ -410,9 +626,12 @@ class Action(Plugin):
     #: Sends the signal that ends the victim (``terminate``, ``kill``, ``cgroup-kill``): its
     #: failure ends the chain. Any other action that fails is recorded and the chain goes on.
     signals: ClassVar[bool] = False
+    #: Reaps (calls ``context.reap()``, as ``reap`` does): a policy with such an action
+    #: gets a reap stage (its pinned threads); without one, ``context.can_reap`` is False.
+    needs_reap_stage: ClassVar[bool] = False
 
     @abc.abstractmethod
-    async def act(self, context: Any) -> str:
+    async def act(self, context: ActionContext) -> str:
         """Do it; return a short outcome (``"sent SIGKILL"``). Raise to fail the action."""
 
 
@@ -423,21 +642,14 @@ class Observer(Plugin):
     kind: ClassVar[Kind] = "observer"
 
     @abc.abstractmethod
-    def on_record(self, record: Any) -> Awaitable[None] | None: ...
+    def on_record(self, record: KillRecord) -> Awaitable[None] | None: ...
 
-    def on_warning(self, warning: Any) -> Awaitable[None] | None:
+    def on_warning(self, warning: KillWarning) -> Awaitable[None] | None:
         """A rule warns that it is about to act (default: ignore)."""
         return None
 
-    #: An observer that must run for as long as the reaper does (an HTTP server for
-    #: metrics, a bus connection) defines ``async def serve(self, *, task_status)``; the
-    #: reaper starts it in its nursery before it reports itself started, and cancels it last.
-    #: One that fails to start is logged and dropped: a metrics port in use must not leave a
-    #: machine without its OOM reaper.
-    serve: Any = None
-    #: An observer that wants the running reaper (for ``statistics()``) defines
-    #: ``attach(self, reaper)``; it is called once, before ``serve``.
-    attach: Any = None
+    # Optional hooks: ``async def serve(self, *, task_status)`` (:class:`ServingObserver`)
+    # and ``attach(self, reaper)`` (:class:`AttachingObserver`).
 
 
 class Trigger(Plugin):
@@ -449,7 +661,9 @@ class Trigger(Plugin):
     kind: ClassVar[Kind] = "trigger"
 
     @abc.abstractmethod
-    async def run(self, send: Any, *, task_status: Any) -> None: ...
+    async def run(
+        self, send: trio.abc.SendChannel[ManualTrigger], *, task_status: trio.TaskStatus[None]
+    ) -> None: ...
 
 
 _KIND_BASES: dict[Kind, tuple[type[Plugin], str]] = {
@@ -458,30 +672,54 @@ _KIND_BASES: dict[Kind, tuple[type[Plugin], str]] = {
     "observer": (Observer, "on_record"),
     "trigger": (Trigger, "run"),
 }
+#: Each kind's hooks and the arguments reapkit passes each, by name (pluggy's hook specs): a
+#: hook may take fewer of them, in any order, but none of another name without a default.
+HOOKS: dict[Kind, dict[str, tuple[str, ...]]] = {
+    "selector": {"select": ("situation", "candidates")},
+    "action": {"act": ("context",)},
+    "observer": {
+        "on_record": ("record",),
+        "on_warning": ("warning",),
+        "attach": ("reaper",),
+        "serve": ("task_status",),
+    },
+    "trigger": {"run": ("send", "task_status")},
+}
+#: Hooks started with ``nursery.start``, which passes ``task_status`` itself.
+_STARTED = frozenset({"serve", "run"})
+
+
+#: What a selector returns: the candidates it keeps, in its order (or an awaitable of them).
+Selection = Iterable[Ranked] | Awaitable[Iterable[Ranked]]
+SelectorFunction = Callable[[Situation, Sequence[Ranked]], Selection]
 
 
 def selector(
     name: str, *, registry: PluginRegistry | None = None
-) -> Callable[[Callable[[Situation, Sequence[Ranked]], Any]], type[Selector]]:
+) -> Callable[[SelectorFunction], type[Selector]]:
     """Register a plain function of ``(situation, candidates)`` as a selector::
 
     @reapkit.selector("largest-background")
     def largest_background(situation, candidates): ...
     """
 
-    def wrap(func: Callable[[Situation, Sequence[Ranked]], Any]) -> type[Selector]:
-        async_ = inspect.iscoroutinefunction(func)
+    def wrap(func: SelectorFunction) -> type[Selector]:
+        method: Callable[..., Selection]
+        if inspect.iscoroutinefunction(func):
 
-        if async_:
+            async def select_async(
+                self: Selector, situation: Situation, candidates: Sequence[Ranked]
+            ) -> Iterable[Ranked]:
+                result: Iterable[Ranked] = await func(situation, candidates)
+                return result
 
-            async def select_async(self: Selector, s: Situation, c: Sequence[Ranked]) -> Any:
-                return await func(s, c)
-
-            method: Any = select_async
+            method = select_async
         else:
 
-            def select_sync(self: Selector, s: Situation, c: Sequence[Ranked]) -> Any:
-                return func(s, c)
+            def select_sync(
+                self: Selector, situation: Situation, candidates: Sequence[Ranked]
+            ) -> Selection:
+                return func(situation, candidates)
 
             method = select_sync
         cls = type(
@@ -570,7 +808,7 @@ class PluginCalls:
     :class:`PluginSwitchedOff`. The caller isolates each call with :func:`isolated`."""
 
     #: Wraps an inline sync call (the engine pauses the garbage collector).
-    inline_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    inline_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     _states: dict[int, _CallState] = attrs.field(factory=dict, init=False)
     #: Plugins switched off so far.
     switched_off: int = attrs.field(default=0, init=False)
@@ -594,12 +832,14 @@ class PluginCalls:
         self,
         plugin: Plugin,
         method: str,
-        *args: Any,
+        arguments: Mapping[str, object],
+        *,
         deadline: float,
         may_switch_off: bool = True,
         offload: bool = False,
-    ) -> Any:
-        """``plugin.<method>(*args)`` under ``deadline`` seconds: its result, awaited if it is
+    ) -> object:
+        """``plugin.<method>(...)`` under ``deadline`` seconds, given those of ``arguments``
+        its hook asks for, by name (:func:`hook_arguments`): its result, awaited if it is
         awaitable. Raises what the plugin raised, ``trio.TooSlowError`` if it overran.
 
         ``offload``: an ``inline`` plugin's sync call runs on its worker thread instead, to its
@@ -611,18 +851,20 @@ class PluginCalls:
                 f"switched off after {OVERRUNS_TO_SWITCH_OFF} overruns in a row"
             )
         func = getattr(plugin, method)
+        call = functools.partial(func, **hook_arguments(type(plugin), method, arguments))
         if offload and plugin.inline and not inspect.iscoroutinefunction(func):
-            return await trio.to_thread.run_sync(_drained, func, *args, limiter=state.limiter)
+            return await trio.to_thread.run_sync(_drained, call, limiter=state.limiter)
         try:
             with trio.fail_after(deadline):
+                result: object
                 if inspect.iscoroutinefunction(func):
-                    result = await func(*args)
+                    result = await call()
                 elif plugin.inline:
                     with self.inline_context():  # on the trio thread, to its end
-                        result = func(*args)
+                        result = call()
                 else:  # an abandoned call finishes on its thread; its result is dropped
                     result = await trio.to_thread.run_sync(
-                        _drained, func, *args, abandon_on_cancel=True, limiter=state.limiter
+                        _drained, call, abandon_on_cancel=True, limiter=state.limiter
                     )
                 if inspect.isawaitable(result):
                     result = await result
@@ -644,11 +886,11 @@ class PluginCalls:
             )  # fmt: skip
 
 
-def _drained(func: Callable[..., Any], *args: Any) -> Any:
-    """``func(*args)``; an iterable it returns (a generator, a class of its own) is iterated
+def _drained(call: Callable[[], object]) -> object:
+    """``call()``; an iterable it returns (a generator, a class of its own) is iterated
     here too, on the worker thread, and so is the reason of its first ranked item (what the
     record shows), not later on the trio thread."""
-    result = func(*args)
+    result = call()
     if isinstance(result, Iterable) and not isinstance(result, str | bytes):
         result = tuple(result)
         if result and type(result[0]) is Ranked:
@@ -672,8 +914,10 @@ class PluginInfo:
     error: str | None = None
 
 
-def validate_plugin(cls: Any) -> type[Plugin]:
-    """Raise :class:`PluginError` unless ``cls`` is a usable plugin class."""
+def validate_plugin(cls: object) -> type[Plugin]:
+    """Raise :class:`PluginError` unless ``cls`` is a usable plugin class: one of the four
+    kinds, a name, attrs options, and its hooks' parameters named as reapkit passes them
+    (:data:`HOOKS`), as pluggy checks a hook's argument names when a plugin registers."""
     label = getattr(cls, "name", None) or getattr(cls, "__name__", repr(cls))
     if not inspect.isclass(cls) or not issubclass(cls, Plugin):
         raise PluginError(str(label), "not a subclass of Selector, Action, Observer or Trigger")
@@ -685,15 +929,72 @@ def validate_plugin(cls: Any) -> type[Plugin]:
         raise PluginError(str(label), "needs a name of lowercase letters, digits, '-' or '_'")
     if not attrs.has(cls.Options):
         raise PluginError(name, "Options must be an attrs class")
-    _base, method = _KIND_BASES[kind]
-    impl = getattr(cls, method, None)
+    _base, required = _KIND_BASES[kind]
+    impl = getattr(cls, required, None)
     if impl is None or getattr(impl, "__isabstractmethod__", False):
-        raise PluginError(name, f"a {kind} must implement {method}()")
-    params = list(inspect.signature(impl).parameters)
-    wanted = {"selector": 3, "action": 2, "observer": 2, "trigger": 2}[kind]
-    if len(params) < wanted:
-        raise PluginError(name, f"{method}() takes too few arguments ({', '.join(params)})")
+        raise PluginError(name, f"a {kind} must implement {required}()")
+    for method in HOOKS[kind]:
+        if getattr(cls, method, None) is not None:
+            hook_parameters(cls, method)
     return cls
+
+
+#: Per plugin class, what :func:`hook_parameters` found for each hook.
+_HOOK_PARAMETERS: weakref.WeakKeyDictionary[type[Plugin], dict[str, tuple[str, ...] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def hook_parameters(cls: type[Plugin], method: str) -> tuple[str, ...] | None:
+    """The arguments of ``HOOKS`` that ``cls.<method>`` takes by name (None: all of them, it
+    takes ``**kwargs``). Raises :class:`PluginError`, naming the plugin and the hook, for a
+    parameter reapkit does not pass and that has no default, and for positional-only ones."""
+    known = _HOOK_PARAMETERS.setdefault(cls, {})
+    if method not in known:
+        known[method] = _read_hook(cls, method)
+    return known[method]
+
+
+def _read_hook(cls: type[Plugin], method: str) -> tuple[str, ...] | None:
+    spec = HOOKS[cls.kind][method]
+    label = getattr(cls, "name", cls.__name__)
+    try:
+        signature = inspect.signature(getattr(cls, method))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(label, f"{method}(): its signature cannot be read: {exc}") from None
+    params = list(signature.parameters.values())
+    if inspect.isfunction(inspect.getattr_static(cls, method)) and params:
+        params = params[1:]  # self
+    names: list[str] = []
+    takes_all = False
+    for param in params:
+        if param.kind is param.VAR_KEYWORD:
+            takes_all = True
+        elif param.kind is param.POSITIONAL_ONLY:
+            raise PluginError(
+                label, f"{method}(): {param.name!r} is positional-only; reapkit passes"
+                f" {', '.join(spec)} by name"
+            )  # fmt: skip
+        elif param.name in spec:
+            names.append(param.name)
+        elif param.kind is not param.VAR_POSITIONAL and param.default is param.empty:
+            raise PluginError(
+                label, f"{method}() asks for {param.name!r}, which reapkit does not pass"
+                f" (it passes {', '.join(spec)}, by name)"
+            )  # fmt: skip
+    if method in _STARTED and not takes_all and "task_status" not in names:
+        raise PluginError(label, f"{method}() must take task_status (it is started)")
+    return None if takes_all else tuple(names)
+
+
+def hook_arguments(
+    cls: type[Plugin], method: str, arguments: Mapping[str, object]
+) -> Mapping[str, object]:
+    """Those of ``arguments`` that ``cls.<method>`` takes (see :func:`hook_parameters`)."""
+    names = hook_parameters(cls, method)
+    if names is None or len(names) == len(arguments):
+        return arguments
+    return {n: arguments[n] for n in names if n in arguments}
 
 
 def make_options(cls: type[Plugin], table: Mapping[str, Any] | None) -> Any:
@@ -726,9 +1027,9 @@ class PluginRegistry:
     #: Entry-point groups to look up when a plugin name is not otherwise known.
     _groups: list[str] = attrs.field(factory=list)
     #: Entry points found, not imported yet.
-    _pending: list[Any] = attrs.field(factory=list)
+    _pending: list[EntryPoint] = attrs.field(factory=list)
     #: Entry points imported (registered or failed): each is imported, and listed, once.
-    _loaded: list[Any] = attrs.field(factory=list)
+    _loaded: list[EntryPoint] = attrs.field(factory=list)
 
     def register(self, cls: type[Plugin], *, source: str = "code") -> type[Plugin]:
         """Validate and add ``cls``; usable as a class decorator. A name is registered once."""
@@ -781,7 +1082,7 @@ class PluginRegistry:
         the others still load (pluggy's ``load_setuptools_entrypoints``). Returns failures."""
         return self._load(_entry_points(group))
 
-    def _load(self, eps: Iterable[Any]) -> list[PluginInfo]:
+    def _load(self, eps: Iterable[EntryPoint]) -> list[PluginInfo]:
         eps = [ep for ep in eps if ep not in self._loaded]
         self._loaded.extend(eps)
         self._pending = [ep for ep in self._pending if ep not in eps]
@@ -820,7 +1121,7 @@ class PluginRegistry:
         return sorted(n for k, n in self._plugins if k == kind)
 
 
-def _entry_points(group: str) -> Iterable[Any]:
+def _entry_points(group: str) -> Iterable[EntryPoint]:
     import importlib.metadata  # noqa: PLC0415 - 1.4 MiB the daemon needs only for plugins
 
     return importlib.metadata.entry_points(group=group)

@@ -38,7 +38,7 @@ from ._plugins import (
     make_options,
 )
 from ._procfs import FILES_SPARE, ProcFS
-from ._reap import ReapSettings
+from ._reap_stage import ReapSettings
 from ._units import parse_duration
 from .builtin import ensure_registered
 
@@ -146,8 +146,13 @@ class Policy:
     prepare_ranking: float = attrs.field(default=PREPARE_RANKING, validator=_ranking_age)
 
     @property
-    def needs_reaper(self) -> bool:
-        return any(a.name == "reap" for r in self.rules for a in r.actions)
+    def needs_reap_stage(self) -> bool:
+        """Whether an action of a rule reaps (``Action.needs_reap_stage``): the reaper then
+        starts its reap stage."""
+        return any(a.needs_reap_stage for r in self.rules for a in r.actions)
+
+    #: The old name of :attr:`needs_reap_stage`.
+    needs_reaper = needs_reap_stage
 
 
 def load_policy(

@@ -143,10 +143,15 @@ class ProcessRef:
         poller.register(self.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
-    async def wait_exit(self) -> None:
-        """Wait until the process has exited (the pidfd becomes readable). Costs nothing while
-        waiting: the pidfd sits in trio's epoll set."""
+    async def wait(self) -> None:
+        """Wait, without a timeout, until the process has exited (the pidfd becomes readable),
+        as ``trio.Process.wait`` does. Costs nothing while waiting: the pidfd sits in trio's
+        epoll set. (``reapkit.lowlevel.wait_exit(ref, timeout=)`` answers whether it exited in
+        time.)"""
         await trio.lowlevel.wait_readable(self.fileno())
+
+    #: The old name of :meth:`wait`.
+    wait_exit = wait
 
     def close(self) -> None:
         """Close the pidfd. Safe to call twice. Wakes any task waiting on it with

@@ -2,7 +2,7 @@
 
 psutil's own regret (its ``docs/DEVNOTES.md``) was a global ``/proc`` path and mutable records;
 here the root is given to :class:`ProcFS` and every record is an ``attrs`` frozen class, so tests
-point a :class:`ProcFS` at a fake tree (``reapkit._fakeproc.FakeProc``).
+point a :class:`ProcFS` at a fake tree (``reapkit.testing.FakeProc``).
 
 Two layers:
 
@@ -29,7 +29,7 @@ import logging
 import os
 import resource
 import types
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -39,9 +39,14 @@ from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
 log = logging.getLogger("reapkit.procfs")
 
 __all__ = [
+    "DEAD_STATES",
     "FILES_SPARE",
+    "MAX_ANCESTRY",
+    "OOM_SCORE_ADJ_MAX",
+    "OOM_SCORE_ADJ_MIN",
     "PF_EXITING",
     "PF_KTHREAD",
+    "REAL_PROC",
     "CgroupEntry",
     "KeptScoreFiles",
     "MemInfo",
@@ -50,6 +55,7 @@ __all__ = [
     "ProcStatm",
     "ProcStatus",
     "ProcessInfo",
+    "in_subtree",
     "parse_boot_time",
     "parse_cgroup",
     "parse_cmdline",
@@ -66,6 +72,16 @@ PF_KTHREAD = 0x00200000
 """``task_struct.flags`` bit of a kernel thread (include/linux/sched.h), ``stat`` field 9."""
 PF_EXITING = 0x00000004
 """``task_struct.flags`` bit set at the start of ``do_exit()``, before the exit event is sent."""
+DEAD_STATES = frozenset({"Z", "X"})
+"""``stat`` states of a task that has exited (fs/proc/array.c ``task_state_array``)."""
+OOM_SCORE_ADJ_MIN = -1000
+"""``oom_score_adj`` of a process the kernel never kills (include/uapi/linux/oom.h)."""
+OOM_SCORE_ADJ_MAX = 1000
+"""The highest ``oom_score_adj``: killed first (include/uapi/linux/oom.h)."""
+REAL_PROC = "/proc"
+"""The kernel's ``/proc``: a :class:`ProcFS` rooted anywhere else reads a copy or a fake."""
+MAX_ANCESTRY = 4096
+"""A deeper parent chain than any real tree: :func:`in_subtree` stops walking there."""
 
 # 2**64 - 1 has 20 digits. The cap also keeps garbage far below int()'s 4300-digit limit, whose
 # ValueError would otherwise leak out of the parsers.
@@ -75,10 +91,6 @@ _MAX_DIGITS = 20
 # so a short read is the end of the file and most files take one read() call.
 _SMALL_READ = 4096  # stat (< 1.2 KiB with 52 fields and a 64-byte comm), statm, oom_score, comm
 _BIG_READ = 16384  # status, meminfo, cgroup, cmdline: may exceed one page
-
-# oom_score_adj is clamped to [OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX] (include/uapi/linux/oom.h).
-_OOM_SCORE_ADJ_MIN = -1000
-_OOM_SCORE_ADJ_MAX = 1000
 
 
 def _decode(raw: bytes) -> str:
@@ -454,7 +466,7 @@ def parse_oom_score(data: bytes, *, path: str) -> int:
 def parse_oom_score_adj(data: bytes, *, path: str) -> int:
     """Parse ``/proc/<pid>/oom_score_adj`` (-1000 to 1000)."""
     value = _int(_body(data, path), path, "oom_score_adj")
-    if not _OOM_SCORE_ADJ_MIN <= value <= _OOM_SCORE_ADJ_MAX:
+    if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
         raise ProcFormatError(path, f"oom_score_adj {value} outside [-1000, 1000]")
     return value
 
@@ -517,6 +529,37 @@ def _read(path: str, bufsize: int) -> bytes:
         os.close(fd)
 
 
+def in_subtree(pid: int, root: int, parent_of: Callable[[int], int], memo: dict[int, bool]) -> bool:
+    """Whether ``pid`` is ``root`` or descends from it, walking up its parents.
+
+    ``parent_of`` gives a PID's parent (``0`` where unknown); what it raises (an ancestor
+    vanished) is raised, with the PIDs walked until then remembered as outside. The walk ends
+    at PID 1 or a parent of 0 (PID 1 and kthreadd have parent 0 as their namespace sees
+    them), at a loop (a PID reused while the chain was walked) and after
+    :data:`MAX_ANCESTRY` steps. ``memo`` keeps the answer for each PID walked, for the next
+    call with the same ``root``: a walk stops at the first PID it knows."""
+    chain: list[int] = []
+    inside = False
+    try:
+        while pid > 0 and len(chain) < MAX_ANCESTRY:
+            if pid == root:
+                inside = True
+                break
+            known = memo.get(pid)
+            if known is not None:
+                inside = known
+                break
+            chain.append(pid)
+            if pid == 1:
+                break
+            memo[pid] = False  # until known: a loop back here ends the walk outside
+            pid = parent_of(pid)
+    finally:
+        for step in chain:
+            memo[step] = inside
+    return inside
+
+
 class ProcFS:
     """A ``/proc`` tree: the real one by default, or any directory laid out like it.
 
@@ -530,7 +573,7 @@ class ProcFS:
     __slots__ = ("page_size", "root")
 
     def __init__(
-        self, root: str | os.PathLike[str] = "/proc", *, page_size: int | None = None
+        self, root: str | os.PathLike[str] = REAL_PROC, *, page_size: int | None = None
     ) -> None:
         self.root: str = os.fspath(root).rstrip("/") or "/"
         if page_size is None:
@@ -541,6 +584,12 @@ class ProcFS:
 
     def __repr__(self) -> str:
         return f"ProcFS({self.root!r}, page_size={self.page_size})"
+
+    @property
+    def is_real(self) -> bool:
+        """Whether this reads the kernel's own ``/proc`` (not a copy or a fake tree): only
+        then may what it shows be acted on (signals, kept-open files, pidfds)."""
+        return self.root == REAL_PROC
 
     # -- file access ---------------------------------------------------------------------------
 

@@ -13,19 +13,30 @@ import functools
 import logging
 import os
 import resource
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
 import trio
 
 from ._conditions import MemoryCondition, PressureCondition
-from ._engine import Engine, EngineStatistics, ManualTrigger
+from ._engine import Engine, EngineStatistics
 from ._guard import CgroupScope
-from ._plugins import Plugin, PluginCalls, Trigger, describe, isolated
+from ._plugins import (
+    HOOKS,
+    AttachingObserver,
+    ManualTrigger,
+    Observer,
+    PluginCalls,
+    ServingObserver,
+    Trigger,
+    describe,
+    hook_arguments,
+    isolated,
+)
 from ._policy import Policy
 from ._procfs import FILES_SPARE, ProcFS
-from ._reap import ReapStage
+from ._reap_stage import ReapStage
 from ._records import KillRecord, RecordLine
 from ._sources._base import SourceStatistics
 from ._sources.memory import MemoryThresholdSource
@@ -96,7 +107,7 @@ class Reaper:
     _events: trio.MemorySendChannel[object]
     _sources: list[Any] = attrs.field(factory=list)
     _table: Any = None
-    _reap: Any = None
+    _reap_stage: ReapStage | None = None
     _subscribers: list[trio.MemorySendChannel[KillRecord]] = attrs.field(factory=list)
     _records: int = 0
     _dropped: int = 0
@@ -104,7 +115,7 @@ class Reaper:
     _event_failures: int = 0
     _restart_sources: trio.Event = attrs.field(factory=trio.Event)
     #: Observers of the policy the reaper started with (not reloaded).
-    _observers: tuple[Any, ...] = attrs.field(default=())
+    _observers: tuple[Observer, ...] = attrs.field(default=())
     #: Calls the observers (deadlines, worker threads, switching off).
     _observer_calls: PluginCalls = attrs.field(factory=PluginCalls)
     #: What the observers' task delivers: (method, record or warning), in order.
@@ -135,7 +146,7 @@ class Reaper:
             engine=self._engine.statistics(),
             sources=tuple(s.statistics() for s in self._sources if hasattr(s, "statistics")),
             table=self._table.statistics() if self._table is not None else None,
-            reap=self._reap.statistics() if self._reap is not None else None,
+            reap=self._reap_stage.statistics() if self._reap_stage is not None else None,
             records=self._records,
             records_dropped=self._dropped,
             observer_failures=self._observer_failures,
@@ -204,12 +215,13 @@ class Reaper:
                         await self._call_observer(observer, method, item, OBSERVER_DEADLINE)
 
     async def _call_observer(
-        self, observer: Plugin, method: str, arg: object, deadline: float
+        self, observer: Observer, method: str, arg: object, deadline: float
     ) -> None:
         """``observer.<method>(arg)`` under ``deadline``, sync code on a worker thread of its
         own; whatever it raises, or an overrun, is logged and counted."""
+        [name] = HOOKS["observer"][method]  # the hook's one argument, passed by name
         with isolated() as failed:
-            await self._observer_calls.call(observer, method, arg, deadline=deadline)
+            await self._observer_calls.call(observer, method, {name: arg}, deadline=deadline)
         if failed.error is not None:
             self._observer_failures += 1
             log.warning("observer %s.%s failed: %s", observer.name, method, describe(failed.error))
@@ -314,32 +326,33 @@ async def _serve(  # noqa: PLR0917 - serve_reaper's body, split off for its fina
         table = None
         if live_table and any(not isinstance(r.guard.scope, CgroupScope) for r in policy.rules):
             table = await nursery.start(ProcessTable(procfs=procfs).serve)
-        reap = None
-        if policy.needs_reaper:
+        reap_stage = None
+        if policy.needs_reap_stage:
             stage = ReapStage(policy.reap, shutdown_timeout=stop_timeout)
-            reap = await nursery.start(stage.serve)
+            reap_stage = await nursery.start(stage.serve)
         raised_from = _files_for(policy.keep_score_files)
         engine = Engine(
-            policy.rules, emit=_noop_emit, procfs=procfs, table=table, reaper=reap,
+            policy.rules, emit=_noop_emit, procfs=procfs, table=table, reap_stage=reap_stage,
             keep_score_files=policy.keep_score_files, prepare_ranking=policy.prepare_ranking,
         )  # fmt: skip
         try:  # from here on the engine may hold kept files: close them however this ends
             reaper = Reaper(
-                policy, engine, send.clone(), table=table, reap=reap, subscribers=subscribers,
-                observers=policy.observers, output=output or OutputCounters(),
+                policy, engine, send.clone(), table=table, reap_stage=reap_stage,
+                subscribers=subscribers, observers=policy.observers,
+                output=output or OutputCounters(),
             )  # fmt: skip
             engine.emit = reaper._emit
-            engine.notify = reaper._warn
+            engine.warn_observers = reaper._warn
             feed.start(reaper)
             try:  # before the first decision, not beside it
                 await engine.prepare()
             except Exception as exc:  # kept files are an optimisation: never fatal
                 log.warning("could not open the oom_score files to keep: %r", exc)
             for observer in policy.observers:
-                if observer.attach is not None:
+                if isinstance(observer, AttachingObserver):
                     await reaper._call_observer(observer, "attach", reaper, TRIGGER_START_DEADLINE)
-                if observer.serve is not None:
-                    await _start_isolated(nursery, observer, reaper)
+                if isinstance(observer, ServingObserver):
+                    await _start_isolated(nursery, observer)
             await nursery.start(_run_sources, reaper, procfs, send.clone())
             nursery.start_soon(_decide, reaper, engine, receive.clone(), nursery)
             task_status.started(reaper)
@@ -400,7 +413,11 @@ async def _run_sources(
 TRIGGER_START_DEADLINE = 10.0
 
 
-async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
+async def _start_isolated(
+    nursery: trio.Nursery,
+    plugin: Trigger | Observer,
+    send: trio.MemorySendChannel[object] | None = None,
+) -> None:
     """Run a trigger plugin's ``run(send)`` or an observer's ``serve()`` so that its failure
     (raising, never starting) is logged and the reaper goes on without it."""
 
@@ -410,8 +427,10 @@ async def _start_isolated(nursery: trio.Nursery, plugin: Any, arg: Any) -> None:
             async with trio.open_nursery() as inner:
                 with trio.fail_after(TRIGGER_START_DEADLINE):  # only the start is bounded
                     if isinstance(plugin, Trigger):
-                        await inner.start(plugin.run, arg)
-                    else:
+                        run: Callable[..., Awaitable[None]] = plugin.run
+                        arguments = hook_arguments(type(plugin), "run", {"send": send})
+                        await inner.start(functools.partial(run, **arguments))
+                    elif isinstance(plugin, ServingObserver):
                         await inner.start(plugin.serve)
                 started = True
                 task_status.started()

@@ -8,6 +8,9 @@ them into wall-clock seconds for humans and other programs.
 from __future__ import annotations
 
 import json
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
@@ -111,6 +114,21 @@ class KillRecord:
         """The record as one line of JSON (no newline inside)."""
         return json.dumps(self.as_json(), separators=(",", ":"), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, data: str | bytes | Mapping[str, Any]) -> KillRecord:
+        """The record that :meth:`to_json_line` (or :meth:`as_json`) wrote: a line of JSON, or
+        it parsed. Every field is checked against its type; keys it does not know (a newer
+        writer's, and the derived ``timeline_ms`` and ``time``) are ignored, and a missing
+        one takes its default where it has one. Raises ``ValueError`` naming the key path
+        for anything else."""
+        if isinstance(data, str | bytes):
+            try:
+                data = json.loads(data)  # json.JSONDecodeError is a ValueError
+            except RecursionError:
+                raise ValueError("record: nested too deeply") from None
+        record: KillRecord = _structure(cls, data, "record")
+        return record
+
 
 class RecordLine:
     """A record as its JSON line, for a log call's ``%s``: written only if the log line is
@@ -135,3 +153,55 @@ class KillWarning:
     message: str
     #: A dry run: nobody will actually be ended (observers may say so, or stay quiet).
     dry_run: bool = False
+
+
+# -- reading records back: the attrs classes are the schema -------------------------------------
+
+
+#: The type hints of each record class, resolved once.
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _structure(cls: type[Any], data: object, path: str) -> Any:
+    """``cls`` (an attrs class of this module) from ``data`` as ``attrs.asdict`` made it."""
+    if not isinstance(data, Mapping):
+        # One error for any malformed record, whatever is wrong with it:
+        raise ValueError(f"{path}: expected an object, not {type(data).__name__}")  # noqa: TRY004
+    hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
+    values = {}
+    for field in attrs.fields(cls):
+        if field.name in data:
+            where = f"{path}.{field.name}"
+            values[field.name] = _value(hints[field.name], data[field.name], where)
+        elif field.default is attrs.NOTHING:
+            raise ValueError(f"{path}.{field.name}: missing")
+    return cls(**values)
+
+
+def _value(hint: Any, value: object, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = (a for a in args if a is not type(None))
+        return _value(hint, value, path)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ValueError(f"{path}: {value!r:.80} is not one of {', '.join(args)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):  # tuple: as_json()'s, not yet JSON
+            raise ValueError(f"{path}: expected a list, not {type(value).__name__}")
+        return tuple(_value(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+    if attrs.has(hint):
+        return _structure(hint, value, path)
+    # bool is an int to Python, not to JSON: a number is never read as a flag, nor back.
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{path}: expected {hint.__name__}, not {value!r:.80}")

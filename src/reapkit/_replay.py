@@ -34,7 +34,6 @@ import trio.testing
 
 from ._conditions import Condition, MemoryCondition, PressureCondition
 from ._engine import Engine
-from ._fakeproc import FakeProc
 from ._guard import CgroupScope, Scope, SubtreeScope
 from ._kernel._cgroups import CgroupMount, entry_matches, mount_containing
 from ._policy import Policy, PolicyHost, load_policy_on
@@ -42,6 +41,7 @@ from ._procfs import ProcFS
 from ._records import KillRecord
 from ._sources.memory import MemoryThresholdSource
 from ._sources.psi import PressureEvent
+from ._testing._fakeproc import FakeProc
 from ._trace import Trace, TraceError
 from ._units import PsiSpec
 

@@ -50,7 +50,7 @@ import attrs
 import trio
 
 from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
-from ._procfs import PF_EXITING, ProcFS
+from ._procfs import DEAD_STATES, PF_EXITING, ProcFS
 from ._sources.proc_connector import (
     ProcConnectorSource,
     ProcEvent,
@@ -64,9 +64,6 @@ __all__ = ["ProcessTable", "TableStatistics"]
 log = logging.getLogger("reapkit.table")
 
 TableMode = Literal["connector", "scan"]
-
-# States of a task that has exited (fs/proc/array.c task_state_array).
-_DEAD_STATES = frozenset({"Z", "X"})
 
 
 def monotonic_offset_ns(path: str = "/proc/self/timens_offsets") -> int | None:
@@ -241,7 +238,7 @@ class ProcessTable:
             except (AccessDenied, ProcFormatError):
                 found[pid] = 0  # it exists; its parent is unknown
                 continue
-            if stat.state not in _DEAD_STATES and not stat.flags & PF_EXITING:
+            if stat.state not in DEAD_STATES and not stat.flags & PF_EXITING:
                 found[pid] = stat.ppid
         self._last_scan = time.monotonic()
         return found

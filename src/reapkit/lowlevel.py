@@ -31,9 +31,9 @@ from ._procfs import ProcFS as ProcFS
 from ._procfs import ProcStat as ProcStat
 from ._procfs import ProcStatm as ProcStatm
 from ._procfs import ProcStatus as ProcStatus
-from ._reap import ReapResult as ReapResult
-from ._reap import ReapSettings as ReapSettings
-from ._reap import ReapStage as ReapStage
+from ._reap_stage import ReapResult as ReapResult
+from ._reap_stage import ReapSettings as ReapSettings
+from ._reap_stage import ReapStage as ReapStage
 from ._sources.memory import MemoryEvent as MemoryEvent
 from ._sources.memory import MemoryThreshold as MemoryThreshold
 from ._sources.memory import MemoryThresholdSource as MemoryThresholdSource

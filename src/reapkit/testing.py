@@ -1,5 +1,9 @@
-"""Helpers for testing policies and plugins: fake ``/proc`` trees, sandbox cgroups, hogs.
+"""Helpers for testing policies and plugins without killing anything (and, in sandboxes, with).
 
+* :func:`make_candidate`, :func:`read_candidates` and :func:`make_situation` build what a
+  selector gets; :func:`run_selector` calls one as the engine does and checks its ranking with
+  the engine's own check (:func:`check_selection`); :func:`make_options` builds a plugin's
+  options from a policy table, as a policy does.
 * :class:`FakeProc` builds a fake ``/proc`` tree (earlyoom's ``mockProc`` idea); point a
   :class:`reapkit.lowlevel.ProcFS` at it to test selectors on any processes you like. A guard
   reading a fake tree never signals, so whole policies can run against it safely.
@@ -9,10 +13,16 @@
   memory pressure inside sandbox cgroups; :func:`make_thrash_file` prepares the thrasher's file.
 """
 
-from ._fakeproc import FakeProc as FakeProc
-from ._hog import Hog as Hog
-from ._hog import make_thrash_file as make_thrash_file
-from ._hog import start_grower as start_grower
-from ._hog import start_hog as start_hog
-from ._hog import start_thrasher as start_thrasher
-from ._sandbox import SandboxCgroup as SandboxCgroup
+from ._testing._builders import check_selection as check_selection
+from ._testing._builders import make_candidate as make_candidate
+from ._testing._builders import make_options as make_options
+from ._testing._builders import make_situation as make_situation
+from ._testing._builders import read_candidates as read_candidates
+from ._testing._builders import run_selector as run_selector
+from ._testing._fakeproc import FakeProc as FakeProc
+from ._testing._hog import Hog as Hog
+from ._testing._hog import make_thrash_file as make_thrash_file
+from ._testing._hog import start_grower as start_grower
+from ._testing._hog import start_hog as start_hog
+from ._testing._hog import start_thrasher as start_thrasher
+from ._testing._sandbox import SandboxCgroup as SandboxCgroup

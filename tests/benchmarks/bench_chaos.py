@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import attrs
 import trio
 
-from reapkit._sandbox import SandboxCgroup
 from reapkit._table import ProcessTable
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import live_pids
 

@@ -27,13 +27,12 @@ import time
 import trio
 
 from reapkit import ProcessRef
-from reapkit._demo import BACK_FRACTION, MiB
 from reapkit._engine import Engine
-from reapkit._hog import start_hog
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
-from reapkit._sandbox import SandboxCgroup
+from reapkit.cli._scenarios import BACK_FRACTION, MiB
 from reapkit.lowlevel import pidfd_send_signal, process_mrelease
+from reapkit.testing import SandboxCgroup, start_hog
 
 SCALES = (1_000, 5_000, 10_000)
 SELECTION_REPEATS = 9

@@ -46,10 +46,10 @@ from contextlib import contextmanager
 
 import trio
 
-from reapkit._demo import MiB
 from reapkit._policy import PREPARE_RANKING, load_policy
 from reapkit._reaper import open_reaper
-from reapkit._sandbox import SandboxCgroup
+from reapkit.cli._scenarios import MiB
+from reapkit.testing import SandboxCgroup
 
 GiB = 1024 * MiB
 GAP = 2 * GiB

@@ -19,13 +19,13 @@ from typing import Any
 
 import trio
 
-from reapkit._demo import MiB
-from reapkit._hog import start_pulser
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
 from reapkit._sources.proc_connector import ProcConnectorSource
 from reapkit._sources.psi import PsiTriggerSource
+from reapkit._testing._hog import start_pulser
 from reapkit._units import parse_psi, parse_size
+from reapkit.cli._scenarios import MiB
+from reapkit.testing import SandboxCgroup
 
 IDLE_SECONDS = 10.0
 REPEATS = 7

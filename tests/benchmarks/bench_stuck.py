@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from reapkit._demo import MiB, stuck_victim, stuck_victim_sandbox
+from reapkit.cli._scenarios import MiB, stuck_victim, stuck_victim_sandbox
 from reapkit.lowlevel import ProcFS
 
 SIZES = (256 * MiB, 1024 * MiB, 4096 * MiB)

@@ -11,7 +11,7 @@ import pytest
 
 import reapkit.asyncio
 from reapkit import KillRecord, Unsupported, load_policy
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn
 

@@ -22,13 +22,13 @@ import pytest
 import trio
 
 from reapkit import Candidate, ManualTrigger, Ranked, Situation, load_policy, open_reaper
-from reapkit._hog import disk_backed_tmp, make_thrash_file, start_hog, start_thrasher
 from reapkit._procfs import ProcFS
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
 from reapkit._sources.psi import PressureEvent, PsiTriggerSource
+from reapkit._testing._hog import disk_backed_tmp, make_thrash_file, start_hog, start_thrasher
 from reapkit._units import parse_psi, parse_size
 from reapkit.builtin.selectors import CgroupVictims, CgroupVictimsOptions
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import MiB, Spawn, need
 

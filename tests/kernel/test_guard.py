@@ -28,9 +28,8 @@ from reapkit import (
     SubtreeScope,
     SystemScope,
 )
-from reapkit._fakeproc import FakeProc
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import CgroupMount, Probe, ProcFS
+from reapkit.testing import FakeProc, SandboxCgroup
 
 from ..conftest import Spawn, need, run_in_pid_namespace
 
@@ -363,7 +362,7 @@ def test_a_hog_subprocess_never_escapes_its_cgroup_limit(memory_cgroup: SandboxC
     # The sandbox rule itself: a hog larger than the limit is killed inside its cgroup.
     memory_cgroup.set_memory_limit(64 << 20)
     done = subprocess.run(
-        [sys.executable, "-m", "reapkit._hog", str(256 << 20), memory_cgroup.directory],
+        [sys.executable, "-m", "reapkit._testing._hog", str(256 << 20), memory_cgroup.directory],
         capture_output=True,
         timeout=60,
         check=False,

@@ -56,12 +56,12 @@ def test_a_reaped_process_is_no_such_process(spawn: Spawn) -> None:
         ProcessRef.open(child.pid)
 
 
-async def test_wait_exit_wakes_on_exit(spawn: Spawn) -> None:
+async def test_wait_wakes_on_exit(spawn: Spawn) -> None:
     child = spawn()
     with ProcessRef.open(child.pid) as ref:
         with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:  # exits once wait_exit returns
-                nursery.start_soon(ref.wait_exit)
+            async with trio.open_nursery() as nursery:  # exits once wait returns
+                nursery.start_soon(ref.wait)
                 await trio.sleep(0.05)
                 assert not ref.has_exited()
                 ref.send_signal(signal.SIGTERM)
@@ -76,7 +76,7 @@ async def test_close_wakes_a_waiter_with_closed_resource_error(spawn: Spawn) -> 
 
         async def waiter() -> None:
             with pytest.raises(trio.ClosedResourceError):
-                await ref.wait_exit()
+                await ref.wait()
 
         nursery.start_soon(waiter)
         await trio.sleep(0.05)

@@ -17,8 +17,8 @@ from reapkit._engine import Engine
 from reapkit._policy import Policy, load_policy
 from reapkit._procfs import KeptScoreFiles
 from reapkit._reaper import open_reaper
-from reapkit._sandbox import SandboxCgroup
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import PID_REUSE, Spawn, run_in_pid_namespace
 

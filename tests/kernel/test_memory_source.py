@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from reapkit._hog import start_hog, start_pulser
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
+from reapkit._testing._hog import start_hog, start_pulser
 from reapkit._units import parse_size
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import MiB
 

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from reapkit import ProcessRef
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.pidfd import wait_exit
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn
 

@@ -16,15 +16,15 @@ from typing import Any, ClassVar
 import pytest
 import trio
 
+from reapkit import Action, ActionContext
 from reapkit._engine import ManualTrigger
-from reapkit._hog import make_thrash_file, start_hog, start_thrasher
 from reapkit._plugins import Observer, PluginRegistry, Ranked, Selector, Situation, Trigger
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord, KillWarning
-from reapkit._sandbox import SandboxCgroup
 from reapkit.builtin import register_builtins
 from reapkit.lowlevel import Probe
+from reapkit.testing import SandboxCgroup, make_thrash_file, start_hog, start_thrasher
 
 from ..conftest import MiB, Spawn
 
@@ -564,3 +564,39 @@ async def test_open_reaper_lets_the_callers_own_exception_through(
     with pytest.raises(LookupError, match="the caller's"):
         async with open_reaper(policy, live_table=False):
             raise LookupError("the caller's")
+
+
+class Strip(Action):
+    """A third-party action that reaps: it asks for a reap stage, as ``reap`` does."""
+
+    name: ClassVar[str] = "test-strip"
+    needs_reap_stage: ClassVar[bool] = True
+
+    async def act(self, context: ActionContext) -> str:
+        if not context.can_reap:
+            return "no reap stage"
+        result = await context.reap()
+        return "every reaper busy" if result is None else f"stripped: {result.outcome}"
+
+
+async def test_a_third_party_reaping_action_gets_a_reap_stage(
+    spawn: Spawn, memory_cgroup: SandboxCgroup
+) -> None:
+    victim = spawn(["sleep", "600"], cgroups=[memory_cgroup])
+    registry = PluginRegistry()
+    register_builtins(registry)
+    registry.register(Strip)
+    text = _policy(memory_cgroup, when="", select='"newest"', actions='"kill", "test-strip"')
+    policy = load_policy(text=text, registry=registry)
+    assert policy.needs_reap_stage  # asked of the action, not of its name
+    async with open_reaper(policy, live_table=False) as reaper, reaper.records() as records:
+        await reaper.trigger("test: a third-party reaping action")
+        record = await _next_record(records, 20)
+        reap = reaper.statistics().reap
+    assert victim.wait(10) == -signal.SIGKILL
+    assert record.outcome == "killed"
+    assert [(a.action, a.detail.split(":")[0]) for a in record.actions] == [
+        ("kill", "SIGKILL sent"),
+        ("test-strip", "stripped"),
+    ]
+    assert reap is not None and reap.threads == 1

@@ -17,9 +17,9 @@ from reapkit._plugins import Action, PluginRegistry, Ranked, Selector, Situation
 from reapkit._policy import Policy, load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
-from reapkit._sandbox import SandboxCgroup
 from reapkit.builtin import register_builtins
 from reapkit.builtin.actions import Terminate, TerminateOptions
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn
 from .test_pipeline import _next_record, _policy, _stubborn_and_other

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from reapkit import CgroupScope, load_policy, open_reaper
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import MiB, Spawn
 

@@ -10,12 +10,11 @@ import trio
 
 from reapkit._conditions import MemoryCondition
 from reapkit._engine import Engine, ManualTrigger
-from reapkit._hog import start_grower, start_hog
 from reapkit._policy import load_policy
 from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.memory import MemoryEvent
+from reapkit.testing import SandboxCgroup, start_grower, start_hog
 
 from ..conftest import MiB
 

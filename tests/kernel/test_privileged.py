@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.psi import PsiTriggerSource
 from reapkit._units import parse_psi
 from reapkit.lowlevel import Probe
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import need
 

@@ -22,7 +22,6 @@ import trio
 
 import reapkit._sources.proc_connector as proc_connector_module
 from reapkit import AccessDenied
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.proc_connector import (
     ProcComm,
     ProcConnectorSource,
@@ -32,6 +31,7 @@ from reapkit._sources.proc_connector import (
     ProcExit,
     ProcFork,
 )
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn, need, require_root
 

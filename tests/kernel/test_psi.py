@@ -11,11 +11,11 @@ import pytest
 import trio
 
 from reapkit import InvalidValue, Unsupported
-from reapkit._hog import disk_backed_tmp, filesystem_type, make_thrash_file, start_thrasher
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.psi import PressureEvent, PressureWatchEnded, PsiTriggerSource
+from reapkit._testing._hog import disk_backed_tmp, filesystem_type, make_thrash_file, start_thrasher
 from reapkit._units import parse_psi
 from reapkit.lowlevel import Probe
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import MiB, need
 

@@ -16,10 +16,9 @@ import pytest
 import trio
 
 from reapkit import ProcessRef, Unsupported
-from reapkit._hog import start_hog
-from reapkit._reap import THREAD_NAME_PREFIX, ReapSettings, ReapStage
-from reapkit._sandbox import SandboxCgroup
+from reapkit._reap_stage import THREAD_NAME_PREFIX, ReapSettings, ReapStage
 from reapkit.lowlevel import Probe, effective_capabilities
+from reapkit.testing import SandboxCgroup, start_hog
 
 from ..conftest import MiB, Spawn, need, require_root
 
@@ -127,7 +126,7 @@ _TRY_SETTINGS = """
 import threading, trio
 from reapkit import AccessDenied
 from reapkit.lowlevel import effective_capabilities
-from reapkit._reap import ReapSettings, ReapStage
+from reapkit._reap_stage import ReapSettings, ReapStage
 
 assert not effective_capabilities().get("CAP_SYS_NICE", False)
 

@@ -7,7 +7,7 @@ import trio
 
 from reapkit import OutputCounters, load_policy, open_reaper
 from reapkit._records import KillRecord
-from reapkit._sandbox import SandboxCgroup
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn
 

@@ -12,9 +12,8 @@ import threading
 import pytest
 
 from reapkit import NotDying, ProcessRef, Unsupported
-from reapkit._demo import stuck_victim
 from reapkit._kernel._syscalls import release_free_heap
-from reapkit._sandbox import SandboxCgroup
+from reapkit.cli._scenarios import stuck_victim
 from reapkit.lowlevel import (
     MreleaseOutcome,
     Probe,
@@ -25,6 +24,7 @@ from reapkit.lowlevel import (
     process_mrelease,
     set_oom_score_adj,
 )
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import DOCTOR_JSON_KEYS, MiB, Spawn, need
 

@@ -24,9 +24,9 @@ import trio
 
 import reapkit._sources.proc_connector as proc_connector_module
 from reapkit import AccessDenied, Unsupported
-from reapkit._sandbox import SandboxCgroup
 from reapkit._sources.proc_connector import ProcConnectorSource
 from reapkit._table import ProcessTable
+from reapkit.testing import SandboxCgroup
 
 from ..conftest import Spawn, live_pids, need, require_root
 

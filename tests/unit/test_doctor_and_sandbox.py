@@ -7,9 +7,9 @@ import argparse
 import pytest
 
 from reapkit import Unsupported
-from reapkit._sandbox import SandboxCgroup
 from reapkit.cli import _doctor
 from reapkit.lowlevel import CgroupMount, Check, Probe
+from reapkit.testing import SandboxCgroup
 
 
 def _probe(*checks: Check) -> Probe:

@@ -23,7 +23,6 @@ import trio.testing
 from reapkit import KillGuard, SystemScope
 from reapkit._conditions import parse_condition
 from reapkit._engine import Engine, ManualTrigger, Rule
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     OVERRUNS_TO_SWITCH_OFF,
     Action,
@@ -38,6 +37,7 @@ from reapkit._sources.memory import MemoryEvent
 from reapkit._sources.psi import PressureEvent
 from reapkit.builtin.selectors import Protect, Scope
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 from ..kernel.test_plugin_faults import TermThenHang
 

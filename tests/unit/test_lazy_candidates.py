@@ -18,11 +18,11 @@ import pytest
 
 from reapkit import KillGuard, SystemScope
 from reapkit._engine import Engine, Rule
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Candidate, Ranked, Selector, Situation
 from reapkit._procfs import KeptScoreFiles
 from reapkit.builtin.selectors import LargestRss, OomScore
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 MiB = 1 << 20
 KTHREAD = 0x00200000

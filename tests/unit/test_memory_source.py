@@ -10,10 +10,10 @@ import trio
 import trio.testing
 
 from reapkit import InvalidValue
-from reapkit._fakeproc import FakeProc
 from reapkit._sources.memory import MemoryEvent, MemoryThreshold, MemoryThresholdSource
 from reapkit._units import parse_size
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 GiB = 1 << 30
 MiB = 1 << 20

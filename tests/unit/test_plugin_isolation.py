@@ -16,7 +16,6 @@ import trio.testing
 
 import reapkit._reaper
 from reapkit._engine import Engine, ManualTrigger
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     OVERRUNS_TO_SWITCH_OFF,
     Observer,
@@ -32,6 +31,7 @@ from reapkit._reaper import open_reaper
 from reapkit._records import KillRecord
 from reapkit.builtin import register_builtins
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 from .test_engine import ticking
 
@@ -289,6 +289,10 @@ class SlowInline(Selector):
         return list(candidates)
 
 
+#: A selector's arguments, by name: no situation, no candidates.
+_NOTHING = {"situation": None, "candidates": ()}
+
+
 async def test_an_offloaded_inline_call_runs_on_its_thread_to_its_end() -> None:
     # A preparation's inline selectors: off the trio thread (the loop keeps running), and,
     # as on it, never cut by the deadline nor counted as an overrun.
@@ -303,10 +307,10 @@ async def test_an_offloaded_inline_call_runs_on_its_thread_to_its_end() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tick)
-        result = await calls.call(sel, "select", None, (), deadline=0.05, offload=True)
+        result = await calls.call(sel, "select", _NOTHING, deadline=0.05, offload=True)
         nursery.cancel_scope.cancel()
     assert result == () and sel.threads != [threading.get_ident()]
     assert ticks >= 5  # the loop ran meanwhile
     assert calls.is_on(sel) and calls.switched_off == 0
-    await calls.call(sel, "select", None, (), deadline=0.05)  # not offloaded: on this thread
+    await calls.call(sel, "select", _NOTHING, deadline=0.05)  # not offloaded: on this thread
     assert sel.threads[-1] == threading.get_ident()

@@ -44,7 +44,7 @@ def test_the_default_policy_loads_and_combines_pressure_with_memory() -> None:
     assert [type(c).__name__ for c in first.when] == ["PressureCondition", "MemoryCondition"]
     assert [a.name for a in first.actions] == ["terminate", "reap"]
     assert isinstance(first.guard.scope, SystemScope)
-    assert policy.needs_reaper
+    assert policy.needs_reap_stage
     assert "memory some" in DEFAULT_POLICY
 
 
@@ -272,3 +272,8 @@ def test_a_hook_command_must_be_a_list() -> None:
     with pytest.raises(PolicyError, match=r"command must be a list.*write \['/bin/true'\]") as info:
         load_policy(text=text)
     assert info.value.key == "rule[0].actions[1].command"
+
+
+def test_only_a_reaping_action_asks_for_a_reap_stage() -> None:
+    assert not load_policy(text=GOOD.replace(', "reap"]', "]")).needs_reap_stage
+    assert load_policy(text=GOOD).needs_reap_stage

@@ -15,7 +15,7 @@ import pytest
 from reapkit._engine import Rule
 from reapkit._guard import KillGuard
 from reapkit._policy import _RULE, DEFAULT_POLICY, PolicyError, load_policy, parse_policy
-from reapkit._reap import ReapSettings
+from reapkit._reap_stage import ReapSettings
 
 POLICIES = Path(__file__).resolve().parents[2] / "examples" / "policies"
 

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reapkit._accounts import may_execute
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Candidate, Ranked, Situation
 from reapkit._policy import DEFAULT_POLICY, PolicyError, load_policy
 from reapkit._procfs import ProcFS
 from reapkit.builtin.selectors import Protect
+from reapkit.testing import FakeProc
 
 RULE = """
 [[rule]]

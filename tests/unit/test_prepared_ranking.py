@@ -18,12 +18,12 @@ import trio.testing
 from reapkit import KillGuard, SystemScope
 from reapkit._conditions import MemoryCondition, parse_condition
 from reapkit._engine import PREPARED_SHORTLIST, Engine, ManualTrigger, Rule
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import Action, Ranked, Selector, Situation
 from reapkit._records import KillRecord
 from reapkit._sources.memory import MemoryEvent
 from reapkit.builtin.selectors import LargestRss, Protect, ProtectOptions
 from reapkit.lowlevel import ProcFS
+from reapkit.testing import FakeProc
 
 GiB = 1 << 30
 MiB = 1 << 20

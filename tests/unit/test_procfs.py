@@ -1,4 +1,4 @@
-"""Tests for reapkit._procfs (the /proc readers) and reapkit._fakeproc (the fake tree).
+"""Tests for reapkit._procfs (the /proc readers) and reapkit.testing.FakeProc (the fake tree).
 
 Most tests build a tree with FakeProc under tmp_path; the last ones read the real /proc
 (read-only). Tests run as root, so permission errors are simulated by patching os.open.
@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reapkit._errors import AccessDenied, NoSuchProcess, ProcFormatError
-from reapkit._fakeproc import FakeProc
 from reapkit._procfs import (
+    MAX_ANCESTRY,
     PF_KTHREAD,
+    REAL_PROC,
     CgroupEntry,
     MemInfo,
     ProcessInfo,
@@ -30,6 +31,7 @@ from reapkit._procfs import (
     ProcStat,
     ProcStatm,
     ProcStatus,
+    in_subtree,
     parse_boot_time,
     parse_cgroup,
     parse_cmdline,
@@ -41,6 +43,7 @@ from reapkit._procfs import (
     parse_statm,
     parse_status,
 )
+from reapkit.testing import FakeProc
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -1052,3 +1055,54 @@ def test_vm_swap_reads_what_status_says(
     for pid in (10, 11, 12):
         assert fs.vm_swap(pid) == fs.status(pid).vm_swap
     assert (fs.vm_swap(10), fs.vm_swap(11), fs.vm_swap(12)) == (3 << 20, 5 << 20, None)
+
+
+# -- the process tree and the real /proc: one home each (issue 15) ------------------------------
+
+
+def test_in_subtree_walks_parents_with_a_memo() -> None:
+    # 1 ← 10 ← 11 ← 12, and 1 ← 20; 30's parent is unknown (0).
+    parents = {10: 1, 11: 10, 12: 11, 20: 1, 30: 0}
+    asked: list[int] = []
+
+    def parent_of(pid: int) -> int:
+        asked.append(pid)
+        return parents.get(pid, 0)
+
+    memo: dict[int, bool] = {}
+    assert in_subtree(12, 10, parent_of, memo)
+    assert in_subtree(10, 10, parent_of, memo)  # the root itself
+    assert memo == {12: True, 11: True}
+    asked.clear()
+    assert in_subtree(12, 10, parent_of, memo)
+    assert asked == []  # known: nothing walked again
+    assert not in_subtree(20, 10, parent_of, memo)
+    assert not in_subtree(30, 10, parent_of, memo)
+    assert in_subtree(20, 1, parent_of, {})  # PID 1 as the root
+    assert not in_subtree(0, 0, parent_of, {})  # no PID 0 to descend from
+    assert 1 not in asked  # the walk ends at PID 1 without asking for its parent
+
+
+def test_in_subtree_ends_at_a_loop_a_vanished_ancestor_and_a_chain_too_deep() -> None:
+    loop = {5: 6, 6: 5}
+    assert not in_subtree(5, 99, lambda p: loop[p], {})
+
+    def vanished(pid: int) -> int:
+        if pid == 7:
+            raise NoSuchProcess(7)
+        return 7
+
+    memo: dict[int, bool] = {}
+    with pytest.raises(NoSuchProcess):
+        in_subtree(8, 99, vanished, memo)
+    assert memo == {8: False, 7: False}
+    deep = MAX_ANCESTRY + 10
+    assert not in_subtree(deep, 1, lambda p: p - 1, {})
+    assert in_subtree(MAX_ANCESTRY - 1, 1, lambda p: p - 1, {})
+
+
+def test_procfs_is_real_only_at_the_kernels_proc(fake: FakeProc) -> None:
+    assert ProcFS().is_real
+    assert ProcFS("/proc/").is_real
+    assert not ProcFS(fake.root).is_real
+    assert ProcFS().root == REAL_PROC

@@ -1,6 +1,6 @@
 """The reap stage's machinery: real threads, a faked ``process_mrelease``.
 
-The system call is replaced (``reapkit._reap.process_mrelease``) so that a reaper can be held
+The system call is replaced (``reapkit._reap_stage.process_mrelease``) so that a reaper can be held
 busy deterministically and every kernel answer can be produced; the threads, their settings,
 the queue and the trio token are real. Nothing here needs root: the settings applied are
 ones any process may take (a CPU it already has, a higher nice value). The pidfds are of this
@@ -28,9 +28,9 @@ from reapkit import (
     ProcessRef,
     ReapkitError,
     Unsupported,
-    _reap,
+    _reap_stage,
 )
-from reapkit._reap import (
+from reapkit._reap_stage import (
     THREAD_NAME_PREFIX,
     PendingReap,
     ReapResult,
@@ -104,14 +104,14 @@ class FakeMrelease:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeMrelease:
     f = FakeMrelease()
-    monkeypatch.setattr(_reap, "process_mrelease", f)
+    monkeypatch.setattr(_reap_stage, "process_mrelease", f)
     return f
 
 
 @pytest.fixture
 def held(monkeypatch: pytest.MonkeyPatch) -> Any:
     f = FakeMrelease(hold=True)
-    monkeypatch.setattr(_reap, "process_mrelease", f)
+    monkeypatch.setattr(_reap_stage, "process_mrelease", f)
     try:
         yield f
     finally:
@@ -214,7 +214,7 @@ async def test_kernel_answers_become_outcomes(
     error: str | None,
 ) -> None:
     fake = FakeMrelease(answer)
-    monkeypatch.setattr(_reap, "process_mrelease", fake)
+    monkeypatch.setattr(_reap_stage, "process_mrelease", fake)
     async with running() as stage:
         result = await stage.reap(ref)
         stats = stage.statistics()
@@ -242,7 +242,7 @@ async def test_results_are_on_the_trio_clock(
         time.sleep(0.05)
         return MreleaseOutcome.REAPED
 
-    monkeypatch.setattr(_reap, "process_mrelease", FakeMrelease(slow))
+    monkeypatch.setattr(_reap_stage, "process_mrelease", FakeMrelease(slow))
     async with running() as stage:
         before = trio.current_time()
         result = await stage.reap(ref)
@@ -297,14 +297,14 @@ async def test_unusable_cpus_stop_every_thread_and_name_the_option() -> None:
 async def test_one_thread_failing_to_apply_stops_the_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = _reap._apply
+    real = _reap_stage._apply
 
     def apply(settings: ReapSettings, name: str) -> Any:
         if name.endswith("-1"):
             raise AccessDenied(None, "nice=-5 for the reaper threads needs CAP_SYS_NICE")
         return real(settings, name)
 
-    monkeypatch.setattr(_reap, "_apply", apply)
+    monkeypatch.setattr(_reap_stage, "_apply", apply)
     error = await start_error(ReapSettings(threads=3))
     assert isinstance(error, AccessDenied) and "CAP_SYS_NICE" in str(error)
     assert reaper_threads() == []

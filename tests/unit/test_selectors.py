@@ -24,7 +24,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reapkit._fakeproc import FakeProc
 from reapkit._plugins import (
     Candidate,
     PluginError,
@@ -49,6 +48,7 @@ from reapkit.builtin.selectors import (
     Protect,
     Scope,
 )
+from reapkit.testing import FakeProc
 
 from ..conftest import Spawn
 

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reapkit._table as table_module
-from reapkit._fakeproc import FakeProc
 from reapkit._procfs import PF_EXITING, ProcFS
 from reapkit._sources.proc_connector import (
     ProcComm,
@@ -27,6 +26,7 @@ from reapkit._sources.proc_connector import (
     ProcFork,
 )
 from reapkit._table import ProcessTable, TableStatistics
+from reapkit.testing import FakeProc
 
 T = 0.0  # timestamps do not matter to the table
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from reapkit._replay import run_replay
+from reapkit._testing._traces import TraceBuilder
 from reapkit._trace import FORMAT, VERSION, TraceError, TraceWriter, read_trace
-from reapkit._tracebuilder import TraceBuilder
 
 HEADER = {"k": "header", "format": FORMAT, "version": VERSION, "recording": "r", "segment": 0}
 KILL_AT_5 = """

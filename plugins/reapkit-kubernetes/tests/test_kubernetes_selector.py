@@ -1,8 +1,8 @@
 """The ``kubernetes-qos`` selector on fake ``/proc`` trees, its options, and its registration.
 
-Candidates are built the way the engine builds them (``ProcFS.process_info`` →
-``Candidate.from_info``); every result goes through the engine's own check that a selector
-returns only candidates it was given.
+Candidates are built the way the engine builds them (``reapkit.testing.read_candidates``);
+every result goes through the engine's own check that a selector returns only candidates it
+was given (``reapkit.testing.run_selector``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import reapkit
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reapkit import Candidate, PluginError, PluginRegistry, Ranked, Situation, load_policy
-from reapkit._engine import Engine, _validated
-from reapkit._plugins import ENTRY_POINT_GROUP, make_options, validate_plugin
-from reapkit.lowlevel import ProcFS
-from reapkit.testing import FakeProc
+from reapkit import PluginError, PluginRegistry, Ranked, load_policy
+from reapkit.lowlevel import Engine, ProcFS
+from reapkit.testing import FakeProc, make_options, make_situation, read_candidates, run_selector
 
 from reapkit_kubernetes import KubernetesQos, KubernetesQosOptions, parse_cgroup_path
 
@@ -94,14 +92,8 @@ def fake(tmp_path: Path) -> FakeProc:
 ALL = (1, 90, 91, 200, 300, 301, 400, 401)
 
 
-def situation(fake: FakeProc) -> Situation:
-    procfs = ProcFS(fake.root)
-    return Situation(rule="test", trigger=None, meminfo=procfs.meminfo(), procfs=procfs, now=0.0)
-
-
 def ranked(fake: FakeProc, *pids: int) -> list[Ranked]:
-    procfs = ProcFS(fake.root)
-    return [Ranked(Candidate.from_info(procfs.process_info(p))) for p in pids]
+    return read_candidates(fake, pids)
 
 
 def pids(result: Sequence[Ranked]) -> list[int]:
@@ -109,16 +101,13 @@ def pids(result: Sequence[Ranked]) -> list[int]:
 
 
 def run(selector: KubernetesQos, fake: FakeProc, candidates: Sequence[Ranked]) -> list[Ranked]:
-    result = selector.select(situation(fake), candidates)
-    assert isinstance(result, list)
-    assert result is not candidates
-    _validated(tuple(candidates), result)  # the engine's own check: only given candidates
-    return result
+    # As the engine calls it, and through its own check: only candidates it was given.
+    return run_selector(selector, make_situation(fake), candidates)
 
 
 def qos(**table: Any) -> KubernetesQos:
     """The selector with options built the way a policy builds them."""
-    return KubernetesQos(make_options(KubernetesQos, table))
+    return KubernetesQos(make_options(KubernetesQos, **table))
 
 
 # -- choosing ------------------------------------------------------------------------------------
@@ -344,14 +333,14 @@ def test_valid_option_spellings() -> None:
 def test_registered_through_the_entry_point() -> None:
     (ep,) = [
         ep
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in importlib.metadata.entry_points(group="reapkit.plugins")
         if ep.name == "kubernetes-qos"
     ]
     assert ep.value == "reapkit_kubernetes:KubernetesQos"
     assert ep.dist is not None
     assert ep.dist.name == "reapkit-kubernetes"
     assert ep.load() is KubernetesQos
-    assert validate_plugin(KubernetesQos) is KubernetesQos
+    assert PluginRegistry().register(KubernetesQos) is KubernetesQos  # it validates
 
     registry = PluginRegistry()
     failures = registry.load_entry_points()
@@ -463,7 +452,7 @@ def test_the_output_is_a_subset_of_the_input_without_guaranteed_pods(
 
         selector = qos(**table)
         result = run(selector, fake, candidates)
-        s = situation(fake)
+        s = make_situation(fake)
 
         given_ids = [(r.candidate.pid, r.candidate.start_time) for r in candidates]
         out_ids = [(r.candidate.pid, r.candidate.start_time) for r in result]

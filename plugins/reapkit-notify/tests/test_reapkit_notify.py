@@ -30,9 +30,8 @@ from reapkit import (
     load_policy,
     open_reaper,
 )
-from reapkit._plugins import make_options
 from reapkit.lowlevel import ProcFS
-from reapkit.testing import FakeProc
+from reapkit.testing import FakeProc, make_options
 from reapkit_notify import Notify, NotifyOptions
 
 MiB = 1 << 20

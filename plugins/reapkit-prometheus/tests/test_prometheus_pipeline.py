@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import trio
 from reapkit import PluginRegistry, Unsupported, load_policy, open_reaper
-from reapkit._sandbox import SandboxCgroup
 from reapkit.builtin import register_builtins
+from reapkit.testing import SandboxCgroup
 
 from reapkit_prometheus import OUTCOMES, PrometheusObserver
 

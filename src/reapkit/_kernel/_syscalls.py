@@ -17,6 +17,7 @@ import signal
 from typing import Final
 
 from .._errors import AccessDenied, NotDying, Unsupported
+from .._procfs import OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN
 
 # process_mrelease has number 448 in the unified syscall table (x86_64, arm64, riscv, ...);
 # only alpha adds 110. It is not in the os module, so it is called through libc's syscall().
@@ -175,7 +176,7 @@ def set_oom_score_adj(value: int, *, proc_root: str = "/proc", pid: int | str = 
     Lowering it below the lowest value the process has had needs ``CAP_SYS_RESOURCE``; the
     :class:`AccessDenied` raised then names that capability.
     """
-    if not -1000 <= value <= 1000:
+    if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
         raise ValueError(f"oom_score_adj must be within -1000..1000, not {value}")
     path = f"{proc_root}/{pid}/oom_score_adj"
     try:

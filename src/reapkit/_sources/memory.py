@@ -184,7 +184,7 @@ class MemoryThresholdSource:
             announced = [-math.inf] * len(self.thresholds)
             gone: set[int] = set()
             with ExitStack() as stack:
-                notify = self._open_notifications(stack, cgroups.values())
+                event_watches = self._watch_memory_events(stack, cgroups.values())
                 task_status.started()
                 while True:
                     now = trio.current_time()
@@ -227,7 +227,7 @@ class MemoryThresholdSource:
                             self._events += 1
                             await send.send(event)
                     self._interval = self._next_interval(meminfo, headrooms)
-                    await self._sleep(self._interval, notify)
+                    await self._sleep(self._interval, event_watches)
                     self._wakeups += 1
 
     def _approaching(
@@ -240,9 +240,11 @@ class MemoryThresholdSource:
         rate = (before[1] - headroom) / (now - before[0])  # bytes per second, toward the line
         return rate > 0 and headroom <= rate * self.lead
 
-    def _open_notifications(
+    def _watch_memory_events(
         self, stack: ExitStack, cgroups: Iterable[CgroupMemoryFiles]
     ) -> list[tuple[int, select.epoll]]:
+        """The cgroups' ``memory.events`` files, each watched for the kernel's change
+        notification (``EPOLLPRI``): ``(fd, epoll)`` pairs, closed by ``stack``."""
         watches = []
         for files in cgroups:
             if files.events_path and os.path.exists(files.events_path):
@@ -252,8 +254,8 @@ class MemoryThresholdSource:
                 watches.append((fd, ep))
         return watches
 
-    async def _sleep(self, interval: float, notify: list[tuple[int, select.epoll]]) -> None:
-        if not notify:
+    async def _sleep(self, interval: float, event_watches: list[tuple[int, select.epoll]]) -> None:
+        if not event_watches:
             await trio.sleep(interval)
             return
         with trio.move_on_after(interval):
@@ -265,7 +267,7 @@ class MemoryThresholdSource:
                     self._notifications += 1
                     nursery.cancel_scope.cancel()
 
-                for fd, ep in notify:
+                for fd, ep in event_watches:
                     nursery.start_soon(wake_on, fd, ep)
 
     def _sample(

@@ -20,6 +20,6 @@ async def wait_exit(ref: ProcessRef, *, timeout: float | None = None) -> bool:  
     """Wait until the process behind ``ref`` has exited: ``True``, or ``False`` if ``timeout``
     seconds passed first. Closing ``ref`` meanwhile raises ``trio.ClosedResourceError``."""
     with trio.move_on_after(math.inf if timeout is None else timeout):
-        await ref.wait_exit()
+        await ref.wait()
         return True
     return False

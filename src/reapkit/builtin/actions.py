@@ -17,11 +17,10 @@ import attrs
 import trio
 
 from .._accounts import account_id, groups_of, may_execute
-from .._engine import ActionContext
 from .._errors import InvalidValue, ReapkitError
 from .._guard import KillRefused, Refusal, RefusalReason, cgroup_members
 from .._kernel._cgroups import cgroup_mounts, mount_for, v2_mount
-from .._plugins import Action, Candidate, Ranked
+from .._plugins import Action, ActionContext, Candidate, Ranked
 from .._records import KillWarning
 from .._sources._base import owned_fd
 from .._units import parse_duration
@@ -101,11 +100,11 @@ class Warn(Action):
         text = self.options.message.format(
             name=c.comm, pid=c.pid, rss_mib=c.rss >> 20, rule=context.rule.name
         )
-        if context.notify is None:
+        if context.warn_observers is None:
             return "no observers"
         victim = context.situation.victim(c)
         dry = not context.guard.signals_enabled
-        await context.notify(
+        await context.warn_observers(
             KillWarning(trio.current_time(), context.rule.name, victim, text, dry_run=dry)
         )
         return f"warned{' (dry-run)' if dry else ''}: {text}"
@@ -324,7 +323,7 @@ class CgroupKill(Action):
 async def _protected_members(context: ActionContext, directory: str) -> list[tuple[int, str]]:
     """Members of ``directory`` that a protective selector of the rule would spare (called by
     the engine, as in the decision; one that fails refuses the kill)."""
-    if not any(s.protective for s in context.rule.selectors):
+    if not context.rule.protects:
         return []
     procfs = context.situation.procfs
     candidates = []
@@ -345,6 +344,7 @@ class Reap(Action):
 
     name: ClassVar[str] = "reap"
     inline: ClassVar[bool] = True
+    needs_reap_stage: ClassVar[bool] = True
 
     async def act(self, context: ActionContext) -> str:
         if context.dry_run:

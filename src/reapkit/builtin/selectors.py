@@ -38,6 +38,8 @@ from .._errors import InvalidValue, ReapkitError
 from .._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
 from .._patterns import Pattern, compile_pattern, first_match
 from .._plugins import Candidate, Ranked, Selector, Situation
+from .._procfs import OOM_SCORE_ADJ_MIN, in_subtree
+from .._sources.psi import parse_pressure
 from .._units import Size, parse_size
 
 __all__ = [
@@ -55,9 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("reapkit.selectors")
-
-OOM_SCORE_ADJ_MIN = -1000
-"""``oom_score_adj`` of a process the kernel never kills: always protected here too."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: How many dropped or tied candidates a reason names before "and N more".
@@ -260,27 +259,16 @@ class Scope(Selector):
         """Whether ``root`` is an ancestor of ``c``, walking ``ppid`` through ``stat``."""
         if c.pid == root:
             return False
-        chain: list[int] = []
-        pid, ppid = c.pid, c.ppid  # the candidate's own ppid is already known
-        result = False
-        while True:
-            if pid in memo:
-                result = memo[pid]
-                break
-            chain.append(pid)
-            if ppid == root:
-                result = True
-                break
-            if ppid <= 1 or ppid in chain:  # reached init/kthreadd, or a loop (pid reuse race)
-                break
-            pid = ppid
-            try:
-                ppid = situation.procfs.stat(pid).ppid
-            except (ReapkitError, OSError):
-                break  # an ancestor vanished meanwhile: its children were reparented
-        for pid in chain:
-            memo[pid] = result
-        return result
+
+        def parent_of(pid: int) -> int:
+            # The candidate's own ppid is already known; an ancestor that vanished meanwhile
+            # had its children reparented: the chain ends there.
+            return c.ppid if pid == c.pid else situation.procfs.stat(pid).ppid
+
+        try:
+            return in_subtree(c.pid, root, parent_of, memo)
+        except (ReapkitError, OSError):
+            return False
 
     def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
         o = self.options
@@ -880,20 +868,9 @@ class CgroupVictims(Selector):
             return None
         try:
             with open(os.path.join(directory, "memory.pressure"), "rb") as f:
-                text = f.read(4096)
-        except OSError:
+                return parse_pressure(f.read(4096)).some.avg10
+        except (OSError, InvalidValue):
             return None
-        for line in text.splitlines():
-            fields = line.split()
-            if fields[:1] == [b"some"]:
-                for field in fields[1:]:
-                    key, _, value = field.partition(b"=")
-                    if key == b"avg10":
-                        try:
-                            return float(value)
-                        except ValueError:
-                            return None
-        return None
 
     def select(self, situation: Situation, candidates: Sequence[Ranked]) -> list[Ranked]:
         by_path: dict[str, list[Ranked]] = {}

@@ -12,7 +12,8 @@ from typing import Any
 import trio
 from rich.console import Console
 
-from .._demo import (
+from .._kernel._probe import check_process_mrelease, check_psi_triggers
+from ._scenarios import (
     PIPELINE_TIMEOUT,
     MiB,
     ScenarioResult,
@@ -22,7 +23,6 @@ from .._demo import (
     skipped_results,
     stuck_victim_unsupported,
 )
-from .._kernel._probe import check_process_mrelease, check_psi_triggers
 from ._status import EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
 DESCRIPTION = """\

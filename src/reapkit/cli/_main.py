@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
 from .._errors import AccessDenied, PolicyError, ReapkitError, Unsupported
-from .._signals import interrupt_on_termination
+from .._interrupts import interrupt_on_termination
 from .._version import __version__
 from ._journal import JournalFormatter, prefixed, under_journald
 from ._status import (

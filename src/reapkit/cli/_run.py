@@ -25,11 +25,12 @@ import trio
 from .._errors import AccessDenied, InvalidValue
 from .._heartbeat import HEARTBEAT_EVERY, beat, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
-from .._notify import Notifier
 from .._policy import Policy, PolicyError, load_policy
+from .._procfs import OOM_SCORE_ADJ_MIN
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
 from .._recorder import TRACE_SEGMENT_MIN, Recorder, policy_cgroups, policy_lines
 from .._records import KillRecord, RecordLine
+from .._sd_notify import SdNotifier
 from .._trace import TraceWriter
 from .._units import parse_duration
 from ._common import POLICY_HELP, PolicyChoice, choose_policy, scope_from
@@ -145,7 +146,7 @@ def _prepare_process(args: argparse.Namespace) -> None:
     except AccessDenied as exc:
         log.warning("running without locked memory: %s", exc)
     try:
-        set_oom_score_adj(-1000)
+        set_oom_score_adj(OOM_SCORE_ADJ_MIN)
     except AccessDenied as exc:
         log.warning("the kernel's OOM killer may pick the reaper itself: %s", exc)
     if args.nice is not None:
@@ -252,7 +253,7 @@ async def _serve(
     counters: OutputCounters,
     recorder: Recorder | None,
 ) -> None:
-    notifier = Notifier.from_environment()
+    sd_notify = SdNotifier.from_environment()
     # Subscribed before the first decision; the writer ends when the reaper has stopped and
     # closed the channel, after the records of the stop.
     send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
@@ -271,39 +272,39 @@ async def _serve(
                         records=subscribers, output=counters,
                     )
                 )  # fmt: skip
-                if notifier.watchdog_interval:
-                    nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval / 2)
+                if sd_notify.watchdog_interval:
+                    nursery.start_soon(_watchdog, sd_notify, sd_notify.watchdog_interval / 2)
                 if args.heartbeat:
                     nursery.start_soon(serve_heartbeat, args.heartbeat)
                 if recorder is not None:
                     await nursery.start(_serve_trace, recorder, kills)
-                notifier.notify("READY=1", _status(policy))
+                sd_notify.send("READY=1", _status(policy))
                 log.info("running: %s", _status(policy).removeprefix("STATUS="))
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         writer.reopen()
                         # A task of its own: a load that hangs (a plugin's import) must not
                         # keep this loop from SIGTERM, which then abandons it.
-                        nursery.start_soon(_reload, reaper, args, notifier, reloading)
+                        nursery.start_soon(_reload, reaper, args, sd_notify, reloading)
                         continue
                     log.info("%s: stopping", signal.Signals(signum).name)
-                    notifier.notify("STOPPING=1", "STATUS=stopping")
+                    sd_notify.send("STOPPING=1", "STATUS=stopping")
                     break
                 # Sources close their fds at once; the reap stage joins its threads within
                 # --stop-timeout (a reap in progress cannot be interrupted: it is then named).
                 nursery.cancel_scope.cancel()
-    notifier.close()
+    sd_notify.close()
 
 
 async def _reload(
-    reaper: Reaper, args: argparse.Namespace, notifier: Notifier, reloading: trio.Lock
+    reaper: Reaper, args: argparse.Namespace, sd_notify: SdNotifier, reloading: trio.Lock
 ) -> None:
     async with reloading:
-        await _reload_now(reaper, args, notifier)
+        await _reload_now(reaper, args, sd_notify)
 
 
-async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifier) -> None:
-    notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+async def _reload_now(reaper: Reaper, args: argparse.Namespace, sd_notify: SdNotifier) -> None:
+    sd_notify.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         # Off the loop: reading the file, and importing a plugin it names for the first
         # time, must not hold up the sources and a decision in progress.
@@ -315,14 +316,14 @@ async def _reload_now(reaper: Reaper, args: argparse.Namespace, notifier: Notifi
     except Exception as exc:  # a PolicyError, or a bug in loading: keep guarding either way
         reason = exc if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
         log.error("SIGHUP: keeping the current policy: %s", reason)  # noqa: TRY400 - a user error: no traceback
-        notifier.notify("READY=1", _status(reaper.policy))
+        sd_notify.send("READY=1", _status(reaper.policy))
         return
     await reaper.reload(policy)
     log.info("SIGHUP: reloaded %s", choice.describe() if args.policy is None else policy.source)
-    notifier.notify("READY=1", _status(policy))
+    sd_notify.send("READY=1", _status(policy))
 
 
-async def _watchdog(notifier: Notifier, every: float) -> None:
+async def _watchdog(sd_notify: SdNotifier, every: float) -> None:
     while True:
-        notifier.notify("WATCHDOG=1")
+        sd_notify.send("WATCHDOG=1")
         await trio.sleep(every)

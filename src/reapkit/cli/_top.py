@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import math
 import os
 import signal
@@ -184,60 +183,26 @@ class Snapshot:
 # -- collecting ----------------------------------------------------------------------------------
 
 
-def _num(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
 def parse_record(line: str) -> KillView:
-    """One line of a records file; raises ``ValueError``, ``TypeError`` or ``KeyError`` for a
+    """One line of a records file (:meth:`KillRecord.from_json`); raises ``ValueError`` for a
     line that is not a KillRecord."""
-    data = json.loads(line)
-    if not isinstance(data, dict):
-        raise TypeError("not a JSON object")
-    timeline_ms = data.get("timeline_ms")
-    if not isinstance(timeline_ms, dict):  # older writers: compute it from the timeline
-        timeline = data["timeline"]
-        trigger = _num(timeline["trigger_seen"])
-        timeline_ms = {
-            k: None if v is None else round((_num(v) - trigger) * 1000, 3)
-            for k, v in timeline.items()
-            if k != "trigger_seen"
-        }
+    record = KillRecord.from_json(line)
     order = list(_STEPS)
     steps = sorted(
-        ((_str(k), _num(v)) for k, v in timeline_ms.items() if v is not None),
+        ((k, v) for k, v in record.timeline.ms_from_trigger().items() if v is not None),
         key=lambda kv: (kv[1], order.index(kv[0]) if kv[0] in order else len(order)),
     )
-    victim = data.get("victim")
-    if victim is not None and not isinstance(victim, dict):
-        raise TypeError("victim is not an object")
-    when = data.get("time")
+    victim = record.victim
     return KillView(
-        rule=_str(data["rule"]),
-        outcome=_str(data["outcome"]),
-        time=None if when is None else _num(when),
-        comm=None if victim is None else _str(victim["comm"]),
-        pid=None if victim is None else _opt_int(victim["pid"]),
-        rss=None if victim is None else _opt_int(victim.get("rss")),
+        rule=record.rule,
+        outcome=record.outcome,
+        time=record.timeline.trigger_seen + record.epoch_offset,
+        comm=None if victim is None else victim.comm,
+        pid=None if victim is None else victim.pid,
+        rss=None if victim is None else victim.rss,
         steps=tuple(steps),
-        bytes_freed=_opt_int(data.get("bytes_freed")),
-        reason=_str(data.get("reason", "")),
+        bytes_freed=record.bytes_freed,
+        reason=record.reason,
     )
 
 
@@ -265,10 +230,10 @@ def read_records(path: str, *, limit: int = KILLS, tail_bytes: int = RECORDS_TAI
             continue
         try:
             views.append(parse_record(raw.decode("utf-8", errors="replace")))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except ValueError:
             malformed += 1
     if partial.strip():
-        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        with contextlib.suppress(ValueError):
             views.append(parse_record(partial.decode("utf-8", errors="replace")))
     kills = [v for v in views if v.outcome in KILL_OUTCOMES]
     others = collections.Counter(v.outcome for v in views if v.outcome not in KILL_OUTCOMES)

@@ -11,12 +11,11 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from reapkit import KillRecord, KillWarning, ReaperStatistics, ReapkitError
-from reapkit.lowlevel import ProcFS
+from reapkit.lowlevel import ProcFS, parse_pressure
 
 from ._version import __version__
 
@@ -150,28 +149,6 @@ class Metrics:
 # -- read at scrape time ---------------------------------------------------------------------
 
 
-@attrs.frozen
-class Pressure:
-    """One line of a PSI file: the 10 s average in percent, total stall in microseconds."""
-
-    avg10: float
-    total_us: int
-
-
-def parse_pressure(data: bytes) -> dict[str, Pressure]:
-    """``some avg10=0.00 avg60=0.00 avg300=0.00 total=4040`` (and ``full ...``) by kind.
-    Lines that do not parse are left out."""
-    found = {}
-    for raw in data.decode("ascii", "replace").splitlines():
-        kind, *fields = raw.split()
-        values = dict(f.partition("=")[::2] for f in fields)
-        try:
-            found[kind] = Pressure(float(values["avg10"]), int(values["total"]))
-        except (KeyError, ValueError):
-            continue
-    return found
-
-
 class SystemCollector(Collector):
     """Memory and memory pressure, read from ``/proc`` when Prometheus scrapes (two small
     reads; a missing file — PSI disabled — leaves its metrics out rather than failing)."""
@@ -214,9 +191,10 @@ class SystemCollector(Collector):
             labels=["kind"],
         )
         for kind in ("some", "full"):
-            if kind in pressure:
-                avg10.add_metric([kind], pressure[kind].avg10 / 100)
-                stalled.add_metric([kind], pressure[kind].total_us / 1e6)
+            line = pressure.line(kind)
+            if line is not None:
+                avg10.add_metric([kind], line.avg10 / 100)
+                stalled.add_metric([kind], line.total_us / 1e6)
         yield avg10
         yield stalled
 

@@ -22,17 +22,23 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._errors import Unsupported
-from ._guard import CgroupScope, KillGuard
-from ._hog import disk_backed_tmp, make_thrash_file, start_grower, start_hog, start_thrasher
-from ._kernel._cgroups import cgroup_mounts, mount_for
-from ._kernel._syscalls import process_mrelease
-from ._policy import load_policy
-from ._process import ProcessRef
-from ._procfs import ProcFS
-from ._reaper import open_reaper
-from ._sandbox import SandboxCgroup
-from ._signals import deferred_interrupts
+from .._errors import Unsupported
+from .._guard import CgroupScope, KillGuard
+from .._interrupts import deferred_interrupts
+from .._kernel._cgroups import cgroup_mounts, mount_for
+from .._kernel._syscalls import process_mrelease
+from .._policy import load_policy
+from .._process import ProcessRef
+from .._procfs import ProcFS
+from .._reaper import open_reaper
+from .._testing._hog import (
+    disk_backed_tmp,
+    make_thrash_file,
+    start_grower,
+    start_hog,
+    start_thrasher,
+)
+from .._testing._sandbox import SandboxCgroup
 
 MiB: Final = 1 << 20
 #: Memory counts as back when the sandbox's usage fell by this share of what the victim touched.

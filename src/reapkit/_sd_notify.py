@@ -14,18 +14,18 @@ from collections.abc import Mapping
 
 import attrs
 
-log = logging.getLogger("reapkit.notify")
+log = logging.getLogger("reapkit.sd_notify")
 
 
 @attrs.define
-class Notifier:
+class SdNotifier:
     address: str | None
     #: From ``$WATCHDOG_USEC``: how often systemd wants ``WATCHDOG=1`` (seconds), or None.
     watchdog_interval: float | None = None
     _sock: socket.socket | None = attrs.field(default=None, init=False)
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str] | None = None) -> Notifier:
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> SdNotifier:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET") or None
         interval = None
@@ -35,7 +35,7 @@ class Notifier:
             interval = int(usec) / 1e6
         return cls(address, interval)
 
-    def notify(self, *assignments: str) -> None:
+    def send(self, *assignments: str) -> None:
         """Send ``READY=1``, ``STATUS=...``, ``WATCHDOG=1``, ``RELOADING=1``, ``STOPPING=1``...
         A failure is logged, never raised: the daemon's job matters more than its reports."""
         if self.address is None:

@@ -1,19 +1,20 @@
-"""Memory hogs and pressure makers for the demo, tests and benchmarks: ``python -m reapkit._hog``.
+"""Memory hogs and pressure makers for the demo, tests and benchmarks, each a child process
+(``python -m reapkit._testing._hog``, below as ``hog``).
 
-``python -m reapkit._hog SIZE [CGROUP_DIR ...]``: the child joins the given cgroups *before*
-it allocates (so every page is charged to the sandbox and its hard limit), touches ``SIZE``
-bytes of private anonymous memory (what ``process_mrelease`` frees), says ``ready`` on stdout
-and then sleeps until killed.
+``hog SIZE [CGROUP_DIR ...]``: the child joins the given cgroups *before* it allocates (so
+every page is charged to the sandbox and its hard limit), touches ``SIZE`` bytes of private
+anonymous memory (what ``process_mrelease`` frees), says ``ready`` on stdout and then sleeps
+until killed.
 
-``python -m reapkit._hog grow STEP INTERVAL LIMIT [CGROUP_DIR ...]``: a leak, growing by
+``hog grow STEP INTERVAL LIMIT [CGROUP_DIR ...]``: a leak, growing by
 ``STEP`` bytes every ``INTERVAL`` seconds up to ``LIMIT``.
 
-``python -m reapkit._hog pulse [CGROUP_DIR ...]``: holds memory on orders from stdin, ``N``
+``hog pulse [CGROUP_DIR ...]``: holds memory on orders from stdin, ``N``
 bytes touched at once for a line ``N`` (``0``: none), answering each with ``ok``: a cgroup's
 usage that falls (as after a kill) and rises again when the test says, without a process start
 in between.
 
-``python -m reapkit._hog thrash FILE [CGROUP_DIR ...]``: real memory pressure without swap
+``hog thrash FILE [CGROUP_DIR ...]``: real memory pressure without swap
 (``shared/KERNEL_NOTES.md``). It reads a file larger than its memory cgroup's limit through
 ``mmap``, page by page, in a loop: the page cache thrashes and tasks stall on reclaim and I/O,
 which is what PSI measures.
@@ -33,7 +34,7 @@ from types import TracebackType
 
 import attrs
 
-from ._signals import deferred_interrupts
+from .._interrupts import deferred_interrupts
 
 _CHUNK = 1 << 20
 
@@ -222,7 +223,7 @@ def _start(
     if not cgroup_dirs:
         raise ValueError("a hog must run inside a memory cgroup with a hard limit")
     process = subprocess.Popen(
-        [sys.executable, "-m", "reapkit._hog", *args, *cgroup_dirs],
+        [sys.executable, "-m", "reapkit._testing._hog", *args, *cgroup_dirs],
         stdin=stdin,
         stdout=subprocess.PIPE,
     )

@@ -14,8 +14,8 @@ from typing import Any, Final
 
 import attrs
 
-from ._trace import FORMAT, VERSION, Trace, TraceWriter
-from ._units import parse_bytes
+from .._trace import FORMAT, VERSION, Trace, TraceWriter
+from .._units import parse_bytes
 
 KiB: Final = 1024
 _PAGE: Final = 4096

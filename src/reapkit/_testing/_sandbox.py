@@ -19,10 +19,10 @@ from types import TracebackType
 
 import attrs
 
-from ._errors import Unsupported
-from ._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
-from ._kernel._syscalls import pidfd_open, pidfd_send_signal
-from ._signals import deferred_interrupts
+from .._errors import Unsupported
+from .._interrupts import deferred_interrupts
+from .._kernel._cgroups import CgroupMount, cgroup_mounts, mount_for, v2_mount
+from .._kernel._syscalls import pidfd_open, pidfd_send_signal
 
 _STALE = re.compile(r"^(?P<prefix>.+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 

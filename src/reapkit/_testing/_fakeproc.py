@@ -4,8 +4,6 @@
 ``ProcFS(fake.root)`` reads them back exactly. It refuses combinations the kernel cannot
 produce (a zombie with resident memory, a NUL in a name); :meth:`FakeProc.write` puts any bytes
 anywhere for hostile-input tests.
-
-It will become public as ``reapkit.testing.FakeProc``.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from ._procfs import PF_KTHREAD
+from .._procfs import DEAD_STATES, OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN, PF_KTHREAD
 
 __all__ = ["FakeProc"]
 
@@ -174,9 +172,9 @@ class FakeProc:
             raise ValueError("comm cannot contain NUL: the kernel stores it as a C string")
         if swap < 0 or swap % 1024:
             raise ValueError(f"swap={swap} is not a whole number of kB")
-        if not -1000 <= oom_score_adj <= 1000:
+        if not OOM_SCORE_ADJ_MIN <= oom_score_adj <= OOM_SCORE_ADJ_MAX:
             raise ValueError(f"oom_score_adj={oom_score_adj} outside [-1000, 1000]")
-        has_mm = not (flags & PF_KTHREAD) and state not in ("Z", "X")
+        has_mm = not (flags & PF_KTHREAD) and state not in DEAD_STATES
         if cmdline is None:
             cmdline = (comm,) if has_mm else ()
         if not has_mm and (rss or vsize or shared or text or data or swap or cmdline):

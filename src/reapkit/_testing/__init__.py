@@ -1,0 +1,1 @@
+"""The helpers behind :mod:`reapkit.testing`: fake ``/proc`` trees, sandbox cgroups, hogs."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from reapkit._recorder import Recorder
-from reapkit._replay import run_replay
+from reapkit._replay import replay_trace
 from reapkit._trace import TraceWriter, read_trace
 from reapkit.testing import SandboxCgroup
 
@@ -118,7 +118,7 @@ def test_run_with_a_trace_records_its_kill_and_replay_agrees(
     # The same policy over its own night: it chooses the same hog, which the trace shows dying.
     # (The daemon's trace samples as densely near the line as its own sampler: the crossing
     # that made it kill is in the trace.)
-    (first, *_rest) = run_replay(str(policy), trace).decisions
+    (first, *_rest) = replay_trace(str(policy), trace).decisions
     assert first.record.victim is not None and first.record.victim.pid == hog.pid
     assert first.happened is True and not first.counterfactual
     assert json.dumps(first.as_json())

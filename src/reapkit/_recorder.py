@@ -89,6 +89,8 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
 
 @attrs.frozen
 class RecorderStatistics:
+    """What a :class:`Recorder` has done so far (``statistics()``)."""
+
     samples: int
     snapshots: int
     #: User processes in the last snapshot.

@@ -42,7 +42,7 @@ from ._records import KillRecord
 from ._sources.memory import MemoryThresholdSource
 from ._sources.psi import PressureEvent
 from ._testing._fakeproc import FakeProc
-from ._trace import Trace, TraceError
+from ._trace import Trace, TraceError, read_trace
 from ._units import PsiSpec
 
 KiB: Final = 1024
@@ -79,6 +79,8 @@ class ReplayedDecision:
 
 @attrs.frozen
 class ReplayResult:
+    """A policy's decisions over a trace (:func:`replay_trace`)."""
+
     policy: str
     decisions: tuple[ReplayedDecision, ...]
     #: Seconds since the trace started of the first kill the real machine did not make.
@@ -328,10 +330,10 @@ def _pressure_total(record: Mapping[str, Any], spec: PsiSpec) -> int | None:
 PolicyLoader = Callable[[PolicyHost], Policy]
 
 
-async def replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
+async def _replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
     """Replay the policy ``load(host)`` returns over ``trace``, serving ``/proc`` from
     ``root/proc`` and the cgroups from ``root/cgroup``; run under a virtual clock (see
-    :func:`run_replay`). ``load`` must return a dry-run policy loaded on ``host``."""
+    :func:`replay_trace`). ``load`` must return a dry-run policy loaded on ``host``."""
     page_size = int(trace.header.get("page_size", 4096))
     procfs = _ServedProcFS(os.path.join(root, "proc"), page_size)
     host = _ServedHost(procfs, os.path.join(root, "cgroup"), _mounts(trace), _starts(trace))
@@ -446,15 +448,25 @@ def _exit_times(records: Iterable[Mapping[str, Any]]) -> dict[tuple[int, int], l
     return out
 
 
-def run_replay(
-    path: str | os.PathLike[str] | None, trace: Trace, *, text: str | None = None
+def replay_trace(
+    policy: str | os.PathLike[str] | None,
+    trace: Trace | str | os.PathLike[str],
+    *,
+    text: str | None = None,
 ) -> ReplayResult:
-    """Replay the policy at ``path`` (or ``text``; the default with neither) over ``trace``
-    on a virtual clock, serving ``/proc`` from a temporary directory (removed afterwards)."""
+    """What the policy at ``policy`` (or in ``text``; the default with neither) would have
+    done over ``trace`` (a :class:`Trace`, or a trace file's path): its real engine,
+    selectors, actions and guard in dry-run mode on a virtual clock, ``/proc`` and the
+    recorded cgroups served from the trace in a temporary directory (removed afterwards).
+    Raises :class:`reapkit.PolicyError` for a bad policy, :class:`TraceError` for a bad trace.
+    """
+    path = policy
+    if not isinstance(trace, Trace):
+        trace = read_trace(os.fspath(trace))
 
     def load(host: PolicyHost) -> Policy:
         return load_policy_on(host, path, text=text, dry_run=True)
 
     with tempfile.TemporaryDirectory(prefix="reapkit-replay-") as root:
         clock = trio.testing.MockClock(autojump_threshold=0)
-        return trio.run(replay, load, trace, root, clock=clock)
+        return trio.run(_replay, load, trace, root, clock=clock)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from reapkit._replay import run_replay
+from reapkit._replay import replay_trace
 from reapkit._testing._traces import TraceBuilder
 from reapkit._trace import FORMAT, VERSION, TraceError, TraceWriter, read_trace
 
@@ -159,7 +159,7 @@ def test_a_builder_trace_round_trips_through_a_file(tmp_path: Path) -> None:
 
 
 def test_replay_kills_the_leaker_at_the_line_and_says_it_is_counterfactual() -> None:
-    result = run_replay(None, _leak().build(), text=KILL_AT_5)
+    result = replay_trace(None, _leak().build(), text=KILL_AT_5)
     first = result.decisions[0]
     assert first.record.victim is not None and first.record.victim.comm == "leaker"
     assert first.record.outcome == "dry-run"
@@ -173,7 +173,7 @@ def test_replay_kills_the_leaker_at_the_line_and_says_it_is_counterfactual() -> 
 def test_a_kill_the_trace_shows_happening_is_not_counterfactual() -> None:
     trace = _leak()
     trace.process(300, "leaker", rss="100MiB", exits=6.8)  # killed for real at 6.8 s
-    result = run_replay(None, trace.build(), text=KILL_AT_5)
+    result = replay_trace(None, trace.build(), text=KILL_AT_5)
     first = result.decisions[0]
     assert first.happened is True and not first.counterfactual
     assert result.diverged_at is None
@@ -185,11 +185,11 @@ def test_pressure_firings_come_from_the_recorded_totals() -> None:
     calm = TraceBuilder()
     calm.process(300, "reader", rss="1GiB")
     calm.thrashing_cache(start=1.0, seconds=5.0, some=0.05, available="8%")  # 100 ms per 2 s
-    assert run_replay(None, calm.build(), text=policy).decisions == ()
+    assert replay_trace(None, calm.build(), text=policy).decisions == ()
     thrash = TraceBuilder()
     thrash.process(300, "reader", rss="1GiB")
     thrash.thrashing_cache(start=1.0, seconds=5.0, some=0.4, available="8%")  # 800 ms per 2 s
-    decisions = run_replay(None, thrash.build(), text=policy).decisions
+    decisions = replay_trace(None, thrash.build(), text=policy).decisions
     assert decisions and decisions[0].record.victim is not None
     assert "memory some 200ms/2s (/proc/pressure/memory) fired" in decisions[0].record.condition
     assert 1.3 < decisions[0].t < 1.6  # 200 ms of stall takes 0.5 s at 40 %
@@ -197,7 +197,7 @@ def test_pressure_firings_come_from_the_recorded_totals() -> None:
 
 def test_a_victim_of_replay_is_gone_from_the_served_proc() -> None:
     policy = KILL_AT_5.replace('actions = ["kill"]', 'actions = ["kill"]\ncooldown = "0s"')
-    decisions = run_replay(None, _leak().build(), text=policy).decisions
+    decisions = replay_trace(None, _leak().build(), text=policy).decisions
     victims = [d.record.victim.comm for d in decisions if d.record.victim is not None]
     assert victims[0] == "leaker"
     assert "leaker" not in victims[1:]  # the world without it: others next, counterfactual

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .._replay import ReplayedDecision, ReplayResult, run_replay
+from .._replay import ReplayedDecision, ReplayResult, replay_trace
 from .._trace import Trace, TraceError, read_trace
 from ._status import EXIT_OK, UsageError
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     _warn_about(trace)
     try:
-        results = [run_replay(path, trace) for path in policies]
+        results = [replay_trace(path, trace) for path in policies]
     except TraceError as exc:
         raise UsageError(str(exc)) from None
     if args.json:

@@ -809,6 +809,9 @@ class PluginCalls:
 
     #: Wraps an inline sync call (the engine pauses the garbage collector).
     inline_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    #: False: every sync call runs on the trio thread, as an inline one (no deadline can stop
+    #: it). For a virtual clock (``reapkit replay``), which jumps while a thread works.
+    threads: bool = True
     _states: dict[int, _CallState] = attrs.field(factory=dict, init=False)
     #: Plugins switched off so far.
     switched_off: int = attrs.field(default=0, init=False)
@@ -852,16 +855,17 @@ class PluginCalls:
             )
         func = getattr(plugin, method)
         call = functools.partial(func, **hook_arguments(type(plugin), method, arguments))
-        if offload and plugin.inline and not inspect.iscoroutinefunction(func):
+        inline = plugin.inline or not self.threads
+        if offload and inline and self.threads and not inspect.iscoroutinefunction(func):
             return await trio.to_thread.run_sync(_drained, call, limiter=state.limiter)
         try:
             with trio.fail_after(deadline):
                 result: object
                 if inspect.iscoroutinefunction(func):
                     result = await call()
-                elif plugin.inline:
+                elif inline:
                     with self.inline_context():  # on the trio thread, to its end
-                        result = call()
+                        result = _drained(call) if not self.threads else call()
                 else:  # an abandoned call finishes on its thread; its result is dropped
                     result = await trio.to_thread.run_sync(
                         _drained, call, abandon_on_cancel=True, limiter=state.limiter

@@ -61,7 +61,8 @@ class ReplayedDecision:
     t: float
     record: KillRecord
     #: Made after the first kill the real machine did not make: the trace shows a world where
-    #: that victim lived on, so this decision saw figures of a different world.
+    #: that victim lived on, so this decision saw figures of a different world. (That first
+    #: kill itself is not: it is where the worlds part, ``happened`` False.)
     counterfactual: bool
     #: Whether the trace shows this victim exiting within ``REAL_EXIT_WITHIN`` seconds: the real
     #: machine lost it too (``None``: no victim).
@@ -350,6 +351,7 @@ async def _replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
 
     async def emit(record: KillRecord) -> None:
         t = round(trio.current_time() - t0, 3)
+        counterfactual = bool(diverged)  # the trace no longer shows this policy's world
         happened = None
         if record.victim is not None and record.outcome in ("killed", "dry-run"):
             key = (record.victim.pid, record.victim.start_time)
@@ -357,9 +359,12 @@ async def _replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
             if not happened and not diverged:
                 diverged.append(t)
             world.hide(*key)
-        decisions.append(ReplayedDecision(t, record, bool(diverged) and not happened, happened))
+        decisions.append(ReplayedDecision(t, record, counterfactual, happened))
 
-    engine = Engine(policy.rules, emit=emit, procfs=procfs, prepare_ranking=policy.prepare_ranking)
+    engine = Engine(
+        policy.rules, emit=emit, procfs=procfs, prepare_ranking=policy.prepare_ranking,
+        plugin_threads=False,  # a worker thread's real time would let the virtual clock jump
+    )  # fmt: skip
     thresholds = list(
         dict.fromkeys(
             c.threshold for r in policy.rules for c in r.when if isinstance(c, MemoryCondition)

@@ -30,3 +30,5 @@ from ._testing._hog import start_hog as start_hog
 from ._testing._hog import start_thrasher as start_thrasher
 from ._testing._sandbox import SandboxCgroup as SandboxCgroup
 from ._testing._traces import TraceBuilder as TraceBuilder
+from ._testing._traces import load_trace as load_trace
+from ._testing._traces import replay as replay

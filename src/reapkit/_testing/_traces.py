@@ -14,8 +14,13 @@ from typing import Any, Final
 
 import attrs
 
-from .._trace import FORMAT, VERSION, Trace, TraceWriter
+from .._replay import replay_trace
+from .._trace import FORMAT, VERSION, Trace, TraceWriter, read_trace
 from .._units import parse_bytes
+
+#: ``reapkit.testing``'s names for reading a trace and replaying a policy over one.
+load_trace: Final = read_trace
+replay: Final = replay_trace
 
 KiB: Final = 1024
 _PAGE: Final = 4096
@@ -57,9 +62,28 @@ class _Thrash:
     available: int  # KiB
 
 
+#: Below this share of MemTotal available, tasks stall reclaiming (see _reclaim_stall).
+RECLAIM_STALL_BELOW: Final = 0.05
+
+
+def _reclaim_stall(avail: int, total: int) -> tuple[float, float]:
+    """The share of time tasks stall on memory (some, full) with ``avail`` of ``total`` left
+    and nothing else going on: none above 5 %, rising to 80 % (some) and 40 % (full) at 0 —
+    direct reclaim scraping the last page cache, as a machine without swap running out does."""
+    share = avail / total if total else 0.0
+    if share >= RECLAIM_STALL_BELOW:
+        return 0.0, 0.0
+    depth = 1.0 - share / RECLAIM_STALL_BELOW
+    return 0.8 * depth, 0.4 * depth
+
+
 @attrs.define
 class TraceBuilder:
-    """A machine and its incidents, as a trace. Sizes take ``"512MiB"`` or bytes."""
+    """A machine and its incidents, as a trace. Sizes take ``"512MiB"`` or bytes.
+
+    Memory pressure follows MemAvailable as on a machine without swap: below 5 % of MemTotal
+    tasks stall reclaiming, more the closer it gets to 0 (80 % of the time ``some``, 40 %
+    ``full`` at 0); :meth:`thrashing_cache` adds stall with memory left."""
 
     mem_total: str | int = "8GiB"
     #: MemAvailable before any incident (the processes added count against it too).
@@ -186,18 +210,20 @@ class TraceBuilder:
             used = sum(self._rss(p, t) - (p.rss if p.appears == 0 else 0) for p in alive)
             avail = max(0, base - used)
             thrash = next((x for x in self._thrashes if x.start <= t < x.until), None)
+            stall_some, stall_full = _reclaim_stall(avail, total)
             if thrash is not None:
                 avail = min(avail, thrash.available)
-                some += thrash.some * self.interval * 1e6
-                full += thrash.full * self.interval * 1e6
+                stall_some = max(stall_some, thrash.some)
+                stall_full = max(stall_full, thrash.full)
+            some += stall_some * self.interval * 1e6
+            full += stall_full * self.interval * 1e6
             yield {
                 "t": t, "k": "mem", "total": total, "avail": avail, "free": avail,
                 "swap_total": swap, "swap_free": swap,
             }  # fmt: skip
             yield {
                 "t": t, "k": "psi", "res": "memory", "some": int(some), "full": int(full),
-                "avg10": [round(100 * (thrash.some if thrash else 0), 2),
-                          round(100 * (thrash.full if thrash else 0), 2)],
+                "avg10": [round(100 * stall_some, 2), round(100 * stall_full, 2)],
             }  # fmt: skip
             for p in alive:
                 rss = self._rss(p, t)

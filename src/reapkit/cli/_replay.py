@@ -86,7 +86,13 @@ _SEEN = {True: "; the trace shows it exit", False: "; it lived on in the trace",
 def render(result: ReplayResult) -> str:
     lines = [f"{result.policy}: {len(result.decisions)} decisions over {result.duration:g} s"]
     for d in result.decisions:
-        mark = " [counterfactual]" if d.counterfactual else ""
+        mark = (
+            " [counterfactual]"
+            if d.counterfactual
+            else " [the real machine did not make this kill: the worlds part here]"
+            if d.happened is False
+            else ""
+        )
         seen = _SEEN[d.happened]
         lines.append(f"  {d.t:9.3f} s  {d.record.rule}: {d.record.outcome}, {_victim(d)}{mark}")
         lines.append(f"               when {d.record.condition}{seen}")

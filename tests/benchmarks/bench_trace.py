@@ -85,7 +85,7 @@ def run() -> str:
                 path = os.path.join(tmp, f"{i}-{mode.replace(' ', '-')}.trace")
                 results[mode].append(_record(path, rate))
     lines = [
-        "## Traces (`reapkit record`)",
+        "## Traces (`reapkit record`) {#traces}",
         "",
         __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
         "",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from reapkit._recorder import Recorder
@@ -21,6 +22,7 @@ from reapkit._trace import TraceWriter, read_trace
 from reapkit.testing import SandboxCgroup
 
 from .conftest import MiB, Spawn
+from .test_docs_snippets import _wait_for_trace
 from .test_run import _policy, _start, _wait_for_line, fill, small_tmpfs
 
 
@@ -47,6 +49,25 @@ def test_record_writes_a_private_trace_of_our_child(spawn: Spawn, tmp_path: Path
     records = read_trace(str(hidden)).records
     assert not any("cmdline" in r for r in records)
     assert not read_trace(str(hidden)).header["cmdline"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_record_stops_on_a_signal_with_status_0_and_an_end(tmp_path: Path, signum: int) -> None:
+    out = tmp_path / "t.trace"
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "reapkit.cli", "record", "--out", str(out)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_trace(out)
+        recorder.send_signal(signum)  # our own child, through its Popen
+        _out, err = recorder.communicate(timeout=30)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    assert recorder.returncode == 0, err
+    assert not read_trace(str(out)).truncated  # its end record is there
 
 
 def test_the_recorder_sees_our_child_exit(spawn: Spawn, tmp_path: Path) -> None:

@@ -5,9 +5,10 @@ The headroom is MemAvailable, or less where a recorded cgroup is closer to its l
 memory line of the policies the trace is for (``run --trace``, ``record --policy``) is closer:
 
 * ``mem`` (MemTotal, MemAvailable, MemFree, swap) every sample: the interval is the headroom
-  divided by an assumed fill rate of 10 GiB/s, clamped to [2 ms, 1 s];
+  divided by an assumed fill rate of 10 GiB/s, clamped to [10 ms, 1 s] (near a line of
+  the policies recorded for, [2 ms, 1 s], as the daemon's own sampler);
 * ``psi``: each of ``/proc/pressure/{memory,io,cpu}`` whose totals moved since the sample
-  before (replay derives any trigger's firings from the totals);
+  before, read at most every 10 ms (replay derives any trigger's firings from the totals);
 * ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named (a
   policy's own, under ``run --trace``), when they changed;
 * ``proc``: every user process (kernel threads never are candidates) in snapshots whose
@@ -55,7 +56,7 @@ from ._sources.proc_connector import (
     ProcFork,
 )
 from ._sources.psi import parse_pressure
-from ._trace import FORMAT, VERSION, TraceWriter
+from ._trace import FORMAT, PSI_RESOURCES, VERSION, TraceWriter
 from ._version import __version__
 
 log = logging.getLogger("reapkit.trace")
@@ -64,11 +65,12 @@ KiB: Final = 1024
 GiB: Final = 1 << 30
 #: Memory samples: MemAvailable / MEM_FILL_RATE seconds, within MEM_INTERVAL.
 MEM_FILL_RATE: Final = 10 * GiB
-MEM_INTERVAL: Final = (0.002, 1.0)
+MEM_INTERVAL: Final = (0.010, 1.0)
+#: Near a memory line of the policies recorded for: as the daemon's sampler (2 ms at least).
+LINE_INTERVAL: Final = (0.002, 1.0)
 #: Process snapshots: MemAvailable / SNAPSHOT_FILL_RATE seconds, within SNAPSHOT_INTERVAL.
 SNAPSHOT_FILL_RATE: Final = 1 * GiB
 SNAPSHOT_INTERVAL: Final = (0.5, 10.0)
-PSI_RESOURCES: Final = ("memory", "io", "cpu")
 #: A process's uid and cgroup are read again every this many snapshots (and at an exec).
 SLOW_EVERY: Final = 10
 #: A rolling trace's segments last at least this long (seconds): half the window.
@@ -77,6 +79,13 @@ TRACE_SEGMENT_MIN: Final = 30.0
 
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
+
+
+class _Everyone(set[int]):
+    """Every pid is in it: a keyframe reads each process in full."""
+
+    def __contains__(self, _pid: object) -> bool:
+        return True
 
 
 def _as_lines(value: Iterable[MemoryThreshold]) -> tuple[MemoryThreshold, ...]:
@@ -135,6 +144,9 @@ class Recorder:
     _snapshots: int = attrs.field(default=0, init=False)
     _connected: bool = attrs.field(default=False, init=False)
     _swap: bool = attrs.field(default=True, init=False)
+    _psi_read: float = attrs.field(default=-math.inf, init=False)
+    #: pids the connector said exited, since the last read (see ``_write_read``).
+    _exited: set[int] = attrs.field(factory=set, init=False)
     #: pids that exec'd since the last sample: read at the next sample.
     _execs: set[int] = attrs.field(factory=set, init=False)
     #: PIDs that were kernel threads when last read: skipped but every SLOW_EVERY snapshots.
@@ -210,7 +222,7 @@ class Recorder:
     async def _sample_forever(self) -> None:
         next_snapshot = trio.current_time() + SNAPSHOT_INTERVAL[0]
         while self.writer.failed is None:
-            headroom = self._sample()
+            headroom, to_line = self._sample()
             now = trio.current_time()
             if self.window is not None and now - self._segment_started >= self.window / 2:
                 await self._rotate()
@@ -221,15 +233,22 @@ class Recorder:
             if now >= next_snapshot:
                 interval = headroom / self.snapshot_fill_rate
                 next_snapshot = now + _clamp(interval, SNAPSHOT_INTERVAL)
-            await trio.sleep(_clamp(headroom / self.mem_fill_rate, MEM_INTERVAL))
+            # As dense as the policy's own sampler near its lines; 10 ms at the most elsewhere.
+            await trio.sleep(
+                min(
+                    _clamp(headroom / self.mem_fill_rate, MEM_INTERVAL),
+                    _clamp(to_line / self.mem_fill_rate, LINE_INTERVAL),
+                )
+            )
         log.warning("trace %s: stopped: %s", self.writer.path, self.writer.failed)
 
-    def _sample(self, *, every: bool = False) -> int:
+    def _sample(self, *, every: bool = False) -> tuple[int, int]:
         """Write ``mem``, and the ``psi`` and ``cgroup`` records that changed (all: ``every``);
-        return the headroom in bytes: MemAvailable, or less where a recorded cgroup is closer
-        to its limit."""
+        return the headroom in bytes (MemAvailable, or less where a recorded cgroup is closer
+        to its limit) and the distance to the nearest line of the policies recorded for."""
         self._samples += 1
         t = self.now()
+        psi_due = every or trio.current_time() - self._psi_read >= MEM_INTERVAL[0]
         meminfo = self.procfs.meminfo()
         self._swap = meminfo.swap_total > 0
         self.writer.write(
@@ -243,7 +262,9 @@ class Recorder:
                 "swap_free": meminfo.swap_free // KiB,
             }
         )
-        for resource in PSI_RESOURCES:
+        if psi_due:  # at most every 10 ms: three reads that move slowly
+            self._psi_read = trio.current_time()
+        for resource in PSI_RESOURCES if psi_due else ():
             psi = _pressure(f"{self.procfs.root}/pressure/{resource}")
             if psi is not None:
                 self._changed_record(
@@ -259,9 +280,8 @@ class Recorder:
                 )
                 usage[path] = cgroup["usage"] * KiB
                 headroom = min(headroom, (cgroup["limit"] - cgroup["usage"]) * KiB)
-        for line in self.lines:  # as close as the policy's own sampler comes to its lines
-            headroom = min(headroom, _distance(line, meminfo, usage))
-        return max(0, headroom)
+        to_line = min((_distance(line, meminfo, usage) for line in self.lines), default=headroom)
+        return max(0, headroom), max(0, to_line)
 
     def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
         if every or self._last.get(key) != record:
@@ -271,24 +291,25 @@ class Recorder:
     async def _rotate(self) -> None:
         self._segment += 1
         self._segment_started = trio.current_time()
-        self.writer.rotate(self.header())
-        await self._keyframe()
+        if self.writer.rotate(self.header()):
+            await self._keyframe()
+        else:
+            self._segment -= 1  # the disk is behind: the segment goes on, a later try
 
     async def _keyframe(self) -> None:
         """Every figure and every process afresh: a segment reads on its own."""
         self._segment_started = trio.current_time()
-        self._known.clear()
         self._sample(every=True)
         await self._snapshot(keyframe=True)
 
     async def _read_new(self) -> None:
         """Read the processes that exec'd since the last sample now, not at the next
         snapshot: a short-lived hog must be in the trace."""
+        self._forget(self._take_exited())
         t = self.now()
         pids, self._execs = self._execs, set()
         records = await trio.to_thread.run_sync(self._read_some, t, pids)
-        for record in records:
-            self.writer.write(record)
+        self._write_read(records)
 
     def _read_some(self, t: float, pids: set[int]) -> list[dict[str, Any]]:
         records = []
@@ -307,7 +328,12 @@ class Recorder:
         return records
 
     async def _snapshot(self, *, keyframe: bool) -> None:
+        """Read every process (on a worker thread). A keyframe writes each in full (a segment
+        of a rolling trace reads on its own) and the exits since the snapshot before."""
         self._snapshots += 1
+        # Exits the connector told since the last read: a process still there (the connector
+        # reports a leader's pthread_exit, a thread's execve as exits too) is written afresh.
+        self._forget(self._take_exited())
         t = self.now()
         changed, self._changed = self._changed, set()
         self._execs.clear()
@@ -317,31 +343,59 @@ class Recorder:
             changed,
             swap=self._swap,
             slow=keyframe or self._snapshots % SLOW_EVERY == 0,
+            full=keyframe,
         )
-        records = await trio.to_thread.run_sync(read)
+        self._write_read(await trio.to_thread.run_sync(read))
+
+    def _take_exited(self) -> set[int]:
+        exited, self._exited = self._exited, set()
+        return exited
+
+    def _forget(self, pids: set[int]) -> None:
+        """Forget what was written of ``pids``: if they are still there, the next read writes
+        them in full."""
+        if pids:
+            for key in [k for k in self._known if k[0] in pids]:
+                del self._known[key]
+
+    def _write_read(self, records: list[dict[str, Any]]) -> None:
+        """Write what a read on the worker thread found, but the ``proc`` records of processes
+        whose exit the connector told meanwhile: read before it, they would bring a dead
+        process back after its ``exit`` record."""
+        gone = self._take_exited()
+        self._forget(gone)
         for record in records:
-            self.writer.write(record)
+            if not (gone and record["k"] == "proc" and record["pid"] in gone):
+                self.writer.write(record)
 
     def _read_processes(
-        self, t: float, changed: set[int], *, swap: bool = True, slow: bool = True
+        self,
+        t: float,
+        changed: set[int],
+        *,
+        swap: bool = True,
+        slow: bool = True,
+        full: bool = False,
     ) -> list[dict[str, Any]]:
-        """One snapshot, on a worker thread: a ``proc`` record for each process new or changed
-        since the last, an ``exit`` for each one gone."""
+        """One snapshot, on a worker thread: an ``exit`` for each process gone, then a
+        ``proc`` record for each one new or changed since the last (each in full: ``full``).
+        Exits first: a PID reused since is a new process after its predecessor's exit."""
         records: list[dict[str, Any]] = []
         seen: dict[tuple[int, int], dict[str, Any]] = {}
+        everyone = _Everyone() if full else changed
         kthreads = self._kthreads if not slow else set()
         for pid in self.procfs.pids():
             if pid in kthreads and pid not in changed:
                 continue  # a kernel thread when last read (a fork of its pid is a change)
             try:
-                key, fields = self._read_process(pid, changed, swap=swap, slow=slow)
+                key, fields = self._read_process(pid, everyone, swap=swap, slow=slow)
             except (NoSuchProcess, AccessDenied, ProcFormatError):
                 continue  # gone between two reads, or not ours to read: the next one tells
             if key is None:
                 kthreads.add(pid)
                 continue
             before = self._known.get(key)
-            if before is None:
+            if before is None or full:
                 delta = fields
             else:
                 delta = {k: v for k, v in fields.items() if before.get(k) != v}
@@ -349,11 +403,13 @@ class Recorder:
             seen[key] = fields
             if delta:
                 records.append({"t": t, "k": "proc", "pid": key[0], "start": key[1], **delta})
-        for pid, start in self._known.keys() - seen.keys():
-            records.append({"t": t, "k": "exit", "pid": pid, "start": start})
+        exits = [
+            {"t": t, "k": "exit", "pid": pid, "start": start}
+            for pid, start in sorted(self._known.keys() - seen.keys())
+        ]
         self._known = seen
         self._kthreads = kthreads
-        return records
+        return exits + records
 
     def _read_process(
         self, pid: int, changed: set[int], *, swap: bool, slow: bool
@@ -401,6 +457,7 @@ class Recorder:
                     self._changed.add(event.pid)
                     record = {"k": "comm", "pid": event.pid, "comm": event.comm}
                 elif isinstance(event, ProcExit):
+                    self._exited.add(event.pid)
                     record = {"k": "exit", "pid": event.pid}
                 else:
                     continue  # lost events: the next snapshot resynchronises

@@ -39,7 +39,7 @@ from ._kernel._cgroups import CgroupMount, entry_matches, mount_containing
 from ._policy import Policy, PolicyHost, load_policy_on
 from ._procfs import ProcFS
 from ._records import KillRecord
-from ._sources.memory import MemoryThresholdSource
+from ._sources.memory import MemoryThreshold, MemoryThresholdSource
 from ._sources.psi import PressureEvent
 from ._testing._fakeproc import FakeProc
 from ._trace import Trace, TraceError, read_trace
@@ -62,7 +62,8 @@ class ReplayedDecision:
     record: KillRecord
     #: Made after the first kill the real machine did not make: the trace shows a world where
     #: that victim lived on, so this decision saw figures of a different world. (That first
-    #: kill itself is not: it is where the worlds part, ``happened`` False.)
+    #: kill itself is not: it is where the worlds part, ``happened`` False.) Also a decision
+    #: made while a victim the machine lost too was already hidden here but not yet gone there.
     counterfactual: bool
     #: Whether the trace shows this victim exiting within ``REAL_EXIT_WITHIN`` seconds: the real
     #: machine lost it too (``None``: no victim).
@@ -118,10 +119,17 @@ class _ServedHost:
     starts: Mapping[int, int]
 
     def cgroup_directory(self, directory: str) -> str:
-        return self.cgroups + os.path.normpath(directory)
+        # Below the served root, whatever the path says (".." cannot climb out of "/").
+        return self.cgroups + os.path.normpath("/" + directory)
 
     def cgroup_scope(self, directory: str) -> Scope:
-        mount = mount_containing(directory, self.mounts)  # ValueError: not in the trace's
+        try:
+            mount = mount_containing(directory, self.mounts)
+        except ValueError:
+            raise ValueError(
+                f"the trace holds no cgroup hierarchy with {directory} (its header's"
+                " cgroup_mounts): record with --cgroup or --policy naming it"
+            ) from None
         served = attrs.evolve(mount, mountpoint=self.cgroup_directory(mount.mountpoint))
         return CgroupScope(served, mount.cgroup_path(directory))
 
@@ -177,12 +185,20 @@ class _World:
             self._pressure(record)
         elif kind == "proc":
             key = (record["pid"], record["start"])
+            if key not in self.processes and "comm" not in record:
+                return  # what changed of a process not (or no more) served: nothing to serve
             fields = self.processes.setdefault(key, {})
             fields.update(record)
             if key not in self.hidden:
                 self._write(key, fields)
         elif kind == "exit":
             self._exit(record["pid"], record.get("start"))
+        elif kind == "comm":
+            for key, fields in self.processes.items():
+                if key[0] == record["pid"]:  # prctl(PR_SET_NAME): the served name follows
+                    fields["comm"] = record["comm"]
+                    if key not in self.hidden:
+                        self._write(key, fields)
         elif kind == "cgroup":
             self._cgroup(record)
 
@@ -191,8 +207,11 @@ class _World:
         self._exit(pid, start)
 
     def _exit(self, pid: int, start: int | None) -> None:
-        for key in [k for k in self.processes if k[0] == pid and start in (None, k[1])]:
+        gone = [k for k in self.processes if k[0] == pid and start in (None, k[1])]
+        for key in gone:
             del self.processes[key]
+        # The served directory is the PID's: remove it only if no process holds the PID now.
+        if gone and not any(k[0] == pid for k in self.processes):
             self.procfs.exes.pop(pid, None)
             self._join(pid, ())
             with contextlib.suppress(FileNotFoundError):
@@ -294,6 +313,10 @@ class _Firings:
         self.totals: list[int] = []
         self.last = -math.inf
 
+    @property
+    def last_total(self) -> int | None:
+        return self.totals[-1] if self.totals else None
+
     def sample(self, t: float, total: int) -> bool:
         self.times.append(t)
         self.totals.append(total)
@@ -314,15 +337,16 @@ class _Firings:
         return total - at
 
 
-def _pressure_total(record: Mapping[str, Any], spec: PsiSpec) -> int | None:
-    """The stall total ``record`` holds for ``spec``'s file, or ``None``."""
+def _pressure_total(record: Mapping[str, Any], spec: PsiSpec, host: _ServedHost) -> int | None:
+    """The stall total ``record`` holds for ``spec``'s file, or ``None``. A cgroup's pressure
+    file is named as the policy was loaded: in the served tree."""
     kind = spec.kind
     if record["k"] == "psi" and spec.path == f"/proc/pressure/{record['res']}":
         value = record.get(kind)
-    elif record["k"] == "cgroup" and spec.path.rsplit("/", 1)[0] == record["path"].rstrip("/"):
-        value = (record.get("pressure") or {}).get(kind)
-        if not spec.path.endswith(f"/{spec.resource}.pressure"):
+    elif record["k"] == "cgroup" and record.get("pressure") and spec.resource == "memory":
+        if spec.path != os.path.join(host.cgroup_directory(record["path"]), "memory.pressure"):
             return None
+        value = record["pressure"].get(kind)
     else:
         return None
     return value if isinstance(value, int) else None
@@ -331,81 +355,112 @@ def _pressure_total(record: Mapping[str, Any], spec: PsiSpec) -> int | None:
 PolicyLoader = Callable[[PolicyHost], Policy]
 
 
+@attrs.define
+class _Verdicts:
+    """The decisions as they come, and whether the trace still shows their world."""
+
+    world: _World
+    #: When each process (pid, start) left the trace.
+    exits: Mapping[tuple[int, int], list[float]]
+    t0: float
+    decisions: list[ReplayedDecision] = attrs.field(factory=list)
+    #: The first kill the real machine did not make (the worlds part there).
+    diverged: float | None = None
+    #: Until when a victim the machine lost too was still alive in the trace.
+    pending: float = 0.0
+
+    async def emit(self, record: KillRecord) -> None:
+        t = round(trio.current_time() - self.t0, 3)
+        # The trace no longer shows this policy's world: after a kill the machine did not
+        # make, or while a victim it did lose is hidden here but still alive in the trace.
+        counterfactual = self.diverged is not None or t < self.pending
+        happened = None
+        if record.victim is not None and record.outcome in ("killed", "dry-run"):
+            key = (record.victim.pid, record.victim.start_time)
+            real = [e for e in self.exits.get(key, ()) if t <= e <= t + REAL_EXIT_WITHIN]
+            happened = bool(real)
+            if real:
+                self.pending = max(self.pending, min(real))
+            elif self.diverged is None:
+                self.diverged = t
+            self.world.hide(*key)
+        self.decisions.append(ReplayedDecision(t, record, counterfactual, happened))
+
+
 async def _replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
     """Replay the policy ``load(host)`` returns over ``trace``, serving ``/proc`` from
     ``root/proc`` and the cgroups from ``root/cgroup``; run under a virtual clock (see
     :func:`replay_trace`). ``load`` must return a dry-run policy loaded on ``host``."""
-    page_size = int(trace.header.get("page_size", 4096))
-    procfs = _ServedProcFS(os.path.join(root, "proc"), page_size)
+    procfs = _ServedProcFS(os.path.join(root, "proc"), int(trace.header.get("page_size", 4096)))
     host = _ServedHost(procfs, os.path.join(root, "cgroup"), _mounts(trace), _starts(trace))
     world = _World(FakeProc(procfs.root), procfs, trace.path, host)
     policy = load(host)
     if not policy.dry_run:
         raise ValueError("replay needs a dry-run policy")
-    specs = {c.spec for r in policy.rules for c in r.when if isinstance(c, PressureCondition)}
-    firings = [_Firings(s) for s in specs]
-    exits = _exit_times(trace.records)
     t0 = trio.current_time()
-    decisions: list[ReplayedDecision] = []
-    diverged: list[float] = []
-
-    async def emit(record: KillRecord) -> None:
-        t = round(trio.current_time() - t0, 3)
-        counterfactual = bool(diverged)  # the trace no longer shows this policy's world
-        happened = None
-        if record.victim is not None and record.outcome in ("killed", "dry-run"):
-            key = (record.victim.pid, record.victim.start_time)
-            happened = any(t <= e <= t + REAL_EXIT_WITHIN for e in exits.get(key, ()))
-            if not happened and not diverged:
-                diverged.append(t)
-            world.hide(*key)
-        decisions.append(ReplayedDecision(t, record, counterfactual, happened))
-
+    verdicts = _Verdicts(world, _exit_times(trace.records), t0)
     engine = Engine(
-        policy.rules, emit=emit, procfs=procfs, prepare_ranking=policy.prepare_ranking,
+        policy.rules, emit=verdicts.emit, procfs=procfs, prepare_ranking=policy.prepare_ranking,
         plugin_threads=False,  # a worker thread's real time would let the virtual clock jump
     )  # fmt: skip
-    thresholds = list(
-        dict.fromkeys(
-            c.threshold for r in policy.rules for c in r.when if isinstance(c, MemoryCondition)
-        )
-    )
-    first = trace.records[0] if trace.records else None
-    if first is not None:
-        for record in _until(trace.records, first["t"]):
+    if trace.records:
+        for record in _until(trace.records, trace.records[0]["t"]):
             world.apply(record)  # the keyframe, before any source looks
     send, receive = trio.open_memory_channel[object](1024)
     async with trio.open_nursery() as nursery:
+        thresholds = _thresholds(policy)
         if thresholds:
             source = MemoryThresholdSource(
                 thresholds, procfs=procfs, lead=2 * policy.prepare_ranking
             )
             await nursery.start(source.run, send.clone())
         nursery.start_soon(_decide, engine, receive, nursery)
-        for record in trace.records:
-            await trio.sleep_until(t0 + record["t"])
-            world.apply(record)
-            for firing in firings:
-                total = _pressure_total(record, firing.spec)
-                if total is not None and firing.sample(record["t"], total):
-                    await send.send(
-                        PressureEvent(trio.current_time(), firing.spec, None, "trigger")
-                    )
+        await _play(trace, world, _firings(policy), send, t0)
         duration = trace.records[-1]["t"] if trace.records else 0.0
         await trio.sleep_until(t0 + duration + TAIL)
         nursery.cancel_scope.cancel()
     epoch = float(trace.header.get("started", 0.0)) - t0
     done = tuple(
-        attrs.evolve(d, record=attrs.evolve(d.record, epoch_offset=epoch)) for d in decisions
+        attrs.evolve(d, record=attrs.evolve(d.record, epoch_offset=epoch))
+        for d in verdicts.decisions
     )
     return ReplayResult(
-        policy.source,
-        done,
-        diverged[0] if diverged else None,
-        duration,
-        trace.truncated,
-        trace.lost,
+        policy.source, done, verdicts.diverged, duration, trace.truncated, trace.lost
     )
+
+
+async def _play(
+    trace: Trace,
+    world: _World,
+    firings: list[_Firings],
+    send: trio.MemorySendChannel[object],
+    t0: float,
+) -> None:
+    """Serve each record at its time, and fire the PSI triggers its totals make fire."""
+    for record in trace.records:
+        await trio.sleep_until(t0 + record["t"])
+        world.apply(record)
+        for firing in firings:
+            # A total is written when it moved: between two, it stood still. Every sample
+            # (each ``mem`` record) is a point of that step function.
+            total = _pressure_total(record, firing.spec, world.host)
+            if total is None and record["k"] == "mem":
+                total = firing.last_total
+            if total is not None and firing.sample(record["t"], total):
+                await send.send(PressureEvent(trio.current_time(), firing.spec, None, "trigger"))
+
+
+def _thresholds(policy: Policy) -> list[MemoryThreshold]:
+    return list(
+        dict.fromkeys(
+            c.threshold for r in policy.rules for c in r.when if isinstance(c, MemoryCondition)
+        )
+    )
+
+
+def _firings(policy: Policy) -> list[_Firings]:
+    specs = {c.spec for r in policy.rules for c in r.when if isinstance(c, PressureCondition)}
+    return [_Firings(s) for s in specs]
 
 
 async def _decide(
@@ -414,6 +469,11 @@ async def _decide(
     async with receive:
         async for event in receive:
             await engine.handle(event, nursery)
+
+
+def _first(group: BaseExceptionGroup[TraceError]) -> TraceError:
+    inner = group.exceptions[0]
+    return inner if isinstance(inner, TraceError) else _first(inner)
 
 
 def _mounts(trace: Trace) -> tuple[CgroupMount, ...]:
@@ -474,4 +534,10 @@ def replay_trace(
 
     with tempfile.TemporaryDirectory(prefix="reapkit-replay-") as root:
         clock = trio.testing.MockClock(autojump_threshold=0)
-        return trio.run(_replay, load, trace, root, clock=clock)
+        try:
+            return trio.run(_replay, load, trace, root, clock=clock)
+        except BaseExceptionGroup as group:  # a task's error, wrapped by its nursery
+            found, _rest = group.split(TraceError)
+            if found is None:
+                raise
+            raise _first(found) from None

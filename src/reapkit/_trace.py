@@ -16,14 +16,16 @@ least half of it) is always on disk.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import math
 import os
 import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import attrs
@@ -37,6 +39,8 @@ KINDS: Final = frozenset(
     {"header", "mem", "psi", "cgroup", "proc", "exit", "fork", "exec", "comm", "kill",
      "gap", "end"}
 )  # fmt: skip
+#: Pressure files a trace records (``/proc/pressure/<res>``).
+PSI_RESOURCES: Final = ("memory", "io", "cpu")
 #: The writer flushes the compressed stream at least this often (seconds).
 FLUSH_EVERY: Final = 1.0
 #: Lines queued for the writer thread before new ones are dropped.
@@ -57,7 +61,10 @@ def segment_paths(path: str) -> list[str]:
     """The files of the trace at ``path``, oldest first: ``PATH.1`` (the previous segment of a
     rolling trace) when it exists, then ``PATH``."""
     older = f"{path}.1"
-    return [older, path] if os.path.exists(older) else [path]
+    if not os.path.exists(older):
+        return [path]
+    # A crash between the rotation's rename and the new file: the older segment alone.
+    return [older, path] if os.path.exists(path) else [older]
 
 
 @attrs.frozen
@@ -147,13 +154,135 @@ class _Lines:
 
 def _record(line: bytes, path: str, number: int) -> Mapping[str, Any]:
     try:
-        record = json.loads(line)
+        record = json.loads(line, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TraceError(path, number, f"not a JSON object: {exc}") from None
     if not isinstance(record, dict) or record.get("k") not in KINDS:
         kind = record.get("k") if isinstance(record, dict) else None
         raise TraceError(path, number, f"not a trace record (kind {kind!r})")
+    for key, (check, required) in _FIELDS[record["k"]].items():
+        if key not in record:
+            if required:
+                raise TraceError(path, number, f"a {record['k']!r} record without {key!r}")
+            continue
+        why = check(record[key])
+        if why:
+            value = repr(record[key])
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            raise TraceError(path, number, f"{record['k']}.{key} = {shown}: {why}")
     return record
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a trace holds")
+
+
+# -- what each record holds: a check per field (its complaint, or "" if the value is fine) ----
+
+Check = Callable[[Any], str]
+
+
+def _int(low: int, high: int | None = None) -> Check:
+    def check(v: Any) -> str:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        ok = ok and (high is None or v <= high)
+        return "" if ok else f"expected an integer {low}..{'' if high is None else high}"
+
+    return check
+
+
+def _maybe(check: Check) -> Check:
+    return lambda v: "" if v is None else check(v)
+
+
+def _text(v: Any) -> str:
+    return "" if isinstance(v, str) and "\0" not in v else "expected text without NUL"
+
+
+def _words(v: Any) -> str:
+    ok = isinstance(v, list) and all(isinstance(a, str) and "\0" not in a for a in v)
+    return "" if ok else "expected a list of texts without NUL"
+
+
+def _absolute(v: Any) -> str:
+    ok = isinstance(v, str) and v.startswith("/") and "\0" not in v
+    return "" if ok and ".." not in v.split("/") else "expected an absolute path without '..'"
+
+
+def _letter(v: Any) -> str:
+    ok = isinstance(v, str) and len(v) == 1 and v.isascii() and v.isalpha()
+    return "" if ok else "expected one letter"
+
+
+def _finite(v: Any) -> str:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return "" if ok else "expected a finite number, at least 0"
+
+
+def _pair(v: Any) -> str:
+    ok = isinstance(v, list) and len(v) == 2 and all(v_ is None or not _finite(v_) for v_ in v)
+    return "" if ok else "expected [some, full]"
+
+
+def _counts(v: Any) -> str:
+    ok = isinstance(v, dict) and all(isinstance(k, str) and not _int(0)(n) for k, n in v.items())
+    return "" if ok else "expected names and counts"
+
+
+def _pressure(v: Any) -> str:
+    if not isinstance(v, dict):
+        return "expected a pressure record"
+    return _int(0)(v.get("some")) or _maybe(_int(0))(v.get("full"))
+
+
+def _one_of(*values: object) -> Check:
+    return lambda v: "" if v in values else f"expected one of {', '.join(map(repr, values))}"
+
+
+def _mounts(v: Any) -> str:
+    if not isinstance(v, list):
+        return "expected a list of mounts"
+    for m in v:
+        if not isinstance(m, dict):
+            return "expected a list of mounts"
+        why = (
+            _absolute(m.get("mountpoint")) or _one_of(1, 2)(m.get("version"))
+            or _words(m.get("controllers")) or _absolute(m.get("root"))
+        )  # fmt: skip
+        if why:
+            return why
+    return ""
+
+
+def _table(v: Any) -> str:
+    return "" if isinstance(v, dict) else "expected an object"
+
+
+_T: Final = (_finite, True)
+_PID: Final = (_int(1), True)
+_SIZE: Final = (_int(0), True)
+#: Per kind: field → (check, required).
+_FIELDS: Final[Mapping[str, Mapping[str, tuple[Check, bool]]]] = {
+    "header": {"page_size": (_int(1), False), "cgroup_mounts": (_mounts, False)},
+    "mem": {"t": _T, **dict.fromkeys(("total", "avail", "free", "swap_total", "swap_free"), _SIZE)},
+    "psi": {"t": _T, "res": (_one_of(*PSI_RESOURCES), True), "some": _SIZE,
+            "full": (_maybe(_int(0)), False), "avg10": (_maybe(_pair), False)},
+    "cgroup": {"t": _T, "path": (_absolute, True), "v": (_one_of(1, 2), True), "usage": _SIZE,
+               "limit": _SIZE, "events": (_maybe(_counts), False),
+               "pressure": (_maybe(_pressure), False)},
+    "proc": {"t": _T, "pid": _PID, "start": _SIZE, "comm": (_text, False),
+             "cmdline": (_words, False), "exe": (_text, False), "uid": (_int(0), False),
+             "cgroup": (_text, False), "ppid": (_int(0), False), "state": (_letter, False),
+             "rss": (_int(0), False), "swap": (_int(0), False), "score": (_int(0, 2000), False),
+             "adj": (_int(-1000, 1000), False)},
+    "exit": {"t": _T, "pid": _PID, "start": (_int(0), False)},
+    "fork": {"t": _T, "pid": _PID, "ppid": (_int(0), False)},
+    "exec": {"t": _T, "pid": _PID},
+    "comm": {"t": _T, "pid": _PID, "comm": (_text, True)},
+    "kill": {"t": _T, "record": (_table, True)},
+    "gap": {"t": _T, "lost": _SIZE},
+    "end": {"t": _T},
+}  # fmt: skip
 
 
 @attrs.define
@@ -217,16 +346,26 @@ class TraceWriter:
             self._dropped += 1
             self.dropped += 1
 
-    def rotate(self, header: Mapping[str, Any]) -> None:
+    def rotate(self, header: Mapping[str, Any]) -> bool:
         """Keep the current segment as ``PATH.1`` and start a new one with ``header`` (the
-        caller then writes a keyframe: every process and figure afresh)."""
-        self._queue.put(("rotate", dict(header)))
+        caller then writes a keyframe: every process and figure afresh). Never blocks: with
+        the queue full (a stalled disk) the segment goes on, and this returns False."""
+        return self.failed is None and self._put(("rotate", dict(header)))
 
     def close(self, t: float, *, timeout: float = 5.0) -> None:
-        """Write the ``end`` record and wait (at most ``timeout``) for the thread to finish."""
+        """Write the ``end`` record and wait at most ``timeout`` for the thread to finish.
+        With the queue still full after ``timeout`` (a stalled disk), queued records are
+        dropped to make room; a thread stuck in a write is left behind (a daemon thread)."""
         if self._thread is None:
             return
-        self._queue.put(("close", {"t": t, "k": "end"}))
+        end = ("close", {"t": max(t, self._last_t), "k": "end"})
+        try:
+            self._queue.put(end, timeout=timeout)
+        except queue.Full:
+            while not self._put(end):
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
         self._thread.join(timeout)
 
     def _put(self, item: tuple[str, Any]) -> bool:
@@ -272,13 +411,25 @@ class TraceWriter:
         self.written += 1
 
 
+def write_trace(path: str, header: Mapping[str, Any], records: Iterable[Mapping[str, Any]]) -> None:
+    """Write a whole trace at once, every record (a synthetic one: ``TraceBuilder.write``)."""
+    segment = _open(path)
+    try:
+        for record in (header, *records):
+            segment.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    finally:
+        segment.close()
+
+
 class _Segment:
     """A gzip stream over a file it owns (``GzipFile`` does not close a file it was given)."""
 
     def __init__(self, path: str) -> None:
         # Mode 0600 (a trace holds command lines); an existing file keeps its mode through
         # O_CREAT, hence the fchmod.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a link planted at the path (the daemon writes as root) is refused.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o600)
         try:
             os.fchmod(fd, 0o600)
             self.file = os.fdopen(fd, "wb")

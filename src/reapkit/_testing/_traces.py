@@ -15,7 +15,7 @@ from typing import Any, Final
 import attrs
 
 from .._replay import replay_trace
-from .._trace import FORMAT, VERSION, Trace, TraceWriter, read_trace
+from .._trace import FORMAT, VERSION, Trace, read_trace, write_trace
 from .._units import parse_bytes
 
 #: ``reapkit.testing``'s names for reading a trace and replaying a policy over one.
@@ -167,15 +167,9 @@ class TraceBuilder:
         return Trace("<TraceBuilder>", self._header(), records[:-1], truncated=False, lost=0)
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Write the trace to ``path``, as ``reapkit record`` does."""
-        writer = TraceWriter(os.fspath(path))
-        records = list(self._records())
-        writer.start(self._header())
-        for record in records[:-1]:
-            writer.write(record)
-        writer.close(records[-1]["t"])
-        if writer.failed is not None:
-            raise writer.failed
+        """Write the trace to ``path`` in the format ``reapkit record`` writes, every record
+        (here, not through the recorder's writer, which drops records rather than wait)."""
+        write_trace(os.fspath(path), self._header(), self._records())
 
     def _header(self) -> dict[str, Any]:
         return {
@@ -199,6 +193,7 @@ class TraceBuilder:
         swap = _kib(self.swap_total)
         written: dict[int, dict[str, Any]] = {}
         some = full = 0.0
+        last_psi: dict[str, Any] | None = None
         steps = round((self._end + self.interval) / self.interval)
         for step in range(steps + 1):
             t = round(step * self.interval, 3)
@@ -221,10 +216,13 @@ class TraceBuilder:
                 "t": t, "k": "mem", "total": total, "avail": avail, "free": avail,
                 "swap_total": swap, "swap_free": swap,
             }  # fmt: skip
-            yield {
-                "t": t, "k": "psi", "res": "memory", "some": int(some), "full": int(full),
+            psi = {
+                "res": "memory", "some": int(some), "full": int(full),
                 "avg10": [round(100 * stall_some, 2), round(100 * stall_full, 2)],
             }  # fmt: skip
+            if psi != last_psi:  # as ``record`` does: when the totals or averages moved
+                last_psi = psi
+                yield {"t": t, "k": "psi", **psi}
             for p in alive:
                 rss = self._rss(p, t)
                 fields = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from typing import Any
 
@@ -58,15 +60,21 @@ def run(args: argparse.Namespace) -> int:
     recorder = Recorder(writer, cmdline=not args.no_cmdline, cgroups=cgroups, lines=lines)
 
     async def main() -> None:
-        with trio.move_on_after(duration if duration is not None else float("inf")):
-            await recorder.run()
+        # SIGINT and SIGTERM end the recording like --duration: the recorder is cancelled,
+        # and writes its end record on the way out.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(recorder.run)
+                with trio.move_on_after(duration if duration is not None else math.inf):
+                    async for _signum in signals:
+                        break
+                nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass  # SIGINT or SIGTERM: the recorder has written its end record
+        writer.open()  # here, not in a task: a path that cannot be created is exit status 2
     except OSError as exc:
         raise UsageError(f"cannot write the trace {args.out}: {exc.strerror or exc}") from None
+    trio.run(main)
     stats = recorder.statistics()
     if stats.failed is not None:
         print(

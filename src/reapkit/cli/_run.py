@@ -88,6 +88,10 @@ def add_parser(commands: Any) -> None:
         "--trace-window", default="10m", metavar="DURATION",
         help="how much the rolling trace keeps at least (default 10m)",
     )  # fmt: skip
+    p.add_argument(
+        "--trace-no-cmdline", action="store_true",
+        help="leave command lines out of the trace (they can hold secrets)",
+    )  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -218,8 +222,9 @@ def _recorder(args: argparse.Namespace, policy: Policy) -> Recorder | None:
     except OSError as exc:
         raise OutputFileError(f"--trace {args.trace}: {exc.strerror or exc}") from None
     return Recorder(
-        writer, window=window, cgroups=policy_cgroups(policy), lines=policy_lines(policy)
-    )
+        writer, window=window, cgroups=policy_cgroups(policy), lines=policy_lines(policy),
+        cmdline=not args.trace_no_cmdline,
+    )  # fmt: skip
 
 
 async def _serve_trace(

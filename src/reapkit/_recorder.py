@@ -19,8 +19,9 @@ memory line of the policies the trace is for (``run --trace``, ``record --policy
 * ``fork``, ``exec``, ``comm``, ``exit`` from the proc connector as they happen (where it can
   be opened; snapshots see exits too, later).
 
-Snapshots read three small files per process on a worker thread, so the event loop they share
-(``run --trace``) keeps its reaction time.
+Snapshots read three small files per process on a worker thread: the event loop the recorder
+shares with the reaper (``run --trace``) does not wait for them. A sample is one read of
+``/proc/meminfo`` on the event loop (and, at most every 10 ms, the three pressure files).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import types
 import urllib.request
@@ -50,8 +51,8 @@ import reapkit
 from reapkit import _plugins
 from reapkit.cli import _main
 from reapkit.cli._status import UsageError
-from reapkit.lowlevel import Engine, ProcFS
-from reapkit.testing import FakeProc
+from reapkit.lowlevel import Engine, ProcFS, TraceError, read_trace
+from reapkit.testing import FakeProc, replay, start_grower
 
 from .conftest import need, require_root
 from .test_docs import (
@@ -627,6 +628,74 @@ def fresh_default_registry() -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(registry, name, value)
+
+
+# -- docs/replay.md ------------------------------------------------------------------------------
+
+
+@exercises("docs/replay.md", "def test_a_leak_costs_the_leaker_and_never_sshd")
+def _replay_test(run: Run) -> None:
+    run.exec()
+    assert run.run_its_tests() == ["test_a_leak_costs_the_leaker_and_never_sshd"]
+
+
+_REPLAY_CGROUP = "/sys/fs/cgroup/memory/replay-demo"
+
+
+def _wait_for_trace(path: Path, timeout: float = 30.0) -> None:
+    """Until the trace at ``path`` has its first sample on disk (the recorder is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TraceError):
+            if read_trace(str(path)).records:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no trace at {path} within {timeout} s")
+
+
+@exercises("docs/replay.md", 'name = "early"', language="toml", kernel=True)
+def _replay_walkthrough(run: Run) -> None:
+    # Steps 2-4 in a memory cgroup this test made (256 MiB), with a grower this test started:
+    # record for both policies, then compare them as the page does.
+    require_root()
+    cgroup = run.fixture("memory_cgroup")
+    cgroup.set_memory_limit(256 * MiB)
+    early = run.tmp_path / "early.toml"
+    early.write_text(run.code.replace(_REPLAY_CGROUP, cgroup.directory))
+    late = run.tmp_path / "late.toml"  # "the same with `name = "late"` and `... > 90%`"
+    assert _quoted("docs/replay.md", 'name = "late"') and _quoted("docs/replay.md", '"cgroup_usage')
+    late.write_text(
+        early.read_text().replace('name = "early"', 'name = "late"').replace("> 50%", "> 90%")
+    )
+    trace = run.tmp_path / "demo.trace"
+    command = [sys.executable, "-m", "reapkit.cli"]
+    recorder = subprocess.Popen(
+        [*command, "record", "--out", str(trace), "--policy", str(early), "--policy", str(late),
+         "--duration", "8s"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_trace(trace)  # the recorder is up
+        with start_grower(8 * MiB, 0.1, 512 * MiB, [cgroup.directory]) as grower:
+            grower.process.wait(timeout=20)  # the kernel's OOM killer ends it at the limit
+        _out, err = recorder.communicate(timeout=30)
+        assert recorder.returncode == 0, err
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    shown = subprocess.run(
+        [*command, "replay", str(early), str(late), str(trace)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    result = replay(str(early), str(trace))
+    later = replay(str(late), str(trace))
+    first, last = result.decisions[0], later.decisions[0]
+    assert first.record.victim and last.record.victim
+    assert first.record.victim.pid == last.record.victim.pid  # the grower, by both
+    assert first.t < last.t  # half the limit before 90 % of it
+    assert first.happened and last.happened
+    assert "then differ" in shown and str(early) in shown
 
 
 def _runs() -> list[Any]:

@@ -17,7 +17,7 @@ SRC = Path(reapkit.__file__).parent
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("base", frozenset({
         "_errors", "_records", "_units", "_version", "_hangup", "_interrupts", "_sd_notify",
-        "_heartbeat", "_accounts", "_patterns",
+        "_heartbeat", "_accounts", "_patterns", "_trace",
     })),
     ("kernel", frozenset({"_kernel", "_procfs"})),
     ("processes and events", frozenset({"_process", "_sources", "_table"})),
@@ -26,10 +26,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("built-in plugins", frozenset({"builtin"})),
     ("engine", frozenset({"_engine"})),
     ("policy", frozenset({"_policy"})),
-    ("reaper", frozenset({"_reaper"})),
-    ("public modules, command line, test helpers", frozenset({
+    ("reaper, recorder", frozenset({"_reaper", "_recorder"})),
+    ("public modules, command line, replay, test helpers", frozenset({
         "", "__main__", "lowlevel", "asyncio", "units", "testing", "cli", "_guest", "_testing",
-        "_demo", "_fakeproc", "_hog", "_sandbox",
+        "_replay",
     })),
 )  # fmt: skip
 

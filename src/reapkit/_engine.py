@@ -304,11 +304,14 @@ class Engine:
     prepare_ranking: float = attrs.field(default=0.0, kw_only=True)
     _prepared: dict[str, _Prepared] = attrs.field(factory=dict, init=False)
     _preparing: _Preparation | None = attrs.field(default=None, init=False)
+    #: False: plugins' sync code runs on the trio thread (``PluginCalls.threads``), for a
+    #: virtual clock that would jump while a worker thread works (``reapkit replay``).
+    plugin_threads: bool = attrs.field(default=True, kw_only=True)
     #: Calls the rules' selectors and actions (deadlines, worker threads, switching off).
     _calls: PluginCalls = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._calls = PluginCalls(inline_context=_collector_paused)
+        self._calls = PluginCalls(inline_context=_collector_paused, threads=self.plugin_threads)
         # Only on the real /proc: a fake tree's files are replaced, not regenerated, so a
         # file kept open would go on reading the old content.
         if self.keep_score_files > 0 and self.procfs.is_real:

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import re
 import signal
 import weakref
@@ -331,20 +330,9 @@ class Situation:
         return " ".join(self._cached(c.pid, "cmdline", self.procfs.cmdline, ()))
 
     def exe(self, c: Candidate) -> str:
-        """The executable's path (``/proc/<pid>/exe``), only if it is verified: the file at
-        that path in the reader's mount namespace is the file the process runs. ``""`` for a
-        file bind-mounted or private to another mount namespace, deleted or replaced
-        (``" (deleted)"``), for kernel threads, vanished processes, or where it cannot be read."""
-
-        def read(pid: int) -> str:
-            link = f"{self.procfs.root}/{pid}/exe"
-            running = os.stat(link)  # the file the process runs, wherever it was mounted
-            path = os.readlink(link)
-            on_disk = os.lstat(path) if path.startswith("/") else None  # a link is no proof
-            same = on_disk is not None and os.path.samestat(running, on_disk)
-            return path if same else ""
-
-        return self._cached(c.pid, "exe", read, "")
+        """The executable's path, only if it is verified (:meth:`ProcFS.exe`)."""
+        value: str = self._cached(c.pid, "exe", self.procfs.exe, "")
+        return value
 
     def cgroup(self, c: Candidate) -> str:
         """The cgroup path that memory is accounted to: the v1 memory hierarchy's where there
@@ -821,6 +809,9 @@ class PluginCalls:
 
     #: Wraps an inline sync call (the engine pauses the garbage collector).
     inline_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    #: False: every sync call runs on the trio thread, as an inline one (no deadline can stop
+    #: it). For a virtual clock (``reapkit replay``), which jumps while a thread works.
+    threads: bool = True
     _states: dict[int, _CallState] = attrs.field(factory=dict, init=False)
     #: Plugins switched off so far.
     switched_off: int = attrs.field(default=0, init=False)
@@ -864,16 +855,17 @@ class PluginCalls:
             )
         func = getattr(plugin, method)
         call = functools.partial(func, **hook_arguments(type(plugin), method, arguments))
-        if offload and plugin.inline and not inspect.iscoroutinefunction(func):
+        inline = plugin.inline or not self.threads
+        if offload and inline and self.threads and not inspect.iscoroutinefunction(func):
             return await trio.to_thread.run_sync(_drained, call, limiter=state.limiter)
         try:
             with trio.fail_after(deadline):
                 result: object
                 if inspect.iscoroutinefunction(func):
                     result = await call()
-                elif plugin.inline:
+                elif inline:
                     with self.inline_context():  # on the trio thread, to its end
-                        result = call()
+                        result = _drained(call) if not self.threads else call()
                 else:  # an abandoned call finishes on its thread; its result is dropped
                     result = await trio.to_thread.run_sync(
                         _drained, call, abandon_on_cancel=True, limiter=state.limiter

@@ -186,6 +186,23 @@ def load_policy(
     return _load(text, source, host, registry, dry_run=dry_run, scope=scope, when=when)
 
 
+def load_policy_on(
+    host: PolicyHost,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    text: str | None = None,
+    dry_run: bool | None = None,
+) -> Policy:
+    """:func:`load_policy` on another host than this machine: ``reapkit replay`` serves one
+    from a trace (its ``/proc``, cgroups and scopes)."""
+    source = os.fspath(path) if path is not None else None
+    if source is not None:
+        text = _read(source)
+    else:
+        source = "<policy text>" if text is not None else "<default policy>"
+    return _load(text, source, host, None, dry_run=dry_run)
+
+
 def parse_policy(
     text: str | None = None,
     *,
@@ -218,7 +235,7 @@ def _read(source: str) -> str:
 def _load(
     text: str | None,
     source: str,
-    host: _Host,
+    host: PolicyHost,
     registry: PluginRegistry | None,
     *,
     dry_run: bool | None = None,
@@ -245,7 +262,7 @@ def _load(
 
 
 def _override(
-    policy: Policy, host: _Host, scope: Scope | None, when: Sequence[str] | None
+    policy: Policy, host: PolicyHost, scope: Scope | None, when: Sequence[str] | None
 ) -> Policy:
     """``load_policy(scope=..., when=...)``: every rule confined, or its conditions replaced."""
     if scope is None and when is None:
@@ -344,12 +361,13 @@ def _at(key: str) -> Iterator[None]:
 # -- the host: every probe of the machine, apart from parsing ---------------------------------
 
 
-class _Host(Protocol):
+class PolicyHost(Protocol):
     """What loading a policy asks of the machine it is loaded on."""
 
     @property
     def procfs(self) -> ProcFS: ...
     def cgroup_scope(self, directory: str) -> Scope: ...
+    def cgroup_directory(self, directory: str) -> str: ...
     def subtree_scope(self, pid: int) -> Scope: ...
     def check(self, policy: Policy) -> None: ...
     def check_condition(self, condition: Condition) -> None: ...
@@ -367,6 +385,9 @@ class _OnHost:
             return CgroupScope.from_directory(directory)
         except OSError as exc:
             raise ValueError(str(exc)) from None
+
+    def cgroup_directory(self, directory: str) -> str:
+        return directory
 
     def subtree_scope(self, pid: int) -> Scope:
         try:
@@ -426,6 +447,9 @@ class _OffHost:
     def cgroup_scope(self, directory: str) -> Scope:
         return _Unresolved(f"cgroup {directory}")
 
+    def cgroup_directory(self, directory: str) -> str:
+        return directory
+
     def subtree_scope(self, pid: int) -> Scope:
         return _Unresolved(f"the process sub-tree of {pid}")
 
@@ -442,7 +466,7 @@ class _OffHost:
 @attrs.frozen
 class _Context:
     registry: PluginRegistry
-    host: _Host
+    host: PolicyHost
     dry_run: bool
 
 
@@ -730,6 +754,10 @@ def _parse(data: Mapping[str, Any], source: str, context: _Context) -> Policy:
 
 def _rule(raw: Any, where: str, context: _Context) -> Rule:
     values, guard_values, only = _RULE.values(raw, where, context)
+    # The directories the rule's conditions read, where this host has them.
+    for key, mapping in (("cgroup", values), ("pressure_cgroup", only)):
+        if mapping.get(key) is not None:
+            mapping[key] = context.host.cgroup_directory(mapping[key])
     when = []
     for j, text in enumerate(values.pop("when")):
         with _at(f"{where}.when[{j}]"):

@@ -710,6 +710,21 @@ class ProcFS:
         path, data = self._read_pid(pid, "comm")
         return parse_comm(data, path=path)
 
+    def exe(self, pid: int) -> str:
+        """The executable's path (``<root>/<pid>/exe``), only if it is verified: the file at
+        that path in the reader's mount namespace is the file the process runs. ``""`` for a
+        file bind-mounted or private to another mount namespace, deleted or replaced
+        (``" (deleted)"``), for kernel threads, vanished processes, or where it cannot be read
+        (another user's process without CAP_SYS_PTRACE)."""
+        link = f"{self.root}/{pid}/exe"
+        try:
+            running = os.stat(link)  # the file the process runs, wherever it was mounted
+            path = os.readlink(link)
+            on_disk = os.lstat(path) if path.startswith("/") else None  # a link is no proof
+        except OSError:
+            return ""
+        return path if on_disk is not None and os.path.samestat(running, on_disk) else ""
+
     def selection_stat(self, pid: int) -> tuple[int, str, int, str, int, int]:
         """From one read of ``stat``: (start_time, comm, ppid, state, rss in bytes, flags) —
         what a :class:`~reapkit.Candidate` holds beside its ``oom_score``."""

@@ -34,6 +34,11 @@ from ._procfs import ProcStatus as ProcStatus
 from ._reap_stage import ReapResult as ReapResult
 from ._reap_stage import ReapSettings as ReapSettings
 from ._reap_stage import ReapStage as ReapStage
+from ._recorder import Recorder as Recorder
+from ._recorder import RecorderStatistics as RecorderStatistics
+from ._replay import ReplayedDecision as ReplayedDecision
+from ._replay import ReplayResult as ReplayResult
+from ._replay import replay_trace as replay_trace
 from ._sources.memory import MemoryEvent as MemoryEvent
 from ._sources.memory import MemoryThreshold as MemoryThreshold
 from ._sources.memory import MemoryThresholdSource as MemoryThresholdSource
@@ -50,6 +55,10 @@ from ._sources.psi import PressureWatchEnded as PressureWatchEnded
 from ._sources.psi import PsiTriggerSource as PsiTriggerSource
 from ._sources.psi import parse_pressure as parse_pressure
 from ._table import ProcessTable as ProcessTable
+from ._trace import Trace as Trace
+from ._trace import TraceError as TraceError
+from ._trace import TraceWriter as TraceWriter
+from ._trace import read_trace as read_trace
 from ._units import PsiSpec as PsiSpec
 from ._units import parse_duration as parse_duration
 from ._units import parse_psi as parse_psi

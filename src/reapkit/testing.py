@@ -11,6 +11,9 @@
   v2 one) and removes it — thawing, killing its members by pidfd, child cgroups first.
 * :func:`start_hog`, :func:`start_grower` and :func:`start_thrasher` run memory hogs and real
   memory pressure inside sandbox cgroups; :func:`make_thrash_file` prepares the thrasher's file.
+* Whole incidents: :func:`load_trace` reads a trace (``reapkit record``), :class:`TraceBuilder`
+  makes synthetic ones (a leak at a given rate, a thrashing page cache, a fork storm), and
+  :func:`replay` runs a policy over either, as ``reapkit replay`` does.
 """
 
 from ._testing._builders import check_selection as check_selection
@@ -26,3 +29,6 @@ from ._testing._hog import start_grower as start_grower
 from ._testing._hog import start_hog as start_hog
 from ._testing._hog import start_thrasher as start_thrasher
 from ._testing._sandbox import SandboxCgroup as SandboxCgroup
+from ._testing._traces import TraceBuilder as TraceBuilder
+from ._testing._traces import load_trace as load_trace
+from ._testing._traces import replay as replay

@@ -25,6 +25,7 @@ from . import (
     bench_reaction,
     bench_sources,
     bench_stuck,
+    bench_trace,
 )
 
 BENCHMARKS = (
@@ -35,6 +36,7 @@ BENCHMARKS = (
     bench_pipeline,
     bench_reaction,
     bench_footprint,
+    bench_trace,
     bench_chaos,
 )
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"

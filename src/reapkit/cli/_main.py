@@ -37,12 +37,15 @@ COMMANDS: Final = {
     "plugins": "._plugins",
     "doctor": "._doctor",
     "probe": "._probe",
+    "record": "._record",
+    "replay": "._replay",
 }
 
 EPILOG = """\
-exit status: 0 success; 1 failed (doctor: a needed feature is missing); 2 bad usage or
-invalid policy; 3 not possible here (privilege, capability, kernel feature, cgroup
-controller, the extra reapkit[cli]); 130 interrupted."""
+exit status: 0 success; 1 failed (doctor: a needed feature is missing; record: the trace
+could not be written to the end); 2 bad usage, invalid policy or unreadable trace; 3 not
+possible here (privilege, capability, kernel feature, cgroup controller, the extra
+reapkit[cli]); 130 interrupted."""
 
 
 #: How the commands other than ``run`` log (warnings only, or debug with ``-v``).

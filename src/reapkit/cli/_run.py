@@ -22,14 +22,17 @@ from typing import Any, Final
 
 import trio
 
-from .._errors import AccessDenied
+from .._errors import AccessDenied, InvalidValue
 from .._heartbeat import HEARTBEAT_EVERY, beat, serve_heartbeat
 from .._kernel._syscalls import mlockall, release_free_heap, set_oom_score_adj
 from .._policy import Policy, PolicyError, load_policy
 from .._procfs import OOM_SCORE_ADJ_MIN
 from .._reaper import RECORD_BUFFER, OutputCounters, Reaper, serve_reaper
+from .._recorder import TRACE_SEGMENT_MIN, Recorder, policy_cgroups, policy_lines
 from .._records import KillRecord, RecordLine
 from .._sd_notify import SdNotifier
+from .._trace import TraceWriter
+from .._units import parse_duration
 from ._common import POLICY_HELP, PolicyChoice, choose_policy, scope_from
 from ._journal import JournalFormatter, under_journald
 from ._output import (
@@ -75,6 +78,19 @@ def add_parser(commands: Any) -> None:
         "--heartbeat", metavar="PATH",
         help=f"the event loop writes the time here every {HEARTBEAT_EVERY:g} s, for"
         " `reapkit probe PATH` (a liveness probe)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace", metavar="PATH",
+        help="keep a rolling trace of memory, pressure and processes here (PATH, and the"
+        " segment before as PATH.1), for `reapkit replay` after an incident",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace-window", default="10m", metavar="DURATION",
+        help="how much the rolling trace keeps at least (default 10m)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace-no-cmdline", action="store_true",
+        help="leave command lines out of the trace (they can hold secrets)",
     )  # fmt: skip
     p.set_defaults(run=run)
 
@@ -155,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     records = RecordsFile.open(args.records) if args.records else None
     if args.heartbeat:
         _check_heartbeat(args.heartbeat)
+    recorder = _recorder(args, policy)
     counters = OutputCounters()
     listener = start_logging(
         _formatter(args.log_format, journal=under_journald()),
@@ -164,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         log.info("policy: %s", choice.describe())
         _prepare_process(args)
-        trio.run(_serve, policy, args, RecordsWriter(records, counters), counters)
+        trio.run(_serve, policy, args, RecordsWriter(records, counters), counters, recorder)
         log.info("stopped")
     finally:
         listener.stop_within(LOG_STOP_TIMEOUT)
@@ -189,6 +206,45 @@ def _check_heartbeat(path: str) -> None:
         raise OutputFileError(f"--heartbeat {path}: cannot write: {exc.strerror or exc}") from None
 
 
+def _recorder(args: argparse.Namespace, policy: Policy) -> Recorder | None:
+    """The ``--trace`` recorder, its file created now (exit 2 if it cannot be)."""
+    if not args.trace:
+        return None
+    try:
+        window = parse_duration(args.trace_window)
+    except InvalidValue as exc:
+        raise UsageError(f"--trace-window: {exc}") from None
+    if window < 2 * TRACE_SEGMENT_MIN:
+        raise UsageError(f"--trace-window must be at least {2 * TRACE_SEGMENT_MIN:g} s")
+    writer = TraceWriter(args.trace)
+    try:
+        writer.open()
+    except OSError as exc:
+        raise OutputFileError(f"--trace {args.trace}: {exc.strerror or exc}") from None
+    return Recorder(
+        writer, window=window, cgroups=policy_cgroups(policy), lines=policy_lines(policy),
+        cmdline=not args.trace_no_cmdline,
+    )  # fmt: skip
+
+
+async def _serve_trace(
+    recorder: Recorder,
+    kills: trio.MemoryReceiveChannel[KillRecord],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The ``--trace`` recorder, and the reaper's kills written into it. Whatever goes wrong
+    here ends the trace, never the reaper."""
+    try:
+        async with kills, trio.open_nursery() as nursery:
+            await nursery.start(recorder.run)
+            task_status.started()
+            async for record in kills:
+                recorder.record_kill(record)
+    except Exception as exc:  # the trace is a convenience; guarding is not
+        log.error("trace %s stopped: %s: %s", recorder.writer.path, type(exc).__name__, exc)  # noqa: TRY400
+
+
 def _status(policy: Policy) -> str:
     mode = " (dry-run)" if policy.dry_run else ""
     names = ", ".join(r.name for r in policy.rules)
@@ -196,12 +252,20 @@ def _status(policy: Policy) -> str:
 
 
 async def _serve(
-    policy: Policy, args: argparse.Namespace, writer: RecordsWriter, counters: OutputCounters
+    policy: Policy,
+    args: argparse.Namespace,
+    writer: RecordsWriter,
+    counters: OutputCounters,
+    recorder: Recorder | None,
 ) -> None:
     sd_notify = SdNotifier.from_environment()
     # Subscribed before the first decision; the writer ends when the reaper has stopped and
     # closed the channel, after the records of the stop.
     send, receive = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
+    subscribers = [send]
+    if recorder is not None:
+        to_trace, kills = trio.open_memory_channel[KillRecord](RECORD_BUFFER)
+        subscribers.append(to_trace)
     reloading = trio.Lock()  # one reload at a time, in the order of the SIGHUPs
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
@@ -209,14 +273,16 @@ async def _serve(
             async with trio.open_nursery() as nursery:
                 reaper: Reaper = await nursery.start(
                     functools.partial(
-                        serve_reaper, policy, stop_timeout=args.stop_timeout, records=[send],
-                        output=counters,
+                        serve_reaper, policy, stop_timeout=args.stop_timeout,
+                        records=subscribers, output=counters,
                     )
                 )  # fmt: skip
                 if sd_notify.watchdog_interval:
                     nursery.start_soon(_watchdog, sd_notify, sd_notify.watchdog_interval / 2)
                 if args.heartbeat:
                     nursery.start_soon(serve_heartbeat, args.heartbeat)
+                if recorder is not None:
+                    await nursery.start(_serve_trace, recorder, kills)
                 sd_notify.send("READY=1", _status(policy))
                 log.info("running: %s", _status(policy).removeprefix("STATUS="))
                 async for signum in signals:

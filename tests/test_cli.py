@@ -67,7 +67,11 @@ def _parsed(*argv: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("command", list(_main.COMMANDS))
 def test_global_options_go_before_or_after_the_command(command: str) -> None:
-    rest = ["/run/reapkit/heartbeat"] if command == "probe" else []
+    rest = {
+        "probe": ["/run/reapkit/heartbeat"],
+        "record": ["--out", "t.trace"],
+        "replay": ["policy.toml", "t.trace"],
+    }.get(command, [])
     assert _parsed(command, *rest).verbose is False
     assert _parsed("-v", command, *rest).verbose is True
     assert _parsed(command, "-v", *rest).verbose is True

@@ -257,16 +257,13 @@ class Scope(Selector):
         self, situation: Situation, c: Candidate, root: int, memo: dict[int, bool]
     ) -> bool:
         """Whether ``root`` is an ancestor of ``c``, walking ``ppid`` through ``stat``."""
-        if c.pid == root:
+        if c.pid == root or c.ppid <= 0:
             return False
-
-        def parent_of(pid: int) -> int:
-            # The candidate's own ppid is already known; an ancestor that vanished meanwhile
-            # had its children reparented: the chain ends there.
-            return c.ppid if pid == c.pid else situation.procfs.stat(pid).ppid
-
+        # The candidate's own ppid is its snapshot's; its ancestors are read now (one that
+        # vanished meanwhile had its children reparented: the chain ends there). The walk
+        # starts at the parent, so the memo holds only answers read now, never a snapshot's.
         try:
-            return in_subtree(c.pid, root, parent_of, memo)
+            return in_subtree(c.ppid, root, lambda pid: situation.procfs.stat(pid).ppid, memo)
         except (ReapkitError, OSError):
             return False
 

@@ -512,6 +512,12 @@ def parse_boot_time(data: bytes, *, path: str) -> float:
 # Reading
 
 
+def read_file(path: str) -> bytes:
+    """A whole small file (``/proc``, cgroup and pressure files) with raw system calls:
+    ``OSError`` propagates unmapped."""
+    return _read(path, _BIG_READ)
+
+
 def _read(path: str, bufsize: int) -> bytes:
     """Read a whole file with raw syscalls; ``OSError`` propagates unmapped."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

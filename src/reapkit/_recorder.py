@@ -8,11 +8,11 @@ memory line of the policies the trace is for (``run --trace``, ``record --policy
   divided by an assumed fill rate of 10 GiB/s, clamped to [10 ms, 1 s] (near a line of
   the policies recorded for, [2 ms, 1 s], as the daemon's own sampler);
 * ``psi``: each of ``/proc/pressure/{memory,io,cpu}`` whose totals moved since the sample
-  before, read at most every 10 ms (replay derives any trigger's firings from the totals);
+  before, read at most every 50 ms (replay derives any trigger's firings from the totals);
 * ``cgroup``: usage, limit, ``memory.events`` and pressure totals of the cgroups named (a
   policy's own, under ``run --trace``), when they changed;
 * ``proc``: every user process (kernel threads never are candidates) in snapshots whose
-  interval is the headroom divided by 1 GiB/s, clamped to [500 ms, 10 s] — identity, name,
+  interval is the headroom divided by 1 GiB/s, clamped to [1 s, 10 s] — identity, name,
   command line, executable, uid, cgroup, RSS, swap, ``oom_score``, ``oom_score_adj``. After
   the first sight of a process only what changed is written, and what rarely changes (uid,
   cgroup) is read every tenth snapshot; a process that exec'd is read at the next sample;
@@ -21,7 +21,7 @@ memory line of the policies the trace is for (``run --trace``, ``record --policy
 
 Snapshots read three small files per process on a worker thread: the event loop the recorder
 shares with the reaper (``run --trace``) does not wait for them. A sample is one read of
-``/proc/meminfo`` on the event loop (and, at most every 10 ms, the three pressure files).
+``/proc/meminfo`` on the event loop (and, at most every 50 ms, the three pressure files).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ._errors import AccessDenied, NoSuchProcess, ProcFormatError
 from ._guard import CgroupScope
 from ._kernel._cgroups import CgroupMount, cgroup_mounts
 from ._policy import Policy
-from ._procfs import PF_KTHREAD, MemInfo, ProcFS
+from ._procfs import PF_KTHREAD, MemInfo, ProcFS, read_file
 from ._records import KillRecord
 from ._sources.memory import CgroupMemoryFiles, MemoryThreshold
 from ._sources.proc_connector import (
@@ -67,11 +67,14 @@ GiB: Final = 1 << 30
 #: Memory samples: MemAvailable / MEM_FILL_RATE seconds, within MEM_INTERVAL.
 MEM_FILL_RATE: Final = 10 * GiB
 MEM_INTERVAL: Final = (0.010, 1.0)
+#: The pressure files are read at most this often (seconds): the kernel itself checks a
+#: trigger's growth every tenth of its window, 50 ms at the least (kernel/sched/psi.c).
+PSI_INTERVAL: Final = 0.05
 #: Near a memory line of the policies recorded for: as the daemon's sampler (2 ms at least).
 LINE_INTERVAL: Final = (0.002, 1.0)
 #: Process snapshots: MemAvailable / SNAPSHOT_FILL_RATE seconds, within SNAPSHOT_INTERVAL.
 SNAPSHOT_FILL_RATE: Final = 1 * GiB
-SNAPSHOT_INTERVAL: Final = (0.5, 10.0)
+SNAPSHOT_INTERVAL: Final = (1.0, 10.0)
 #: A process's uid and cgroup are read again every this many snapshots (and at an exec).
 SLOW_EVERY: Final = 10
 #: A rolling trace's segments last at least this long (seconds): half the window.
@@ -243,13 +246,13 @@ class Recorder:
             )
         log.warning("trace %s: stopped: %s", self.writer.path, self.writer.failed)
 
-    def _sample(self, *, every: bool = False) -> tuple[int, int]:
+    def _sample(self, *, every: bool = False) -> tuple[int, float]:
         """Write ``mem``, and the ``psi`` and ``cgroup`` records that changed (all: ``every``);
         return the headroom in bytes (MemAvailable, or less where a recorded cgroup is closer
         to its limit) and the distance to the nearest line of the policies recorded for."""
         self._samples += 1
         t = self.now()
-        psi_due = every or trio.current_time() - self._psi_read >= MEM_INTERVAL[0]
+        psi_due = every or trio.current_time() - self._psi_read >= PSI_INTERVAL
         meminfo = self.procfs.meminfo()
         self._swap = meminfo.swap_total > 0
         self.writer.write(
@@ -263,7 +266,7 @@ class Recorder:
                 "swap_free": meminfo.swap_free // KiB,
             }
         )
-        if psi_due:  # at most every 10 ms: three reads that move slowly
+        if psi_due:  # at most every 50 ms: the kernel checks a trigger every window/10 >= 50 ms
             self._psi_read = trio.current_time()
         for resource in PSI_RESOURCES if psi_due else ():
             psi = _pressure(f"{self.procfs.root}/pressure/{resource}")
@@ -281,7 +284,8 @@ class Recorder:
                 )
                 usage[path] = cgroup["usage"] * KiB
                 headroom = min(headroom, (cgroup["limit"] - cgroup["usage"]) * KiB)
-        to_line = min((_distance(line, meminfo, usage) for line in self.lines), default=headroom)
+        # No line recorded for: none is near (the 2 ms floor is for a policy's own lines).
+        to_line = min((_distance(line, meminfo, usage) for line in self.lines), default=math.inf)
         return max(0, headroom), max(0, to_line)
 
     def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
@@ -522,8 +526,7 @@ def _mounts() -> tuple[CgroupMount, ...]:
 
 def _pressure(path: str) -> dict[str, Any] | None:
     try:
-        with open(path, "rb") as f:
-            snapshot = parse_pressure(f.read())
+        snapshot = parse_pressure(read_file(path))
     except (OSError, ValueError):
         return None  # no PSI here (kernel built without it, or psi=0)
     full = snapshot.full

@@ -16,12 +16,11 @@ least half of it) is always on disk.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import gzip
 import json
 import math
 import os
-import queue
 import threading
 import time
 import zlib
@@ -43,8 +42,11 @@ KINDS: Final = frozenset(
 PSI_RESOURCES: Final = ("memory", "io", "cpu")
 #: The writer flushes the compressed stream at least this often (seconds).
 FLUSH_EVERY: Final = 1.0
-#: Lines queued for the writer thread before new ones are dropped.
+#: Records waiting for the writer thread before new ones are dropped.
 QUEUE_LINES: Final = 20_000
+#: The writer thread takes what waits at least this often (seconds), or at this many records.
+BATCH_EVERY: Final = 0.1
+BATCH_LINES: Final = 512
 
 
 class TraceError(InvalidValue):
@@ -289,18 +291,20 @@ _FIELDS: Final[Mapping[str, Mapping[str, tuple[Check, bool]]]] = {
 class TraceWriter:
     """Writes trace records to ``path`` (mode 0600) from a thread of its own.
 
-    :meth:`write` never blocks: past :data:`QUEUE_LINES` queued lines it drops the record and
-    counts it; the next record written is preceded by a ``gap`` record. A write that fails
-    (a full disk) ends the writing: :attr:`failed` holds the error, later records are dropped.
+    :meth:`write` never blocks: records wait in a buffer that the thread takes in batches (a
+    wake-up per :data:`BATCH_EVERY` seconds or :data:`BATCH_LINES` lines, not per record).
+    Past ``capacity`` waiting records it drops the record and counts it; the next record
+    written is preceded by a ``gap`` record. A write that fails (a full disk) ends the
+    writing: :attr:`failed` holds the error, later records are dropped.
     """
 
     path: str
-    #: Lines queued for the thread before new ones are dropped.
+    #: Records waiting for the thread before new ones are dropped.
     capacity: int = QUEUE_LINES
-    _queue: queue.Queue[tuple[str, Any]] = attrs.field(
-        default=attrs.Factory(lambda self: queue.Queue(self.capacity), takes_self=True),
-        init=False,
+    _waiting: collections.deque[tuple[str, Any]] = attrs.field(
+        factory=collections.deque, init=False
     )
+    _wake: threading.Event = attrs.field(factory=threading.Event, init=False)
     _thread: threading.Thread | None = attrs.field(default=None, init=False)
     _stream: _Segment | None = attrs.field(default=None, init=False)
     _dropped: int = attrs.field(default=0, init=False)
@@ -349,30 +353,27 @@ class TraceWriter:
     def rotate(self, header: Mapping[str, Any]) -> bool:
         """Keep the current segment as ``PATH.1`` and start a new one with ``header`` (the
         caller then writes a keyframe: every process and figure afresh). Never blocks: with
-        the queue full (a stalled disk) the segment goes on, and this returns False."""
-        return self.failed is None and self._put(("rotate", dict(header)))
+        the buffer full (a stalled disk) the segment goes on, and this returns False."""
+        if self.failed is not None or not self._put(("rotate", dict(header))):
+            return False
+        self._wake.set()
+        return True
 
     def close(self, t: float, *, timeout: float = 5.0) -> None:
-        """Write the ``end`` record and wait at most ``timeout`` for the thread to finish.
-        With the queue still full after ``timeout`` (a stalled disk), queued records are
-        dropped to make room; a thread stuck in a write is left behind (a daemon thread)."""
+        """Write the ``end`` record and wait at most ``timeout`` for the thread to finish; a
+        thread stuck in a write (a stalled disk) is left behind (a daemon thread)."""
         if self._thread is None:
             return
-        end = ("close", {"t": max(t, self._last_t), "k": "end"})
-        try:
-            self._queue.put(end, timeout=timeout)
-        except queue.Full:
-            while not self._put(end):
-                with contextlib.suppress(queue.Empty):
-                    self._queue.get_nowait()
-                    self.dropped += 1
+        self._waiting.append(("close", {"t": max(t, self._last_t), "k": "end"}))
+        self._wake.set()
         self._thread.join(timeout)
 
     def _put(self, item: tuple[str, Any]) -> bool:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._waiting) >= self.capacity:
             return False
+        self._waiting.append(item)  # thread-safe, as popleft in the thread
+        if len(self._waiting) >= BATCH_LINES:
+            self._wake.set()
         return True
 
     def _run(self, stream: _Segment, header: dict[str, Any]) -> None:
@@ -380,22 +381,22 @@ class TraceWriter:
         try:
             self._line(stream, header)
             while True:
-                try:
-                    op, payload = self._queue.get(timeout=FLUSH_EVERY)
-                except queue.Empty:
-                    op, payload = "flush", None
-                if op == "line":
-                    self._line(stream, payload)
-                elif op == "rotate":
-                    stream.close()
-                    os.replace(self.path, f"{self.path}.1")
-                    stream = _open(self.path)
-                    self._line(stream, payload)
-                elif op == "close":
-                    self._line(stream, payload)
-                    break
+                self._wake.wait(BATCH_EVERY)
+                self._wake.clear()
+                while self._waiting:
+                    op, payload = self._waiting.popleft()
+                    if op == "line":
+                        self._line(stream, payload)
+                    elif op == "rotate":
+                        stream.close()
+                        os.replace(self.path, f"{self.path}.1")
+                        stream = _open(self.path)
+                        self._line(stream, payload)
+                    else:  # close
+                        self._line(stream, payload)
+                        return
                 now = time.monotonic()
-                if op == "flush" or now - last_flush >= FLUSH_EVERY:
+                if now - last_flush >= FLUSH_EVERY:
                     stream.flush()
                     last_flush = now
         except OSError as exc:

@@ -14,13 +14,27 @@ from typing import Any, Final
 
 import attrs
 
-from .._replay import replay_trace
+from .._replay import ReplayResult, replay_trace
 from .._trace import FORMAT, VERSION, Trace, read_trace, write_trace
 from .._units import parse_bytes
 
-#: ``reapkit.testing``'s names for reading a trace and replaying a policy over one.
-load_trace: Final = read_trace
-replay: Final = replay_trace
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read the trace at ``path`` (``reapkit record``, ``run --trace``; its ``PATH.1`` first
+    when there is one). Raises :class:`reapkit.lowlevel.TraceError` naming file and line."""
+    return read_trace(os.fspath(path))
+
+
+def replay(
+    policy: str | os.PathLike[str] | None,
+    trace: Trace | str | os.PathLike[str],
+    *,
+    text: str | None = None,
+) -> ReplayResult:
+    """What the policy at ``policy`` (or in ``text``; the default with neither) would have
+    done over ``trace``, as ``reapkit replay`` shows it (see
+    :func:`reapkit.lowlevel.replay_trace`)."""
+    return replay_trace(policy, trace, text=text)
 
 KiB: Final = 1024
 _PAGE: Final = 4096

@@ -36,6 +36,7 @@ def replay(
     :func:`reapkit.lowlevel.replay_trace`)."""
     return replay_trace(policy, trace, text=text)
 
+
 KiB: Final = 1024
 _PAGE: Final = 4096
 

@@ -81,7 +81,12 @@ SLOW_EVERY: Final = 10
 TRACE_SEGMENT_MIN: Final = 30.0
 
 
+# Two converters, not one generic: attrs' mypy plugin cannot infer a TypeVar's type there.
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _as_lines(value: Iterable[MemoryThreshold]) -> tuple[MemoryThreshold, ...]:
     return tuple(value)
 
 
@@ -90,10 +95,6 @@ class _Everyone(set[int]):
 
     def __contains__(self, _pid: object) -> bool:
         return True
-
-
-def _as_lines(value: Iterable[MemoryThreshold]) -> tuple[MemoryThreshold, ...]:
-    return tuple(value)
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
@@ -155,6 +156,8 @@ class Recorder:
     _execs: set[int] = attrs.field(factory=set, init=False)
     #: PIDs that were kernel threads when last read: skipped but every SLOW_EVERY snapshots.
     _kthreads: set[int] = attrs.field(factory=set, init=False)
+    #: Each recorded cgroup's files, found once (again after the cgroup could not be read).
+    _cgroup_files: dict[str, CgroupMemoryFiles] = attrs.field(factory=dict, init=False)
 
     def statistics(self) -> RecorderStatistics:
         failed = self.writer.failed
@@ -275,18 +278,39 @@ class Recorder:
                     f"psi {resource}", t, {"k": "psi", "res": resource, **psi}, every
                 )
         headroom = meminfo.available
-        usage: dict[str, int] = {}
+        #: path -> (usage, limit) in bytes, as sampled now
+        sampled: dict[str, tuple[int, int]] = {}
         for path in self.cgroups:
-            cgroup = _cgroup(path, meminfo.total)
+            cgroup = self._cgroup(path, meminfo.total)
             if cgroup is not None:
                 self._changed_record(
                     f"cgroup {path}", t, {"k": "cgroup", "path": path, **cgroup}, every
                 )
-                usage[path] = cgroup["usage"] * KiB
+                sampled[path] = (cgroup["usage"] * KiB, cgroup["limit"] * KiB)
                 headroom = min(headroom, (cgroup["limit"] - cgroup["usage"]) * KiB)
         # No line recorded for: none is near (the 2 ms floor is for a policy's own lines).
-        to_line = min((_distance(line, meminfo, usage) for line in self.lines), default=math.inf)
+        to_line = min((_distance(line, meminfo, sampled) for line in self.lines), default=math.inf)
         return max(0, headroom), max(0, to_line)
+
+    def _cgroup(self, path: str, mem_total: int) -> dict[str, Any] | None:
+        """A recorded cgroup's figures now, or ``None`` if it cannot be read (removed, or not
+        a memory cgroup): its files are looked for again at the next sample."""
+        try:
+            files = self._cgroup_files.get(path) or CgroupMemoryFiles(path)
+            sample = files.sample(mem_total)
+            events = _events(files.events_path) if files.events_path else None
+            pressure = _pressure(os.path.join(path, "memory.pressure"))
+        except (OSError, ValueError):
+            self._cgroup_files.pop(path, None)
+            return None
+        self._cgroup_files[path] = files
+        return {
+            "v": files.version,
+            "usage": sample.value // KiB,
+            "limit": sample.total // KiB,
+            "events": events,
+            "pressure": pressure,
+        }
 
     def _changed_record(self, key: str, t: float, record: dict[str, Any], every: bool) -> None:
         if every or self._last.get(key) != record:
@@ -469,27 +493,22 @@ class Recorder:
                 self.writer.write({"t": t, **record})
 
 
-def _distance(line: MemoryThreshold, meminfo: MemInfo, usage: Mapping[str, int]) -> int:
-    """Bytes between ``line`` and its value now, on either side."""
+def _distance(
+    line: MemoryThreshold, meminfo: MemInfo, sampled: Mapping[str, tuple[int, int]]
+) -> float:
+    """Bytes between ``line`` and its value now, on either side (``sampled``: each recorded
+    cgroup's usage and limit)."""
     if line.metric == "cgroup_usage":
-        if line.cgroup not in usage:
-            return meminfo.available
-        assert line.cgroup is not None
-        limit = _cgroup_limit(line.cgroup, meminfo.total)
-        return abs(line.line.resolve(limit) - usage[line.cgroup])
+        if line.cgroup is None or line.cgroup not in sampled:
+            return math.inf  # a cgroup not recorded (or not readable now): no line near
+        usage, limit = sampled[line.cgroup]
+        return abs(line.line.resolve(limit) - usage)
     value, total = (
         (meminfo.available, meminfo.total)
         if line.metric == "mem_available"
         else (meminfo.swap_free, meminfo.swap_total)
     )
-    return abs(value - line.line.resolve(total)) if total else meminfo.available
-
-
-def _cgroup_limit(path: str, mem_total: int) -> int:
-    try:
-        return CgroupMemoryFiles(path).sample(mem_total).total
-    except (OSError, ValueError):
-        return mem_total
+    return abs(value - line.line.resolve(total)) if total else math.inf
 
 
 def policy_lines(policy: Policy) -> list[MemoryThreshold]:
@@ -537,24 +556,6 @@ def _pressure(path: str) -> dict[str, Any] | None:
     }
 
 
-def _cgroup(path: str, mem_total: int) -> dict[str, Any] | None:
-    try:
-        files = CgroupMemoryFiles(path)
-        sample = files.sample(mem_total)
-        events = _events(files.events_path) if files.events_path else None
-        pressure = _pressure(os.path.join(path, "memory.pressure"))
-    except (OSError, ValueError):
-        return None  # removed, or not a memory cgroup (any more)
-    return {
-        "v": files.version,
-        "usage": sample.value // KiB,
-        "limit": sample.total // KiB,
-        "events": events,
-        "pressure": pressure,
-    }
-
-
 def _events(path: str) -> dict[str, int]:
-    with open(path, "rb") as f:
-        pairs: Iterable[list[bytes]] = (line.split() for line in f.read().splitlines())
-        return {k.decode(): int(v) for k, v in pairs}
+    pairs = (line.split() for line in read_file(path).splitlines())
+    return {k.decode(): int(v) for k, v in pairs}

@@ -120,7 +120,7 @@ class _ServedHost:
 
     def cgroup_directory(self, directory: str) -> str:
         # Below the served root, whatever the path says (".." cannot climb out of "/").
-        return self.cgroups + os.path.normpath("/" + directory)
+        return self.cgroups + os.path.normpath("/" + directory.lstrip("/"))
 
     def cgroup_scope(self, directory: str) -> Scope:
         try:
@@ -150,7 +150,6 @@ class _World:
     """The served ``/proc`` and what the trace said about each process so far."""
 
     fake: FakeProc
-    procfs: _ServedProcFS
     #: The trace's file, for messages.
     path: str
     host: _ServedHost
@@ -212,7 +211,7 @@ class _World:
             del self.processes[key]
         # The served directory is the PID's: remove it only if no process holds the PID now.
         if gone and not any(k[0] == pid for k in self.processes):
-            self.procfs.exes.pop(pid, None)
+            self.host.procfs.exes.pop(pid, None)
             self._join(pid, ())
             with contextlib.suppress(FileNotFoundError):
                 self.fake.remove_process(pid)
@@ -235,7 +234,7 @@ class _World:
             cgroup=f.get("cgroup", "0::/\n"),
             cmdline=() if dead else argv,
         )
-        self.procfs.exes[pid] = f.get("exe", "")
+        self.host.procfs.exes[pid] = f.get("exe", "")
         self._join(pid, self._directories(f.get("cgroup", "")))
 
     def _directories(self, text: str) -> list[str]:
@@ -393,7 +392,7 @@ async def _replay(load: PolicyLoader, trace: Trace, root: str) -> ReplayResult:
     :func:`replay_trace`). ``load`` must return a dry-run policy loaded on ``host``."""
     procfs = _ServedProcFS(os.path.join(root, "proc"), int(trace.header.get("page_size", 4096)))
     host = _ServedHost(procfs, os.path.join(root, "cgroup"), _mounts(trace), _starts(trace))
-    world = _World(FakeProc(procfs.root), procfs, trace.path, host)
+    world = _World(FakeProc(procfs.root), trace.path, host)
     policy = load(host)
     if not policy.dry_run:
         raise ValueError("replay needs a dry-run policy")

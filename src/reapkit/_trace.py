@@ -33,11 +33,6 @@ from ._errors import InvalidValue
 
 FORMAT: Final = "reapkit-trace"
 VERSION: Final = 1
-#: Record kinds, in the order the format documents them.
-KINDS: Final = frozenset(
-    {"header", "mem", "psi", "cgroup", "proc", "exit", "fork", "exec", "comm", "kill",
-     "gap", "end"}
-)  # fmt: skip
 #: Pressure files a trace records (``/proc/pressure/<res>``).
 PSI_RESOURCES: Final = ("memory", "io", "cpu")
 #: The writer flushes the compressed stream at least this often (seconds).
@@ -111,7 +106,6 @@ def _read_segment(path: str) -> tuple[Mapping[str, Any], list[Mapping[str, Any]]
         raise TraceError(path, None, f"cannot open it: {exc.strerror or exc}") from None
     records: list[Mapping[str, Any]] = []
     truncated = False
-    number = 0
     with raw:
         lines = _Lines(raw, path)
         for number, line in enumerate(lines, 1):
@@ -159,7 +153,7 @@ def _record(line: bytes, path: str, number: int) -> Mapping[str, Any]:
         record = json.loads(line, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TraceError(path, number, f"not a JSON object: {exc}") from None
-    if not isinstance(record, dict) or record.get("k") not in KINDS:
+    if not isinstance(record, dict) or record.get("k") not in _FIELDS:
         kind = record.get("k") if isinstance(record, dict) else None
         raise TraceError(path, number, f"not a trace record (kind {kind!r})")
     for key, (check, required) in _FIELDS[record["k"]].items():
@@ -263,7 +257,7 @@ def _table(v: Any) -> str:
 _T: Final = (_finite, True)
 _PID: Final = (_int(1), True)
 _SIZE: Final = (_int(0), True)
-#: Per kind: field → (check, required).
+#: Per kind (every kind a trace holds): field → (check, required).
 _FIELDS: Final[Mapping[str, Mapping[str, tuple[Check, bool]]]] = {
     "header": {"page_size": (_int(1), False), "cgroup_mounts": (_mounts, False)},
     "mem": {"t": _T, **dict.fromkeys(("total", "avail", "free", "swap_total", "swap_free"), _SIZE)},

@@ -228,6 +228,8 @@ def test_a_fork_storm_appears_and_goes() -> None:
     appeared = {r["pid"] for r in built.records if r["k"] == "proc"} - {1000}
     exited = {r["pid"] for r in built.records if r["k"] == "exit"}
     assert len(appeared) == 20 and appeared == exited
+    parents = {r["ppid"] for r in built.records if r["k"] == "proc" and r["pid"] in appeared}
+    assert parents == {1000}
 
 
 def _trace_file(path: Path, records: list[dict[str, Any]], **header: Any) -> str:
@@ -379,3 +381,15 @@ def test_a_big_builder_trace_is_written_whole(tmp_path: Path) -> None:
     trace.write(tmp_path / "big.trace")
     read = read_trace(str(tmp_path / "big.trace"))
     assert len(read.records) == len(built.records) > 10_000 and read.lost == 0
+
+
+def test_replay_output_keeps_a_hostile_name_on_one_line_without_control_characters() -> None:
+    from reapkit.cli._replay import render
+
+    trace = _leak()
+    trace.process(2000, "\x1b[2Jevil\nname", rss="100MiB")
+    trace.leak(2000, "1GiB", start=1.0, seconds=8.0)
+    policy = KILL_AT_5.replace('select = ["oom-score"]', 'select = ["largest-rss"]')
+    shown = render(replay_trace(None, trace.build(), text=policy))
+    assert "\x1b" not in shown and "evil" in shown
+    assert all(line.startswith((" ", "<")) for line in shown.splitlines())

@@ -58,6 +58,7 @@ class _Process:
     exe: str
     appears: float
     exits: float | None = None
+    ppid: int = 1
 
 
 @attrs.define
@@ -124,11 +125,13 @@ class TraceBuilder:
         exe: str = "",
         at: float = 0.0,
         exits: float | None = None,
+        ppid: int = 1,
     ) -> None:
-        """A process that appears at ``at`` (seconds) and lives until ``exits`` (or the end)."""
+        """A process (a child of ``ppid``) that appears at ``at`` (seconds) and lives until
+        ``exits`` (or the end)."""
         self._processes[pid] = _Process(
             pid, 10_000 + pid + int(at * 100), comm, cmdline or [comm], uid, _kib(rss),
-            oom_score_adj, cgroup, exe, at, exits,
+            oom_score_adj, cgroup, exe, at, exits, ppid,
         )  # fmt: skip
         self._end = max(self._end, at, exits or 0.0)
 
@@ -174,7 +177,9 @@ class TraceBuilder:
         first = max(self._processes, default=1000) + 1
         for i in range(count):
             at = round(start + seconds * i / count, 3)
-            self.process(first + i, comm, rss=rss, at=at, exits=round(at + lifetime, 3))
+            self.process(
+                first + i, comm, rss=rss, at=at, exits=round(at + lifetime, 3), ppid=parent
+            )
 
     def build(self) -> Trace:
         """The trace, as :func:`reapkit.testing.load_trace` would read it."""
@@ -241,7 +246,7 @@ class TraceBuilder:
             for p in alive:
                 rss = self._rss(p, t)
                 fields = {
-                    "comm": p.comm, "ppid": 1, "state": "R" if rss != p.rss else "S",
+                    "comm": p.comm, "ppid": p.ppid, "state": "R" if rss != p.rss else "S",
                     "uid": p.uid, "rss": rss, "swap": 0,
                     "score": max(0, min(2000, 1000 * rss // total + p.adj)), "adj": p.adj,
                     "cgroup": f"0::{p.cgroup}\n",

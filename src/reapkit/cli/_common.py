@@ -74,3 +74,9 @@ def preview_notes(steps: Sequence[SelectorStep]) -> tuple[str, ...]:
             refused = step.candidates_in - step.candidates_out
             notes.append(f"guard refused {refused}: {step.reason}")
     return tuple(notes)
+
+
+def printable(text: str) -> str:
+    """A process name (and what quotes one) may hold anything: keep it on one line, without
+    a terminal's control characters."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .._replay import ReplayedDecision, ReplayResult, replay_trace
 from .._trace import Trace, TraceError, read_trace
+from ._common import printable
 from ._status import EXIT_OK, UsageError
 
 #: Two decisions are "the same" when they chose the same process within this many seconds.
@@ -95,8 +96,8 @@ def render(result: ReplayResult) -> str:
         )
         seen = _SEEN[d.happened]
         lines.append(f"  {d.t:9.3f} s  {d.record.rule}: {d.record.outcome}, {_victim(d)}{mark}")
-        lines.append(f"               when {d.record.condition}{seen}")
-        lines.append(f"               {d.record.reason}")
+        lines.append(f"               when {printable(d.record.condition)}{seen}")
+        lines.append(f"               {printable(d.record.reason)}")
     if result.diverged_at is not None:
         lines.append(
             f"  from {result.diverged_at:g} s on the real machine did not make this policy's"

@@ -38,7 +38,7 @@ from .._policy import Policy, load_policy
 from .._procfs import MemInfo, ProcFS
 from .._records import KillRecord
 from .._sources.psi import PressureSnapshot, parse_pressure
-from ._common import POLICY_HELP, choose_policy, preview_notes
+from ._common import POLICY_HELP, choose_policy, preview_notes, printable
 from ._status import EXIT_OK, UsageError
 
 #: Pressure samples kept for the sparklines (one per refresh).
@@ -399,11 +399,6 @@ def _score(score: float) -> str:
     return str(int(score)) if score.is_integer() else f"{score:.2f}"
 
 
-def _printable(text: str) -> str:
-    """A process name may hold anything: keep it on one line."""
-    return "".join(c if c.isprintable() else "\ufffd" for c in text)
-
-
 def _clock(when: float, now: float) -> str:
     local, today = time.localtime(when), time.localtime(now)
     same_day = local[:3] == today[:3]
@@ -478,7 +473,7 @@ def _rule(view: RuleView) -> RenderableType:
     if view.chosen is None:
         heading.append(f"no candidate ({view.ranked} ranked of {view.in_scope} in scope)")
     else:
-        name = _printable(chosen.candidate.comm) if chosen else "?"
+        name = printable(chosen.candidate.comm) if chosen else "?"
         heading.append(f"would choose {name} (pid {view.chosen})", style="bold yellow")
         heading.append(f" of {view.ranked} ranked, {view.in_scope} in scope")
     parts: list[RenderableType] = [heading, when]
@@ -497,14 +492,14 @@ def _rule(view: RuleView) -> RenderableType:
             table.add_row(
                 Text("▶" if mine else " ", style="bold yellow"),
                 Text(str(c.pid)),
-                Text(_printable(c.comm), style="bold" if mine else ""),
+                Text(printable(c.comm), style="bold" if mine else ""),
                 Text(_size(c.rss)),
                 Text(str(c.oom_score)),
                 Text(_score(r.score)),
-                Text(_printable(r.reason), style="dim"),
+                Text(printable(r.reason), style="dim"),
             )
         parts.append(table)
-    parts.extend(Text(_printable(note), style="dim italic") for note in view.notes)
+    parts.extend(Text(printable(note), style="dim italic") for note in view.notes)
     parts.append(Text())
     return Group(*parts)
 
@@ -516,7 +511,7 @@ def _kill(k: KillView) -> Text:
     line.append("  ")
     line.append(k.outcome, style="bold red" if k.outcome == "killed" else "bold yellow")
     if k.comm is not None:
-        line.append(f"  {_printable(k.comm)}", style="bold")
+        line.append(f"  {printable(k.comm)}", style="bold")
         rss = f", rss {_size(k.rss)}" if k.rss is not None else ""
         line.append(f" (pid {k.pid}{rss})")
     if k.bytes_freed is not None:
